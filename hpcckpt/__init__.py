@@ -5,13 +5,39 @@ nodes and must start fast. Modules that need torch import it where they use it.
 """
 
 from ._version import __version__ as __version__
+from .checkpoint import Checkpoint as Checkpoint
+from .errors import CheckpointNotFoundError as CheckpointNotFoundError
+from .errors import CorruptCheckpointError as CorruptCheckpointError
 from .errors import HpcckptError as HpcckptError
+from .errors import StateMismatchError as StateMismatchError
+from .errors import StoreError as StoreError
 from .errors import UsageError as UsageError
+from .registry import HpcckptWarning as HpcckptWarning
 from .resources import template_dir as template_dir
+from .retention import KeepBest as KeepBest
+from .slurmenv import SlurmEnv as SlurmEnv
+from .slurmenv import read_slurm_env as read_slurm_env
+from .state import RestoreOptions as RestoreOptions
+from .state import Stateful as Stateful
+from .state import TrainState as TrainState
+from .store import CheckpointStore as CheckpointStore
 
 __all__ = [
+    "Checkpoint",
+    "CheckpointNotFoundError",
+    "CheckpointStore",
+    "CorruptCheckpointError",
     "HpcckptError",
+    "HpcckptWarning",
+    "KeepBest",
+    "RestoreOptions",
+    "SlurmEnv",
+    "StateMismatchError",
+    "Stateful",
+    "StoreError",
+    "TrainState",
     "UsageError",
     "__version__",
+    "read_slurm_env",
     "template_dir",
 ]

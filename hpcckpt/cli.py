@@ -7,9 +7,12 @@ it needs when it runs. Exit codes follow click's: 0 success, 1 an error, 2 bad u
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ._version import __version__
 from .errors import HpcckptError
@@ -41,7 +44,131 @@ def _run_templates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(run_dir: str) -> Any:
+    from .store import CheckpointStore
+
+    return CheckpointStore(run_dir, keep_last=None, create=False)
+
+
+def _configure_ls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("--json", action="store_true", help="print the checkpoints as a JSON list")
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    checkpoints = _open_store(args.run_dir).list()
+    if args.json:
+        print(json.dumps([c.summary() for c in checkpoints], indent=1))
+        return 0
+    if not checkpoints:
+        print(f"no checkpoints in {args.run_dir}")
+        return 0
+    now = time.time()
+    rows = [("NAME", "STEP", "EPOCH", "SIZE", "AGE", "SAVE", "TAG", "METRICS")]
+    for c in checkpoints:
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
+        save = "-" if c.save_seconds is None else f"{c.save_seconds:.2f}s"
+        rows.append(
+            (
+                c.name,
+                str(c.step),
+                str(c.epoch),
+                _bytes(c.size),
+                _age(now - c.created),
+                save,
+                c.tag or "-",
+                metrics,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def _configure_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .errors import CorruptCheckpointError
+
+    store = _open_store(args.run_dir)
+    checkpoints = store.list()
+    corrupt = 0
+    for checkpoint in checkpoints:
+        try:
+            store.verify(checkpoint)
+        except CorruptCheckpointError as error:
+            corrupt += 1
+            print(f"CORRUPT  {checkpoint.name}: {error}")
+        else:
+            print(f"ok       {checkpoint.name}  step {checkpoint.step}  {_bytes(checkpoint.size)}")
+    print(f"{len(checkpoints) - corrupt} ok, {corrupt} corrupt in {store.run_dir}")
+    return 1 if corrupt else 0
+
+
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="the checkpoint at this step (default: the latest)")
+    which.add_argument("--best", metavar="METRIC", help="the checkpoint with the best value of METRIC")
+    parser.add_argument("--mode", choices=("min", "max"), default="min", help="with --best: lower or higher is better")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (torch.load-able)")
+    parser.add_argument("--weights-only", action="store_true", help="export only the model's state dict")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .errors import CheckpointNotFoundError
+
+    store = _open_store(args.run_dir)
+    ckpt: Any = args.step
+    if args.best is not None:
+        ckpt = store.best(args.best, args.mode)
+        if ckpt is None:
+            raise CheckpointNotFoundError(f"no checkpoint in {store.run_dir} recorded the metric {args.best!r}")
+    path = store.export(args.out, ckpt, weights_only=args.weights_only)
+    chosen = store.get(ckpt) if ckpt is not None else store.latest()
+    what = "weights" if args.weights_only else "state"
+    print(f"wrote the {what} of {chosen.name if chosen else '?'} to {path}")
+    return 0
+
+
+def _bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _configure_bench(parser: argparse.ArgumentParser) -> None:
+    from . import bench
+
+    bench.configure(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
 _COMMANDS: tuple[_Command, ...] = (
+    _Command("ls", "list the committed checkpoints of a run", _configure_ls, _run_ls),
+    _Command("verify", "check every checkpoint of a run against its checksums", _configure_verify, _run_verify),
+    _Command("export", "write a checkpoint as one plain torch.load-able file", _configure_export, _run_export),
+    _Command("bench", "measure hpcckpt against plain torch.save and raw I/O", _configure_bench, _run_bench),
     _Command("templates", "list the sbatch templates shipped with hpcckpt", _configure_templates, _run_templates),
 )
 

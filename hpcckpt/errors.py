@@ -31,3 +31,19 @@ class UsageError(HpcckptError):
     """A value given by the user is not of the accepted form. The CLI exits 2 on it, before any work."""
 
     exit_code = 2
+
+
+class StoreError(HpcckptError):
+    """The checkpoint store cannot do what was asked: an unusable run directory, a failed save, a lock."""
+
+
+class CheckpointNotFoundError(StoreError):
+    """A checkpoint that was asked for by step or name does not exist. Never answered by a fresh start."""
+
+
+class CorruptCheckpointError(StoreError):
+    """A checkpoint's files do not match its manifest (size, checksum) or cannot be read."""
+
+
+class StateMismatchError(HpcckptError):
+    """A checkpoint's state does not fit the objects it is loaded into (missing or unexpected keys)."""

@@ -1,0 +1,138 @@
+"""The record of one committed checkpoint and its manifest.
+
+A checkpoint is a directory ``checkpoints/<name>/`` holding its data files and ``manifest.json``. The
+manifest is written before the directory gets its final name, so a directory with a final name and a
+readable manifest is committed; anything else is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptCheckpointError
+from .fileio import format_digest, new_digest
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One data file of a checkpoint: its name inside the directory, size in bytes and checksum
+    (``xxh3_64:<hex>``)."""
+
+    name: str
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint, as the registry knows it. ``path`` is its directory."""
+
+    name: str
+    path: Path
+    step: int
+    epoch: int
+    metrics: Mapping[str, float]
+    size: int
+    created: float
+    checksum: str
+    files: tuple[FileRecord, ...]
+    format: str
+    tag: str | None = None
+    host: str | None = None
+    job_id: str | None = None
+    array_job_id: str | None = None
+    array_task_id: int | None = None
+    save_seconds: float | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def summary(self) -> dict[str, Any]:
+        """The record as the index and ``hpcckpt ls --json`` show it."""
+        return {
+            "name": self.name,
+            "step": self.step,
+            "epoch": self.epoch,
+            "metrics": dict(self.metrics),
+            "size": self.size,
+            "created": self.created,
+            "checksum": self.checksum,
+            "format": self.format,
+            "tag": self.tag,
+            "host": self.host,
+            "job_id": self.job_id,
+            "array_job_id": self.array_job_id,
+            "array_task_id": self.array_task_id,
+            "save_seconds": self.save_seconds,
+            "files": [{"name": f.name, "size": f.size, "digest": f.digest} for f in self.files],
+            "versions": dict(self.versions),
+            "metadata": dict(self.metadata),
+        }
+
+    def manifest(self) -> dict[str, Any]:
+        return {"hpcckpt_manifest": MANIFEST_VERSION, **self.summary()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: Path) -> Checkpoint:
+        """Build from a manifest or an index entry; ``path`` is where the directory is."""
+        try:
+            files = tuple(FileRecord(str(f["name"]), int(f["size"]), str(f["digest"])) for f in data["files"])
+            task = data.get("array_task_id")
+            return cls(
+                name=str(data["name"]),
+                path=path,
+                step=int(data["step"]),
+                epoch=int(data["epoch"]),
+                metrics={str(k): float(v) for k, v in dict(data.get("metrics") or {}).items()},
+                size=int(data["size"]),
+                created=float(data["created"]),
+                checksum=str(data["checksum"]),
+                files=files,
+                format=str(data["format"]),
+                tag=data.get("tag"),
+                host=data.get("host"),
+                job_id=data.get("job_id"),
+                array_job_id=data.get("array_job_id"),
+                array_task_id=None if task is None else int(task),
+                save_seconds=data.get("save_seconds"),
+                versions=dict(data.get("versions") or {}),
+                metadata=dict(data.get("metadata") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CorruptCheckpointError(f"{path / MANIFEST}: malformed entry ({error!r})") from None
+
+
+def combined_checksum(files: tuple[FileRecord, ...]) -> str:
+    """One checksum for the whole checkpoint, over every file's name, size and checksum."""
+    hasher = new_digest()
+    for f in sorted(files, key=lambda f: f.name):
+        hasher.update(f"{f.name}\0{f.size}\0{f.digest}\n".encode())
+    return format_digest(hasher)
+
+
+def read_manifest(directory: Path) -> Checkpoint:
+    """Read and check ``directory/manifest.json``; :class:`CorruptCheckpointError` when it is unusable."""
+    path = directory / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing: the directory is not a committed checkpoint") from None
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(data, dict) or data.get("hpcckpt_manifest") != MANIFEST_VERSION:
+        raise CorruptCheckpointError(f"{path}: not an hpcckpt manifest of version {MANIFEST_VERSION}")
+    checkpoint = Checkpoint.from_dict(data, directory)
+    if checkpoint.name != directory.name:
+        raise CorruptCheckpointError(f"{path}: names checkpoint {checkpoint.name!r} but lies in {directory.name!r}")
+    if combined_checksum(checkpoint.files) != checkpoint.checksum:
+        raise CorruptCheckpointError(f"{path}: its file list does not match its checksum {checkpoint.checksum}")
+    return checkpoint

@@ -1,0 +1,135 @@
+"""How a checkpoint's state is laid out in files.
+
+A format writes a state dict into a (temporary) directory and reads it back; the store around it owns
+naming, manifests, commit and retention. Today there is one format, ``torch``: a single ``state.pt``
+written by ``torch.save``, loadable anywhere with ``torch.load(path, weights_only=True)``. A sharded
+format (torch.distributed.checkpoint) plugs in beside it with the same two methods.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from .checkpoint import Checkpoint, FileRecord
+from .errors import CorruptCheckpointError, StoreError
+from .fileio import DIGEST, SyncedWriter, format_digest, new_digest
+
+
+class CheckpointFormat(Protocol):
+    name: str
+
+    def write(self, state: Mapping[str, Any], directory: Path) -> list[FileRecord]:
+        """Write ``state`` into ``directory``; every file fsynced when this returns."""
+        ...
+
+    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool) -> dict[str, Any]:
+        """Read the state back (files already verified)."""
+        ...
+
+
+class TorchFileFormat:
+    """One ``state.pt`` file written by ``torch.save``."""
+
+    name = "torch"
+    filename = "state.pt"
+
+    def __init__(self, *, checksum: bool = True) -> None:
+        self.checksum = checksum
+
+    def write(self, state: Mapping[str, Any], directory: Path) -> list[FileRecord]:
+        import torch
+
+        path = directory / self.filename
+        out = SyncedWriter(path, checksum=self.checksum)
+        try:
+            torch.save(dict(state), out)  # type: ignore[arg-type]
+            out.close()
+        except BaseException as error:
+            out.abort()
+            # torch.save turns a failed write (ENOSPC, EDQUOT, EFBIG) into a RuntimeError about zip
+            # positions; the OSError underneath is what the user needs to see.
+            if out.failed is not None and not isinstance(error, OSError):
+                raise out.failed from error
+            raise
+        return [FileRecord(self.filename, out.size, out.digest)]
+
+    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool) -> dict[str, Any]:
+        import torch
+
+        path = checkpoint.path / self.filename
+        try:
+            # mmap: tensors are views of the page cache that verify_file just filled, so nothing is copied.
+            state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
+        except pickle.UnpicklingError as error:
+            if not weights_only:
+                raise
+            # The file is intact (its checksum matched) but holds objects other than tensors and containers.
+            refused = next((ln.strip() for ln in str(error).splitlines() if "Unsupported global" in ln), "")
+            raise StoreError(
+                f"{path}: torch.load(weights_only=True) refuses its content ({refused or 'arbitrary objects'}). "
+                "Load it with unsafe_allow_pickle=True only if you trust who wrote it: unpickling runs code"
+            ) from None
+        except (RuntimeError, EOFError, ValueError) as error:
+            raise CorruptCheckpointError(f"{path}: torch.load failed: {error}") from None
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict")
+        return state
+
+
+FORMATS: Mapping[str, CheckpointFormat] = {TorchFileFormat.name: TorchFileFormat()}
+
+
+def verify_file(path: Path, record: FileRecord) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``path`` when its size or checksum differ from ``record``.
+
+    The file is read once, in chunks; its pages stay in the page cache for the ``mmap`` load that follows.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing (the manifest lists it)") from None
+    except OSError as error:
+        raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != record.size:
+            raise CorruptCheckpointError(
+                f"{path}: size {size} bytes, the manifest says {record.size} (truncated or overwritten)"
+            )
+        if not record.digest.startswith(f"{DIGEST}:"):
+            raise CorruptCheckpointError(f"{path}: checksum {record.digest!r} is not {DIGEST}, which hpcckpt uses")
+        digest = _file_digest(fd, size)
+    except OSError as error:
+        raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
+    finally:
+        os.close(fd)
+    if digest != record.digest:
+        raise CorruptCheckpointError(
+            f"{path}: checksum {digest}, the manifest says {record.digest} (the data changed on disk)"
+        )
+
+
+# Measured on a cold 1 GiB file: hashing the file through mmap (no copy into a buffer) runs at ~0.9x a raw
+# read() of the whole file, 8 MiB read()s at ~0.8x, and a reader thread at ~0.45x (xxhash holds the GIL).
+_SLICE = 64 << 20
+
+
+def _file_digest(fd: int, size: int) -> str:
+    hasher = new_digest()
+    if size == 0:
+        return format_digest(hasher)
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mapped)
+        try:
+            for offset in range(0, size, _SLICE):
+                with view[offset : offset + _SLICE] as piece:
+                    hasher.update(piece)
+        finally:
+            view.release()
+    return format_digest(hasher)

@@ -1,0 +1,73 @@
+"""Which checkpoints a store may delete: a pure function of the committed ones and the policy.
+
+Never deleted: the newest checkpoint (the one the next task resumes from; Ray #27790 deleted it), the best
+by the ``keep_best`` metric, and tagged checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from .checkpoint import Checkpoint
+from .errors import UsageError
+
+Mode = Literal["min", "max"]
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``count`` best checkpoints by ``metric`` (lowest when ``mode`` is ``min``)."""
+
+    metric: str
+    mode: Mode
+    count: int
+
+    @classmethod
+    def parse(cls, value: KeepBest | tuple[str, str, int] | None) -> KeepBest | None:
+        if value is None or isinstance(value, KeepBest):
+            return value
+        try:
+            metric, mode, count = value
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"Invalid keep_best={value!r}: expected (metric, 'min' or 'max', count), e.g. ('val_loss', 'min', 2)"
+            ) from None
+        if mode not in ("min", "max") or not isinstance(count, int) or count < 1 or not metric:
+            raise UsageError(
+                f"Invalid keep_best={value!r}: expected (metric, 'min' or 'max', count >= 1), "
+                "e.g. ('val_loss', 'min', 2)"
+            )
+        return cls(str(metric), "min" if mode == "min" else "max", count)
+
+
+def check_keep_last(keep_last: int | None) -> int | None:
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise UsageError(f"Invalid keep_last={keep_last!r}: expected a whole number >= 1, or None to keep all")
+    return keep_last
+
+
+def ranked(checkpoints: Sequence[Checkpoint], metric: str, mode: Mode) -> list[Checkpoint]:
+    """Checkpoints that recorded ``metric`` (a number, not NaN), best first; ties go to the newer."""
+    scored = [c for c in checkpoints if metric in c.metrics and not math.isnan(c.metrics[metric])]
+    sign = 1.0 if mode == "min" else -1.0
+    return sorted(scored, key=lambda c: (sign * c.metrics[metric], -c.step, -c.created))
+
+
+def to_delete(checkpoints: Sequence[Checkpoint], keep_last: int | None, keep_best: KeepBest | None) -> list[Checkpoint]:
+    """The checkpoints the policy lets go, oldest first. ``checkpoints`` are ordered oldest first.
+
+    ``keep_last=None`` keeps every checkpoint unless ``keep_best`` is set; then only the best ones and the
+    newest are kept.
+    """
+    if not checkpoints or (keep_last is None and keep_best is None):
+        return []
+    keep: set[str] = {checkpoints[-1].name}
+    keep.update(c.name for c in checkpoints if c.tag)
+    if keep_last is not None:
+        keep.update(c.name for c in checkpoints[-keep_last:])
+    if keep_best is not None:
+        keep.update(c.name for c in ranked(checkpoints, keep_best.metric, keep_best.mode)[: keep_best.count])
+    return [c for c in checkpoints if c.name not in keep]
