@@ -1,15 +1,21 @@
-"""Train a small MLP on synthetic regression data: the example job of hpcckpt's quickstart.
+"""Train a small MLP on synthetic regression data with hpcckpt's Run: the quickstart's example job.
 
-Runs on the CPU, or on a GPU when one is present. It needs nothing but torch.
+Runs on the CPU, or on a GPU when one is present. Run it twice: the second run finds the run complete and
+does nothing. Interrupt it (Ctrl-\\ sends SIGQUIT; `kill -USR1 PID` is what Slurm sends before the time
+limit) and run it again: it resumes at the step where it stopped.
+
+    python examples/train_mlp.py [--run-dir runs/mlp] [--steps 2000]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
 
 import torch
 from torch import nn
+
+from hpcckpt import Run, TrainState
 
 
 def make_data(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,9 +27,11 @@ def make_data(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default=os.environ.get("HPCCKPT_RUN_DIR", "runs/mlp"))
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--save-every", default="250ba")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -32,19 +40,24 @@ def main() -> None:
     x, y = make_data(4096, 32, args.seed)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 1)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(args.seed)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
+    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, extra={"seed": args.seed})
 
-    start = time.monotonic()
-    for step in range(1, args.steps + 1):
-        index = torch.randint(0, x.shape[0], (args.batch_size,), generator=generator)
-        xb, yb = x[index].to(device), y[index].to(device)
-        loss = nn.functional.mse_loss(model(xb), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step == 1 or step % 50 == 0 or step == args.steps:
-            print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
-    print(f"trained {args.steps} steps on {device} in {time.monotonic() - start:.1f} s")
+    with Run(args.run_dir, state, total_steps=args.steps, save_every=args.save_every) as run:
+        for step in run:
+            index = torch.randint(0, x.shape[0], (args.batch_size,))
+            loss = nn.functional.mse_loss(model(x[index].to(device)), y[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            run.report(loss=loss.item())
+            if step % 250 == 0:
+                print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
+    print(
+        f"{'complete' if run.completed else 'stopped (' + str(run.stop_reason) + ')'} at step {state.step} "
+        f"of {args.steps}; checkpoints in {args.run_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ nodes and must start fast. Modules that need torch import it where they use it.
 """
 
 from ._version import __version__ as __version__
+from .budget import Budget as Budget
 from .checkpoint import Checkpoint as Checkpoint
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import CorruptCheckpointError as CorruptCheckpointError
@@ -15,22 +16,27 @@ from .errors import UsageError as UsageError
 from .registry import HpcckptWarning as HpcckptWarning
 from .resources import template_dir as template_dir
 from .retention import KeepBest as KeepBest
+from .run import Run as Run
 from .slurmenv import SlurmEnv as SlurmEnv
 from .slurmenv import read_slurm_env as read_slurm_env
 from .state import RestoreOptions as RestoreOptions
 from .state import Stateful as Stateful
 from .state import TrainState as TrainState
 from .store import CheckpointStore as CheckpointStore
+from .timespec import Interval as Interval
 
 __all__ = [
+    "Budget",
     "Checkpoint",
     "CheckpointNotFoundError",
     "CheckpointStore",
     "CorruptCheckpointError",
     "HpcckptError",
     "HpcckptWarning",
+    "Interval",
     "KeepBest",
     "RestoreOptions",
+    "Run",
     "SlurmEnv",
     "StateMismatchError",
     "Stateful",

@@ -131,6 +131,13 @@ class Registry:
                     events.append(event)
         return events
 
+    def status(self) -> dict[str, Any] | None:
+        """The last run-state event (``complete`` or ``failed``), or None while the run is open."""
+        for event in reversed(self.events()):
+            if event.get("event") in ("complete", "failed", "reopen"):
+                return None if event["event"] == "reopen" else event
+        return None
+
     # -- writing ------------------------------------------------------------------------------------------
     def commit(
         self,

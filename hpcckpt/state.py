@@ -4,6 +4,7 @@ Layout of a :class:`TrainState` checkpoint (a plain dict, loadable by ``torch.lo
 
     {"model": ..., "optimizer": ..., "scheduler": ..., "scaler": ..., "dataloader": ...,  # state_dicts
      "extra": {...},                                    # the user's values (run ids, counters)
+     "loader_position": {"epoch", "batch", "rng"},      # a plain DataLoader's place (Run.batches)
      "rng": {"python": ..., "numpy": ..., "torch": ..., "cuda": [...]},
      "step": int, "epoch": int, "hpcckpt": {"layout": 1}}
 
@@ -65,6 +66,8 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     epoch: int = 0
+    # Where a plain DataLoader stands within the epoch (kept by Run.batches): {"epoch", "batch", "rng"}.
+    loader_position: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("model", "optimizer", "scheduler", "scaler"):
@@ -88,6 +91,8 @@ class TrainState:
             elif value is not None:
                 payload[key] = value.state_dict()
         payload["extra"] = dict(self.extra)
+        if self.loader_position:
+            payload["loader_position"] = dict(self.loader_position)
         payload["rng"] = capture_rng()
         payload["step"] = int(self.step)
         payload["epoch"] = int(self.epoch)
@@ -115,6 +120,8 @@ class TrainState:
             target.load_state_dict(payload[key])
         if options.extra:
             self.extra.update(payload.get("extra") or {})
+        if options.dataloader:
+            self.loader_position = dict(payload.get("loader_position") or {})
         if options.rng and "rng" in payload:
             restore_rng(payload["rng"])
         if options.progress:

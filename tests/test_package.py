@@ -115,11 +115,17 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 @pytest.mark.slow
-def test_readme_main_job_example_trains() -> None:
+def test_readme_main_job_example_trains_and_a_second_run_is_a_no_op(tmp_path: Path) -> None:
     # The README's first command ends by running the example job; it must really train.
     command = _readme_command("Install and run")
     assert "examples/train_mlp.py" in command
-    result = _run([sys.executable, str(REPO / "examples" / "train_mlp.py"), "--steps", "200"])
+    argv = [sys.executable, str(REPO / "examples" / "train_mlp.py"), "--run-dir", str(tmp_path / "run")]
+    result = _run([*argv, "--steps", "1000"])
     assert result.returncode == 0, result.stderr
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", result.stdout)]
-    assert losses[-1] < 0.5 * losses[0], result.stdout
+    assert len(losses) == 4
+    assert losses[-1] < 0.2 * losses[0], result.stdout
+    assert "complete at step 1000 of 1000" in result.stdout
+    again = _run([*argv, "--steps", "1000"])
+    assert "already complete at step 1000; nothing to do" in again.stderr
+    assert "loss" not in again.stdout

@@ -1,0 +1,136 @@
+"""The wall-time budget of a task: may it run one more step and still save before the job ends?
+
+Rule: run the next step only if ``now + predicted step + predicted save + margin <= deadline``. Step and
+save times are predicted from what was observed, leaning to the safe side (the slowest recent step, the
+slowest save); the margin follows the predicted save (``margin_fraction`` of it) with a floor, so a
+model that saves in milliseconds trains until seconds before the end, and one whose save takes minutes
+stops minutes early.
+
+The deadline is the job's real end time (:func:`find_deadline`), never a fraction of its time limit
+(submitit #1656 misread jobs shorter than 10 minutes that way).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .slurmenv import SlurmEnv
+
+DEFAULT_MARGIN_FLOOR = 0.5
+DEFAULT_MARGIN_FRACTION = 0.5
+
+
+@dataclass
+class Budget:
+    """Time left in this task, and the predictions that decide when to stop. ``clock`` returns Unix time;
+    tests pass their own to move time."""
+
+    deadline: float | None
+    clock: Callable[[], float] = time.time
+    margin_floor: float = DEFAULT_MARGIN_FLOOR
+    margin_fraction: float = DEFAULT_MARGIN_FRACTION
+    save_guess: float = 0.0  # before any save was seen: from earlier tasks, or size over bandwidth
+    window: int = 50
+    _steps: deque[float] = field(default_factory=deque, repr=False)
+    _saves: list[float] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.margin_floor < 0 or self.margin_fraction < 0:
+            raise UsageError(
+                f"Invalid margin: floor={self.margin_floor!r}, fraction={self.margin_fraction!r}; "
+                "expected numbers >= 0 (seconds, and a fraction of the predicted save time)"
+            )
+        self._steps = deque(maxlen=self.window)
+
+    def observe_step(self, seconds: float) -> None:
+        self._steps.append(max(0.0, seconds))
+
+    def observe_save(self, seconds: float) -> None:
+        self._saves.append(max(0.0, seconds))
+
+    @property
+    def predicted_step(self) -> float:
+        """The slowest of the recent steps (0 before the first)."""
+        return max(self._steps, default=0.0)
+
+    @property
+    def predicted_save(self) -> float:
+        """The slowest save of this task, else the guess from earlier tasks or the state's size."""
+        return max(self._saves, default=self.save_guess)
+
+    @property
+    def margin(self) -> float:
+        return max(self.margin_floor, self.margin_fraction * self.predicted_save)
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (negative once past), or None without a deadline."""
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    def room_for_step(self) -> bool:
+        """True when one more step and a save still fit before the deadline."""
+        left = self.remaining()
+        return left is None or self.predicted_step + self.predicted_save + self.margin <= left
+
+    def room_for_save(self, within: float | None = None) -> bool:
+        """True when a save fits before the deadline (and within ``within`` seconds, when given)."""
+        left = self.remaining()
+        limits = [x for x in (left, within) if x is not None]
+        return not limits or self.predicted_save + self.margin_floor <= min(limits)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the job ends (Unix time) and where that came from; ``at`` is None when nothing knows."""
+
+    at: float | None
+    source: str
+
+
+def find_deadline(
+    environ: Mapping[str, str],
+    slurm: SlurmEnv,
+    query_end_time: Callable[[str], float | None] | None = None,
+) -> Deadline:
+    """The job's real end time: ``SLURM_JOB_END_TIME`` (Slurm >= 23.02), else squeue/scontrol for this job
+    (Slurm 22.05 does not set the variable), else ``HPCCKPT_DEADLINE`` (Unix seconds; the local backend and
+    tests set it); else no deadline."""
+    if slurm.end_time is not None:
+        return Deadline(float(slurm.end_time), "SLURM_JOB_END_TIME")
+    if slurm.job_id is not None:
+        if query_end_time is None:
+            from .slurm import job_end_time
+
+            query_end_time = job_end_time
+        end = query_end_time(slurm.job_id)
+        if end is not None:
+            return Deadline(end, f"squeue/scontrol for job {slurm.job_id}")
+    raw = environ.get("HPCCKPT_DEADLINE")
+    if raw:
+        try:
+            return Deadline(float(raw), "HPCCKPT_DEADLINE")
+        except ValueError:
+            raise UsageError(
+                f"Invalid HPCCKPT_DEADLINE={raw!r}: expected Unix time in seconds, e.g. 1795300000"
+            ) from None
+    return Deadline(None, "none (no Slurm end time, no HPCCKPT_DEADLINE): no budget")
+
+
+def measure_write_bandwidth(directory: os.PathLike[str] | str, nbytes: int = 16 << 20) -> float:
+    """Bytes per second of a synced write into ``directory`` (the filesystem checkpoints go to)."""
+    path = os.path.join(directory, f".bandwidth-probe-{os.getpid()}")
+    data = os.urandom(1 << 20)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(max(1, nbytes >> 20)):
+            os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return nbytes / max(time.perf_counter() - start, 1e-6)

@@ -1,0 +1,468 @@
+"""``Run``: the entrypoint side of a chain. Resume, train until the budget or a signal says stop, save, leave.
+
+Step loop::
+
+    with Run(run_dir, state, total_steps=10_000, save_every="500ba") as run:
+        for step in run:                 # resumes after the latest checkpoint
+            ...                          # one optimisation step
+            run.report(loss=loss.item())
+
+Epoch loop (a plain DataLoader resumes mid-epoch at the same batch, in the same order)::
+
+    with Run(run_dir, state, save_every="1ep") as run:
+        for epoch in run.epochs(10):
+            for batch in run.batches(loader):
+                ...                      # one optimisation step
+            if not run.epoch_finished:   # the run is stopping mid-epoch: skip end-of-epoch work
+                break
+            validate()
+
+At every step boundary the loop decides, in this order: the run is complete (final save, marked complete
+in the registry); a signal arrived (save if it fits, then leave); the budget has no room for another step
+and a save (save, leave); a save is due by ``save_every``. A process leaving on a budget or signal stop
+has lost no step: the next task starts from the step after the last one done.
+
+Exit status: the script ends normally (0) after completion, a budget stop and a signal stop, saved or
+not, so the array goes on to its next task; an exception in the training code propagates (non-zero).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal as signal_module
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from .budget import Budget, Deadline, find_deadline, measure_write_bandwidth
+from .checkpoint import Checkpoint
+from .errors import HpcckptError, UsageError
+from .retention import KeepBest
+from .signals import Received, SignalRecorder, warning_signal
+from .slurmenv import read_slurm_env
+from .state import RestoreOptions, Stateful, TrainState
+from .store import CheckpointStore
+from .timespec import Interval
+
+StopReason = Literal["completed", "budget", "signal"]
+Decision = Literal["continue", "budget", "signal"]
+Cause = Literal["timeout", "preemption", "unknown"]
+
+DEFAULT_GRACE = 5.0  # seconds between SIGTERM and SIGKILL assumed when nothing says otherwise
+
+log = logging.getLogger("hpcckpt")
+
+
+class Run:
+    """A resumable, budgeted, signal-aware training loop over one run directory.
+
+    ``run_dir`` defaults to ``HPCCKPT_RUN_DIR``. ``total_steps`` ends the run after that many steps;
+    with :meth:`epochs` the epoch count ends it. ``save_every`` is ``"500ba"`` (steps), ``"2ep"`` (epochs)
+    or ``"30min"`` (wall time); a save also happens at every stop. ``signal`` is the time-limit warning
+    (``HPCCKPT_SIGNAL``, else SIGUSR1); SIGTERM is always watched. ``grace`` is how long a save may take
+    after SIGTERM (``HPCCKPT_GRACE``, else 5 s: Slurm sends SIGKILL KillWait seconds after it).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        state: TrainState | None = None,
+        total_steps: int | None = None,
+        save_every: str | Interval | None = None,
+        *,
+        keep_last: int | None = 3,
+        keep_best: KeepBest | tuple[str, str, int] | None = None,
+        signal: str | int | signal_module.Signals | None = None,
+        grace: float | None = None,
+        margin_floor: float | None = None,
+        restore: RestoreOptions | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] | None = None,
+        deadline: Deadline | None = None,
+    ) -> None:
+        self.environ = os.environ if environ is None else environ
+        if run_dir is None:
+            run_dir = self.environ.get("HPCCKPT_RUN_DIR") or None
+            if run_dir is None:
+                raise UsageError("Run() needs a run directory: pass run_dir=... or set HPCCKPT_RUN_DIR")
+        if not isinstance(state, TrainState):
+            raise UsageError(f"Run() needs state=TrainState(...), got {type(state).__name__}")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0
+        ):
+            raise UsageError(f"Invalid total_steps={total_steps!r}: expected a whole number >= 0, or None")
+        self.run_dir = Path(run_dir)
+        self.state = state
+        self.total_steps = total_steps
+        self.total_epochs: int | None = None
+        self.save_every = None if save_every is None else Interval.parse(save_every)
+        self.warning = warning_signal(signal, self.environ)
+        self.grace = _seconds("grace", grace, self.environ.get("HPCCKPT_GRACE"), DEFAULT_GRACE)
+        self.margin_floor = _seconds("margin_floor", margin_floor, self.environ.get("HPCCKPT_MARGIN"), 0.5)
+        self.restore_options = restore or RestoreOptions()
+        self.clock = clock
+        self._deadline = deadline
+        self.store = CheckpointStore(self.run_dir, keep_last=keep_last, keep_best=keep_best, metadata=metadata)
+
+        self.completed = False
+        self.stop_reason: StopReason | None = None
+        self.cause: Cause | None = None
+        self.resumed_from: Checkpoint | None = None
+        self.last_checkpoint: Checkpoint | None = None
+        self.epoch_finished = False
+        self.steps_done = 0
+        self.budget = Budget(None, clock=clock, margin_floor=self.margin_floor)
+        self._metrics: dict[str, float] = {}
+        self._signals = SignalRecorder((self.warning, signal_module.SIGTERM), clock=clock)
+        self._last_save_time = 0.0
+        self._stopping = False
+        self._saved_at: int | None = None
+        self._entered = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def __enter__(self) -> Run:
+        _ensure_log_handler()
+        self._entered = True
+        slurm = read_slurm_env(self.environ)
+        status = self.store.registry.status()
+        if status is not None and status.get("event") == "complete":
+            self.completed, self.stop_reason, self._stopping = True, "completed", True
+            self.state.step = int(status.get("step", self.state.step))
+            log.info("hpcckpt: run %s is already complete at step %s; nothing to do", self.run_dir, self.state.step)
+            return self
+        self.resumed_from = self.store.restore(self.state, options=self.restore_options)
+        self.last_checkpoint = self.resumed_from
+        # The state as resumed (or freshly built) needs no save of its own: nothing was trained yet.
+        self._saved_at = self.state.step
+        deadline = self._deadline or find_deadline(self.environ, slurm)
+        self.budget = Budget(
+            deadline.at, clock=self.clock, margin_floor=self.margin_floor, save_guess=self._first_save_guess()
+        )
+        self._last_save_time = self.clock()
+        self._signals.__enter__()
+        left = self.budget.remaining()
+        self.store.registry.record(
+            "start",
+            job=slurm.job_label,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            resumed_step=self.state.step,
+            resumed_from=self.resumed_from.name if self.resumed_from else None,
+            deadline=deadline.at,
+            deadline_source=deadline.source,
+            signal=self.warning.name,
+        )
+        where = f"step {self.state.step} ({self.resumed_from.name})" if self.resumed_from else "scratch (step 0)"
+        budget = "no deadline" if left is None else f"{left:.0f} s left ({deadline.source})"
+        log.info(
+            "hpcckpt: task %s on %s resumes %s from %s; %s",
+            slurm.job_label,
+            socket.gethostname(),
+            self.run_dir,
+            where,
+            budget,
+        )
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._signals.__exit__(kind, error, tb)
+        if kind is not None and self.stop_reason is None:
+            # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
+            self.store.registry.record(
+                "crash", step=self.state.step, steps_done=self.steps_done, error=f"{kind.__name__}: {error}"[:500]
+            )
+
+    # -- the loops ----------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[int]:
+        """Yield step numbers (``state.step`` before the step runs), until the run stops."""
+        return self._steps(itertools.count(), epoch_mode=False)
+
+    def epochs(self, count: int) -> Iterator[int]:
+        """Yield epoch numbers from the resumed epoch up to ``count - 1``; the run completes after the last."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UsageError(f"Invalid epoch count {count!r}: expected a whole number >= 1")
+        self.total_epochs = count
+        self._require_entered()
+        while not self._stopping and self.state.epoch < count:
+            self.epoch_finished = False
+            yield self.state.epoch
+            if self._stopping or not self.epoch_finished:
+                return
+            self.state.epoch += 1
+            self.state.loader_position = {}
+            if self.state.epoch >= count:
+                self._complete()
+                return
+            every = self.save_every
+            if every is not None and every.unit == "epochs" and self.state.epoch % int(every.value) == 0:
+                self._save("interval")
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """Yield the batches of one epoch, each one step; resumes mid-epoch at the next batch."""
+        self._require_entered()
+        return self._steps(self._epoch_batches(loader), epoch_mode=True)
+
+    def report(self, **metrics: float) -> None:
+        """Metrics recorded with the next checkpoint (and used by ``keep_best``)."""
+        for key, value in metrics.items():
+            self._metrics[key] = float(value)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _steps(self, source: Iterable[Any], *, epoch_mode: bool) -> Iterator[Any]:
+        self._require_entered()
+        if self._stopping:
+            return
+        if self._boundary_checks():
+            iterator = iter(source)
+            while True:
+                started = self.clock()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    if epoch_mode:
+                        self.epoch_finished = True
+                    return
+                yield item if epoch_mode else self.state.step
+                self.state.step += 1
+                self.steps_done += 1
+                if epoch_mode:
+                    self.state.loader_position["batch"] = int(self.state.loader_position.get("batch", 0)) + 1
+                self.budget.observe_step(self.clock() - started)
+                if self.total_steps is not None and self.state.step >= self.total_steps:
+                    self._complete()
+                    return
+                if self._interval_due():
+                    self._save("interval")
+                if not self._boundary_checks():
+                    return
+
+    def _epoch_batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The loader's batches for the current epoch, positioned after those already trained on."""
+        if isinstance(loader, Stateful) and self.state.dataloader is loader:
+            yield from loader  # a stateful loader (torchdata's StatefulDataLoader) resumes itself
+            return
+        import torch
+
+        position = self.state.loader_position
+        done = int(position.get("batch", 0)) if position.get("epoch") == self.state.epoch else 0
+        if done == 0:
+            # Record the RNG as the iterator draws its shuffling and worker seeds from it.
+            self.state.loader_position = {"epoch": self.state.epoch, "batch": 0, "rng": torch.get_rng_state()}
+            yield from loader
+            return
+        # Mid-epoch resume: rebuild the same shuffling from the epoch's starting RNG, skip the batches
+        # already trained on, then put back the RNG the checkpoint saved.
+        resumed_rng = torch.get_rng_state()
+        torch.set_rng_state(position["rng"])
+        iterator = iter(loader)
+        skipped = 0
+        for _ in range(done):
+            try:
+                next(iterator)
+            except StopIteration:
+                break
+            skipped += 1
+        torch.set_rng_state(resumed_rng)
+        log.info("hpcckpt: resumed epoch %s after batch %s (%s batches skipped)", self.state.epoch, done, skipped)
+        yield from iterator
+
+    def _interval_due(self) -> bool:
+        every = self.save_every
+        if every is None:
+            return False
+        if every.unit == "steps":
+            return self.state.step % int(every.value) == 0
+        if every.unit == "seconds":
+            return self.clock() - self._last_save_time >= every.value
+        return False  # epochs: at epoch ends
+
+    def _boundary_checks(self) -> bool:
+        """At a step boundary: True to run the next step, False once the run stops (after saving)."""
+        decision = self._agree(self._decide())
+        if decision == "signal":
+            self._stop_for_signal(self._signals.received[0] if self._signals.received else None)
+            return False
+        if decision == "budget":
+            left = self.budget.remaining() or 0.0
+            log.info(
+                "hpcckpt: budget: %.1f s left, next step ~%.2f s + save ~%.2f s + margin %.2f s; stopping",
+                left,
+                self.budget.predicted_step,
+                self.budget.predicted_save,
+                self.budget.margin,
+            )
+            self._save("budget")
+            self._finish("budget", None)
+            return False
+        return True
+
+    def _decide(self) -> Decision:
+        """This process's view: a signal arrived, the budget has no room for another step, or go on."""
+        if self._signals.received:
+            return "signal"
+        if not self.budget.room_for_step():
+            return "budget"
+        return "continue"
+
+    def _agree(self, decision: Decision) -> Decision:
+        """Where ranks will agree on one decision, at the same step (the distributed issue); alone, a
+        process agrees with itself."""
+        return decision
+
+    def _stop_for_signal(self, first: Received | None) -> None:
+        if first is None:  # another rank got the signal: stop as for the warning signal
+            first = Received(self.warning, self.clock())
+        cause = self._cause(first.time)
+        saved = False
+        if first.signal == signal_module.SIGTERM and self._signals.first(self.warning) is None:
+            # Preemption or the time limit: SIGKILL follows after the grace window.
+            left_in_grace = max(0.0, self.grace - (self.clock() - first.time))
+            if self.budget.predicted_save + self.budget.margin_floor <= left_in_grace:
+                saved = self._save("signal") is not None
+            else:
+                log.info(
+                    "hpcckpt: SIGTERM: a save (~%.2f s) does not fit the %.1f s left of the grace window; "
+                    "leaving at once with checkpoint %s",
+                    self.budget.predicted_save,
+                    left_in_grace,
+                    self.last_checkpoint.name if self.last_checkpoint else "none",
+                )
+        else:
+            saved = self._save("signal") is not None
+        log.info("hpcckpt: got %s (%s); %s", first.signal.name, cause, "saved" if saved else "not saved")
+        self._finish("signal", cause)
+
+    def _cause(self, at: float) -> Cause:
+        """Timeout or preemption, from the deadline: a signal near the job's end is its time limit."""
+        deadline = self.budget.deadline
+        if deadline is None:
+            return "unknown"
+        lead = float(self.environ.get("HPCCKPT_SIGNAL_LEAD") or 0)
+        window = (lead + 90.0) if lead else 600.0  # Slurm may send --signal up to 60 s early
+        return "timeout" if deadline - at <= window else "preemption"
+
+    def _save(self, why: str) -> Checkpoint | None:
+        if self._saved_at == self.state.step:
+            return None  # this step is already in a checkpoint
+        started = self.clock()
+        checkpoint = self.store.save(self.state, metrics=dict(self._metrics) or None)
+        elapsed = checkpoint.save_seconds or (self.clock() - started)
+        self.budget.observe_save(elapsed)
+        self.last_checkpoint, self._saved_at, self._last_save_time = checkpoint, self.state.step, self.clock()
+        log.info("hpcckpt: saved %s (%s, %.1f MiB in %.2f s)", checkpoint.name, why, checkpoint.size / 2**20, elapsed)
+        return checkpoint
+
+    def _complete(self) -> None:
+        self._save("final")
+        self.completed = True
+        self.store.registry.record(
+            "complete",
+            step=self.state.step,
+            epoch=self.state.epoch,
+            checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
+        )
+        self._finish("completed", None)
+
+    def _finish(self, reason: StopReason, cause: Cause | None) -> None:
+        self._stopping = True
+        self.stop_reason, self.cause = reason, cause
+        lost = self.state.step - (self._saved_at if self._saved_at is not None else 0)
+        left = self.budget.remaining()
+        self.store.registry.record(
+            "stop",
+            reason=reason,
+            cause=cause,
+            step=self.state.step,
+            steps_done=self.steps_done,
+            saved=self._saved_at == self.state.step,
+            checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
+            save_seconds=self.budget.predicted_save if self._saved_at == self.state.step else None,
+            time_left=left,
+            steps_lost=lost,
+        )
+        log.info(
+            "hpcckpt: stop (%s%s) at step %s after %s steps; %s%s",
+            reason,
+            f", {cause}" if cause else "",
+            self.state.step,
+            self.steps_done,
+            f"{left:.1f} s unused" if left is not None else "no deadline",
+            f"; {lost} steps lost" if lost else "",
+        )
+
+    def _first_save_guess(self) -> float:
+        """Save time expected before this task has saved: earlier saves scaled by size, else size/bandwidth."""
+        history = [c for c in self.store.list()[-5:] if c.save_seconds and c.size]
+        if history:
+            return max(c.save_seconds / c.size for c in history) * max(history[-1].size, 1)  # type: ignore[operator]
+        size = _state_bytes(self.state)
+        if size < (1 << 20):
+            return 0.05
+        bandwidth = measure_write_bandwidth(self.store.registry.checkpoint_dir)
+        return 2.0 * size / bandwidth + 0.05  # twice the estimate: the first save also pays for the page cache
+
+    def _require_entered(self) -> None:
+        if not self._entered:
+            raise HpcckptError("use Run as a context manager: `with Run(...) as run: for step in run: ...`")
+
+    @property
+    def exit_code(self) -> int:
+        """0 for every stop that is not a crash (the chain goes on); kept for scripts that sys.exit()."""
+        return 0
+
+
+def _seconds(name: str, explicit: float | None, from_env: str | None, default: float) -> float:
+    if explicit is not None:
+        value: Any = explicit
+        origin = name
+    elif from_env:
+        value, origin = from_env, f"HPCCKPT_{name.split('_')[0].upper()}"
+    else:
+        return default
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"Invalid {origin}={value!r}: expected seconds, e.g. 5 or 0.5") from None
+    if seconds < 0:
+        raise UsageError(f"Invalid {origin}={value!r}: expected seconds >= 0")
+    return seconds
+
+
+def _state_bytes(state: TrainState) -> int:
+    import torch
+
+    total = 0
+    for obj in (state.model, state.optimizer):
+        if obj is None:
+            continue
+        stack: list[Any] = [obj.state_dict()]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+            elif isinstance(item, Mapping):
+                stack.extend(item.values())
+            elif isinstance(item, list | tuple):
+                stack.extend(item)
+    return total
+
+
+def _ensure_log_handler() -> None:
+    """One line per event on stderr, unless the application configured logging itself."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -1,0 +1,97 @@
+"""Recording Slurm's signals: the time-limit warning (``--signal``, SIGUSR1 by default) and SIGTERM.
+
+A handler only records what arrived and when; the training loop acts at the next step boundary
+(checkpointing inside a handler hangs: Lightning #21406). Handlers are installed by a context manager,
+on the main thread only, and the previous ones are restored on exit.
+
+Forked processes (DataLoader workers) inherit the handler; it ignores signals in any process but the
+one that installed it, so a SIGTERM that Slurm sends to every process of the job neither kills the
+workers before the save (KempnerForge #177) nor makes them act on it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+from typing import Any
+
+from .errors import UsageError
+
+DEFAULT_SIGNAL = "USR1"
+_ACCEPTED = "a signal name such as USR1, USR2, SIGUSR1, TERM, INT or HUP"
+
+
+def parse_signal(name: str | int | signal.Signals) -> signal.Signals:
+    """``USR1``, ``SIGUSR1``, ``usr1`` or a number -> ``signal.SIGUSR1``."""
+    if isinstance(name, signal.Signals):
+        return name
+    text = str(name).strip().upper()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text))
+        except ValueError:
+            raise UsageError(f"Invalid signal {name!r}: no such signal number; expected {_ACCEPTED}") from None
+    text = text if text.startswith("SIG") else f"SIG{text}"
+    try:
+        found = signal.Signals[text]
+    except KeyError:
+        raise UsageError(f"Invalid signal {name!r}: expected {_ACCEPTED}") from None
+    if found in (signal.SIGKILL, signal.SIGSTOP):
+        raise UsageError(f"Invalid signal {name!r}: it cannot be caught; expected {_ACCEPTED}")
+    return found
+
+
+def warning_signal(explicit: str | int | signal.Signals | None, environ: Mapping[str, str]) -> signal.Signals:
+    """The time-limit warning signal: the argument, else ``HPCCKPT_SIGNAL`` (set by hpcckpt's sbatch
+    template to match its ``--signal``), else SIGUSR1."""
+    if explicit is not None:
+        return parse_signal(explicit)
+    return parse_signal(environ.get("HPCCKPT_SIGNAL") or DEFAULT_SIGNAL)
+
+
+@dataclass(frozen=True)
+class Received:
+    signal: signal.Signals
+    time: float
+
+
+class SignalRecorder:
+    """Context manager that records the given signals while active."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...], clock: Callable[[], float] = time.time) -> None:
+        self.signals = tuple(dict.fromkeys(signals))
+        self.clock = clock
+        self.received: list[Received] = []
+        self.installed = False
+        self._previous: dict[signal.Signals, Any] = {}
+        self._pid = os.getpid()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked worker: not ours to act on
+            return
+        self.received.append(Received(signal.Signals(signum), self.clock()))
+
+    def first(self, which: signal.Signals | None = None) -> Received | None:
+        for item in self.received:
+            if which is None or item.signal == which:
+                return item
+        return None
+
+    def __enter__(self) -> SignalRecorder:
+        # signal.signal works on the main thread only; elsewhere the loop still runs, without signals.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        self.installed = False
