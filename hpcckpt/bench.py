@@ -295,9 +295,10 @@ def _registry_latency(directory: Path, history: int, samples: int = 200) -> tupl
         store.save(tiny, step=step, metrics={"loss": 1.0 / (step + 1)})
     commit_ms, lookup_ms = [], []
     for step in range(history, history + samples):
-        tmp, draft = store._write(tiny, step, 0, {"loss": 0.0}, None, {})
+        tmp, draft, owner = store._write(tiny, step, 0, {"loss": 0.0}, None, {})
         start = time.perf_counter()
         store.registry.commit(lambda t=tmp, d=draft: store._rename_into_place(t, d), store._select_deletions)  # type: ignore[misc]
+        owner.release()
         commit_ms.append((time.perf_counter() - start) * 1e3)
         start = time.perf_counter()
         latest = store.latest()

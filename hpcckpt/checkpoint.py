@@ -8,6 +8,7 @@ readable manifest is committed; anything else is not a checkpoint.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from .errors import CorruptCheckpointError
 from .fileio import format_digest, new_digest
 
 MANIFEST = "manifest.json"
+# A checkpoint's directory and file names: no separators, no leading dot, so none can lead elsewhere.
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 MANIFEST_VERSION = 1
 
 
@@ -86,6 +89,12 @@ class Checkpoint:
         """Build from a manifest or an index entry; ``path`` is where the directory is."""
         try:
             files = tuple(FileRecord(str(f["name"]), int(f["size"]), str(f["digest"])) for f in data["files"])
+            for record in files:
+                if not PLAIN_NAME.match(record.name):
+                    raise CorruptCheckpointError(
+                        f"{path / MANIFEST}: lists file {record.name!r}, which is not a plain file name inside the "
+                        "checkpoint; refused"
+                    )
             task = data.get("array_task_id")
             return cls(
                 name=str(data["name"]),

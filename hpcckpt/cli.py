@@ -91,20 +91,23 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .errors import CorruptCheckpointError
+    from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
     store = _open_store(args.run_dir)
     checkpoints = store.list()
-    corrupt = 0
+    corrupt = gone = 0
     for checkpoint in checkpoints:
         try:
             store.verify(checkpoint)
+        except CheckpointNotFoundError:
+            gone += 1  # retention deleted it while we were checking: not a fault of the run
+            print(f"gone     {checkpoint.name} (deleted by retention while verifying)")
         except CorruptCheckpointError as error:
             corrupt += 1
             print(f"CORRUPT  {checkpoint.name}: {error}")
         else:
             print(f"ok       {checkpoint.name}  step {checkpoint.step}  {_bytes(checkpoint.size)}")
-    print(f"{len(checkpoints) - corrupt} ok, {corrupt} corrupt in {store.run_dir}")
+    print(f"{len(checkpoints) - corrupt - gone} ok, {corrupt} corrupt in {store.run_dir}")
     return 1 if corrupt else 0
 
 
@@ -113,24 +116,27 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="the checkpoint at this step (default: the latest)")
     which.add_argument("--best", metavar="METRIC", help="the checkpoint with the best value of METRIC")
-    parser.add_argument("--mode", choices=("min", "max"), default="min", help="with --best: lower or higher is better")
+    parser.add_argument(
+        "--mode", choices=("min", "max"), default=None, help="with --best: lower (default) or higher is better"
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (torch.load-able)")
     parser.add_argument("--weights-only", action="store_true", help="export only the model's state dict")
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .errors import CheckpointNotFoundError
+    from .errors import CheckpointNotFoundError, UsageError
 
+    if args.best is None and args.mode is not None:
+        raise UsageError(f"Invalid --mode {args.mode}: it goes with --best METRIC")
     store = _open_store(args.run_dir)
     ckpt: Any = args.step
     if args.best is not None:
-        ckpt = store.best(args.best, args.mode)
+        ckpt = store.best(args.best, args.mode or "min")
         if ckpt is None:
             raise CheckpointNotFoundError(f"no checkpoint in {store.run_dir} recorded the metric {args.best!r}")
-    path = store.export(args.out, ckpt, weights_only=args.weights_only)
-    chosen = store.get(ckpt) if ckpt is not None else store.latest()
+    path, used = store.export(args.out, ckpt, weights_only=args.weights_only)
     what = "weights" if args.weights_only else "state"
-    print(f"wrote the {what} of {chosen.name if chosen else '?'} to {path}")
+    print(f"wrote the {what} of {used.name} (step {used.step}) to {path}")
     return 0
 
 

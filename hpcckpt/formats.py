@@ -8,6 +8,7 @@ format (torch.distributed.checkpoint) plugs in beside it with the same two metho
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pickle
@@ -27,8 +28,8 @@ class CheckpointFormat(Protocol):
         """Write ``state`` into ``directory``; every file fsynced when this returns."""
         ...
 
-    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool) -> dict[str, Any]:
-        """Read the state back (files already verified)."""
+    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
+        """Read the state back (files already verified). ``mmap``: tensors may map the files."""
         ...
 
 
@@ -58,13 +59,16 @@ class TorchFileFormat:
             raise
         return [FileRecord(self.filename, out.size, out.digest)]
 
-    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool) -> dict[str, Any]:
+    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
         import torch
 
         path = checkpoint.path / self.filename
         try:
-            # mmap: tensors are views of the page cache that verify_file just filled, so nothing is copied.
-            state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
+            # With mmap, tensors are views of the page cache that verify_file just filled: nothing is copied,
+            # but they keep the file mapped for as long as they live.
+            state = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        except FileNotFoundError:
+            raise
         except pickle.UnpicklingError as error:
             if not weights_only:
                 raise
@@ -74,8 +78,12 @@ class TorchFileFormat:
                 f"{path}: torch.load(weights_only=True) refuses its content ({refused or 'arbitrary objects'}). "
                 "Load it with unsafe_allow_pickle=True only if you trust who wrote it: unpickling runs code"
             ) from None
-        except (RuntimeError, EOFError, ValueError) as error:
-            raise CorruptCheckpointError(f"{path}: torch.load failed: {error}") from None
+        except Exception as error:
+            if not path.exists():  # deleted (by retention) since it was verified; torch says RuntimeError
+                raise FileNotFoundError(errno.ENOENT, "deleted while loading", str(path)) from error
+            # Its checksum matched, so the file is not the problem: out of memory, a map_location this node
+            # cannot honour... Not a reason to fall back to an older checkpoint.
+            raise StoreError(f"{path}: torch.load(map_location={map_location!r}) failed: {error}") from error
         if not isinstance(state, dict):
             raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict")
         return state
@@ -90,10 +98,12 @@ def verify_file(path: Path, record: FileRecord) -> None:
     The file is read once, in chunks; its pages stay in the page cache for the ``mmap`` load that follows.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing (the manifest lists it)") from None
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CorruptCheckpointError(f"{path}: a symbolic link; checkpoint files must be plain files") from None
         raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
     try:
         size = os.fstat(fd).st_size

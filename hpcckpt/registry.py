@@ -4,21 +4,22 @@ Files in the run directory::
 
     registry.json     the index: every committed checkpoint (a cache, rebuilt from manifests when lost)
     events.jsonl      append-only log, one JSON object a line (commits, deletions, task starts and stops)
-    .hpcckpt.lock     the lock guarding both
+    .hpcckpt.lock     the lock guarding both (``.hpcckpt.softlock`` in soft-lock mode)
     checkpoints/      one directory per committed checkpoint, plus ``.tmp-*`` ones being written
 
 The files are the truth: a checkpoint directory with a final name and a valid manifest is committed
 (the rename is the commit point), whether or not the index lists it yet. Readers compare the index with
-the directory listing and reconcile under the lock when they differ, so a writer killed between its
-rename and its index update still leaves its checkpoint visible.
+the directory listing and reconcile when they differ, so a writer killed between its rename and its
+index update still leaves its checkpoint visible. Checkpoints are ordered by the time they were saved:
+the latest is the newest, also after a deliberate rewind to an earlier step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -27,22 +28,31 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .checkpoint import Checkpoint, read_manifest
+from .checkpoint import PLAIN_NAME, Checkpoint, read_manifest
 from .errors import CorruptCheckpointError, StoreError, UsageError
 from .fileio import write_atomic
 
 INDEX = "registry.json"
 EVENTS = "events.jsonl"
 LOCK = ".hpcckpt.lock"
+SOFT_LOCK = ".hpcckpt.softlock"
 CHECKPOINTS = "checkpoints"
 INDEX_VERSION = 1
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-# A temporary directory from another host cannot be checked for a live owner; after this long it is stale.
-FOREIGN_TMP_STALE_SECONDS = 24 * 3600
+OWNER = ".owner"  # inside a temporary checkpoint: locked by its writer for as long as it writes
+# Where a writer's liveness cannot be checked (no fcntl locks), another host's temporary directory counts
+# as abandoned after this long.
+FOREIGN_TMP_STALE_SECONDS = 6 * 3600
+# A soft-lock marker older than this is broken: a registry update holds the lock for milliseconds, and a
+# holder killed on another node could otherwise block the run for ever.
+SOFT_LOCK_LIFETIME = 120.0
 
 LockMode = Literal["auto", "fcntl", "soft"]
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class LockUnavailableError(StoreError):
+    """The registry's lock file cannot even be opened (a read-only run directory, permissions)."""
 
 
 class HpcckptWarning(UserWarning):
@@ -62,14 +72,16 @@ class Registry:
         self.index_path = run_dir / INDEX
         self.events_path = run_dir / EVENTS
         self.lock_timeout = lock_timeout
-        self._lock = _make_lock(run_dir / LOCK, lock, lock_timeout)
-        self._host = socket.gethostname()
-        # The parsed index, reused while the index file is unchanged (same inode, size and mtime), and each
-        # entry's JSON text: parsing or encoding a thousand entries costs milliseconds per lookup or commit.
-        self._index_cache: tuple[tuple[int, ...], list[Checkpoint]] | None = None
-        self._encoded: dict[str, str] = {}
-        # The checkpoint directory's signature when it last agreed with the cached index.
+        self._lock = _make_lock(run_dir, lock, lock_timeout)
+        self.host = host_identity()
+        # The parsed index and the bytes it was parsed from, and each entry's JSON text with the checksum
+        # and time it describes: parsing or encoding a thousand entries costs milliseconds.
+        self._index_cache: tuple[tuple[int, ...], bytes, list[Checkpoint]] | None = None
+        self._encoded: dict[str, tuple[str, float, str]] = {}
+        # The index and directory signatures when they last agreed, and directories already warned about.
         self._agreed: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._ignored: set[str] = set()
+        self._refused_index: bytes | None = None  # an index just refused (and warned about)
 
     # -- locking ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -83,6 +95,8 @@ class Registry:
                 f"could not lock {self._lock.lock_file} within {self.lock_timeout:g} s: another process holds "
                 "it. If none does (a crash on a filesystem without fcntl locks), delete that file"
             ) from None
+        except OSError as error:
+            raise LockUnavailableError(f"cannot lock {self._lock.lock_file}: {error.strerror or error}") from None
         try:
             yield
         finally:
@@ -90,10 +104,10 @@ class Registry:
 
     # -- reading ------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest first (by step, then creation time)."""
+        """Committed checkpoints, oldest first (by the time they were saved)."""
         index_sig, dir_sig = _signature(self.index_path), _signature(self.checkpoint_dir)
         if self._agreed == (index_sig, dir_sig) and self._index_cache is not None:
-            return list(self._index_cache[1])
+            return list(self._index_cache[2])
         entries = self._read_index()
         names = self._names_on_disk()
         if entries is None and not names and not index_sig:
@@ -101,16 +115,16 @@ class Registry:
         if entries is not None and {c.name for c in entries} == names:
             self._agreed = (index_sig, dir_sig)
             return entries
-        with self.locked():
-            return self._reconciled()
+        try:
+            with self.locked():
+                return self._reconciled()
+        except LockUnavailableError:
+            # A read-only run directory (another user's, a read-only mount): reconcile in memory only.
+            return self._reconciled(write=False)
 
     def resolve(self, name: str) -> Path:
-        """The directory of checkpoint ``name``, refusing any name that would lead outside the run directory.
-
-        A plain name (no separator, no leading dot) cannot leave ``checkpoints/``; symbolic links there are
-        refused when the directory is listed (:meth:`_names_on_disk`).
-        """
-        if not _NAME.match(name):
+        """The directory of checkpoint ``name``; a name that could lead elsewhere raises :class:`StoreError`."""
+        if not PLAIN_NAME.match(name):
             raise StoreError(
                 f"registry entry {name!r} in {self.index_path} is refused: it points outside "
                 f"{self.checkpoint_dir}; expected a plain directory name like 'step_000001200'"
@@ -148,7 +162,7 @@ class Registry:
         returns it; then it is recorded and retention applied. Returns it and what retention deleted.
 
         Once ``publish`` has returned the checkpoint is committed: a failure to update the index or the
-        log afterwards (a full disk) is only warned about, since both are rebuilt from the files.
+        log afterwards (a full disk, a refused entry) is only warned about; the files are the truth.
         """
         with self.locked():
             checkpoint = publish()
@@ -168,10 +182,10 @@ class Registry:
                         [{"event": "delete", "name": c.name, "step": c.step, "why": "retention"} for c in doomed]
                     )
                 trashed = [trash for c in doomed if (trash := self._trash(c)) is not None]
-            except OSError as error:
+            except Exception as error:
                 warn(
-                    f"checkpoint {checkpoint.name} is committed, but the registry could not record it ({error}); "
-                    "it is rebuilt from the checkpoint files when read"
+                    f"checkpoint {checkpoint.name} is committed, but updating the registry after it failed "
+                    f"({type(error).__name__}: {error}); readers adopt it from its files"
                 )
         for trash in trashed:  # outside the lock: the directories are already out of sight
             shutil.rmtree(trash, ignore_errors=True)
@@ -185,7 +199,8 @@ class Registry:
         return entry
 
     def clean_temporaries(self) -> list[Path]:
-        """Remove ``.tmp-*`` directories whose writer is gone, and leftover ``.trash-*`` ones."""
+        """Remove ``.tmp-*`` directories whose writer is gone, leftover ``.trash-*`` ones, and temporary
+        index files of killed processes."""
         removed = []
         try:
             children = list(self.checkpoint_dir.iterdir())
@@ -193,35 +208,66 @@ class Registry:
             return []
         for child in children:
             if child.name.startswith(TRASH_PREFIX) or (
-                child.name.startswith(TMP_PREFIX) and not self._owner_alive(child)
+                child.name.startswith(TMP_PREFIX) and not self._writer_alive(child)
             ):
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
+        with contextlib.suppress(OSError):
+            for leftover in self.run_dir.glob(f".{INDEX}.*.tmp"):
+                if time.time() - leftover.stat().st_mtime > 3600:
+                    leftover.unlink(missing_ok=True)
         return removed
 
     def temporary_name(self, step: int, token: str) -> str:
-        return f"{TMP_PREFIX}{step:09d}-{self._host}-{os.getpid()}-{token}"
+        return f"{TMP_PREFIX}{step:09d}-{self.host}-{os.getpid()}-{token}"
 
     # -- internals ----------------------------------------------------------------------------------------
-    def _owner_alive(self, tmp: Path) -> bool:
+    def _writer_alive(self, tmp: Path) -> bool:
+        """Whether the process writing ``tmp`` still runs: it holds a lock on ``tmp/.owner`` while it writes.
+        Where locks do not work, fall back to host, pid and age."""
+        import fcntl
+
+        if tmp.name.endswith(f"-{self.host}-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"):
+            # This process's own: POSIX locks belong to the process, so testing (and closing) would
+            # release the lock its writer holds.
+            return True
+        try:
+            fd = os.open(tmp / OWNER, os.O_RDWR)
+        except FileNotFoundError:
+            return self._writer_alive_by_name(tmp)  # killed before locking, or a writer without locks
+        except OSError:
+            return True
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                return True  # the lock is held: the writer is alive, wherever it runs
+            return self._writer_alive_by_name(tmp)
+        else:
+            return False
+        finally:
+            os.close(fd)  # releases our lock, if we got it
+
+    def _writer_alive_by_name(self, tmp: Path) -> bool:
         # .tmp-<step>-<host>-<pid>-<token>; hosts may contain '-', so split from the right.
         parts = tmp.name[len(TMP_PREFIX) :].split("-")
         try:
             host, pid = "-".join(parts[1:-2]), int(parts[-2])
         except (IndexError, ValueError):
             return False
-        if host == self._host:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
         try:
-            return time.time() - tmp.stat().st_mtime < FOREIGN_TMP_STALE_SECONDS
+            age = time.time() - tmp.stat().st_mtime
         except FileNotFoundError:
             return False
+        if host != self.host:
+            return age < FOREIGN_TMP_STALE_SECONDS
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False  # host_identity() includes the PID namespace: a pid dead here is dead
+        except PermissionError:
+            return True
+        return True
 
     def _names_on_disk(self) -> set[str]:
         names: set[str] = set()
@@ -230,44 +276,62 @@ class Registry:
         except FileNotFoundError:
             return names
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or entry.name in self._ignored:
                 continue
             if entry.is_symlink():
-                raise StoreError(
+                self._ignored.add(entry.name)
+                warn(
                     f"{entry.path} is refused: a symbolic link in {self.checkpoint_dir} may lead outside the "
                     "run directory; checkpoints are plain directories"
                 )
+                continue
             if entry.is_dir(follow_symlinks=False):
                 names.add(entry.name)
         return names
 
-    def _read_index(self) -> list[Checkpoint] | None:
-        """The indexed checkpoints, or None when the index is missing or unusable."""
+    def _read_index(self, *, fresh: bool = False) -> list[Checkpoint] | None:
+        """The indexed checkpoints, or None when the index is missing or unusable. ``fresh`` (under the
+        lock) compares the file's bytes, not its stat, with the cached parse: NFS may serve a stale stat."""
         signature = _signature(self.index_path)
-        if self._index_cache is not None and self._index_cache[0] == signature:
-            return list(self._index_cache[1])
+        cache = self._index_cache
+        if not fresh and cache is not None and cache[0] == signature:
+            return list(cache[2])
         try:
-            data = json.loads(self.index_path.read_bytes())
+            raw = self.index_path.read_bytes()
+        except OSError:
+            return None
+        if cache is not None and cache[1] == raw:
+            self._index_cache = (signature, raw, cache[2])
+            return list(cache[2])
+        try:
+            data = json.loads(raw)
             if not isinstance(data, dict) or data.get("hpcckpt_registry") != INDEX_VERSION:
                 return None
             entries = [Checkpoint.from_dict(e, self.resolve(str(e["name"]))) for e in data["checkpoints"]]
-        except (OSError, ValueError, KeyError, TypeError, CorruptCheckpointError):
+        except StoreError as refused:
+            warn(f"{refused}; rebuilding the index from the manifests")
+            self._refused_index = raw
             return None
-        self._index_cache = (signature, entries)
+        except (ValueError, KeyError, TypeError, CorruptCheckpointError):
+            return None
+        self._index_cache = (signature, raw, entries)
         return list(entries)
 
-    def _reconciled(self, committing: str | None = None) -> list[Checkpoint]:
+    def _reconciled(self, committing: str | None = None, *, write: bool = True) -> list[Checkpoint]:
         """Under the lock: the index made to agree with the checkpoint directories (files win).
-        ``committing`` is a checkpoint being committed right now, not to be reported as unexpected."""
+        ``committing`` is a checkpoint being committed right now, not to be reported as unexpected;
+        without ``write`` nothing is written (a read-only run directory)."""
         on_disk = self._names_on_disk() - {committing}
-        indexed = self._read_index()
+        indexed = self._read_index(fresh=write)
         if indexed is None:
-            if on_disk or self.index_path.exists():
+            already_said = self._refused_index is not None
+            self._refused_index = None
+            if not already_said and (on_disk or self.index_path.exists()):
                 warn(f"registry index {self.index_path} is missing or corrupt; rebuilding it from the manifests")
             indexed = []
         by_name = {c.name: c for c in indexed}
         changed = False
-        for gone in sorted(set(by_name) - on_disk):
+        for gone in sorted(set(by_name) - on_disk - {committing}):
             warn(f"checkpoint {gone} is listed in {self.index_path} but gone from disk; dropping it")
             del by_name[gone]
             changed = True
@@ -276,15 +340,21 @@ class Registry:
                 by_name[orphan] = read_manifest(self.resolve(orphan))
                 changed = True
             except CorruptCheckpointError as error:
+                self._ignored.add(orphan)  # warned once per process, not on every lookup
                 warn(f"skipping {self.checkpoint_dir / orphan}: {error}")
         entries = _ordered(list(by_name.values()))
-        if changed or not self.index_path.exists():
-            self._write_index(entries)
+        if write and (changed or not self.index_path.exists()):
+            try:
+                self._write_index(entries)
+            except OSError as error:
+                if committing is not None:
+                    raise
+                warn(f"could not rewrite {self.index_path} ({error.strerror or error}); using the files as they are")
         return entries
 
     def _trash(self, victim: Checkpoint) -> Path | None:
         """Move a checkpoint out of sight in one rename, so no half-deleted directory looks committed."""
-        trash = self.checkpoint_dir / f"{TRASH_PREFIX}{victim.name}-{os.getpid()}"
+        trash = self.checkpoint_dir / f"{TRASH_PREFIX}{victim.name}-{os.getpid()}-{time.monotonic_ns()}"
         try:
             os.rename(victim.path, trash)
         except FileNotFoundError:
@@ -292,14 +362,19 @@ class Registry:
         return trash
 
     def _write_index(self, entries: Sequence[Checkpoint]) -> None:
-        encoded = {c.name: self._encoded.get(c.name) or json.dumps(c.summary(), separators=(",", ":")) for c in entries}
+        encoded = {}
+        for c in entries:
+            known = self._encoded.get(c.name)
+            if known is None or known[0] != c.checksum or known[1] != c.created:
+                known = (c.checksum, c.created, json.dumps(c.summary(), separators=(",", ":")))
+            encoded[c.name] = known
         self._encoded = encoded
         header = f'"hpcckpt_registry":{INDEX_VERSION},"updated":{time.time()}'
-        text = f'{{{header},"checkpoints":[{",".join(encoded.values())}]}}'
+        text = f'{{{header},"checkpoints":[{",".join(e[2] for e in encoded.values())}]}}'.encode()
         # Atomic but not fsynced: the index is a cache of the manifests (each checkpoint is durable on its
         # own), so after a power loss it is at worst stale or unreadable, and then rebuilt.
-        write_atomic(self.index_path, text.encode(), durable=False)
-        self._index_cache = (_signature(self.index_path), list(entries))
+        write_atomic(self.index_path, text, durable=False)
+        self._index_cache = (_signature(self.index_path), text, list(entries))
 
     def _append(self, events: Sequence[Mapping[str, Any]], *, durable: bool = False) -> None:
         """Append events. Commit and delete events need no fsync of their own: the checkpoint they
@@ -321,6 +396,18 @@ class Registry:
             os.close(fd)
 
 
+def host_identity() -> str:
+    """The host name, plus the PID namespace when the process runs in one of its own (containers):
+    two jobs on one node in separate namespaces must not take each other's pids for their own."""
+    name = socket.gethostname().replace("-", "_")
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        init = os.stat("/proc/1/ns/pid").st_ino
+    except OSError:
+        return name
+    return name if namespace == init else f"{name}.ns{namespace}"
+
+
 def _signature(path: Path) -> tuple[int, ...]:
     try:
         st = os.stat(path)
@@ -330,18 +417,22 @@ def _signature(path: Path) -> tuple[int, ...]:
 
 
 def _ordered(entries: list[Checkpoint]) -> list[Checkpoint]:
-    return sorted(entries, key=lambda c: (c.step, c.created, c.name))
+    return sorted(entries, key=lambda c: (c.created, c.step, c.name))
 
 
-def _make_lock(path: Path, mode: LockMode, timeout: float) -> Any:
+def _make_lock(run_dir: Path, mode: LockMode, timeout: float) -> Any:
     import filelock
 
-    mode = os.environ.get("HPCCKPT_LOCK", mode)  # type: ignore[assignment]
+    if mode == "auto":
+        mode = os.environ.get("HPCCKPT_LOCK", mode)  # type: ignore[assignment]
     if mode == "soft":
-        # For filesystems without working fcntl locks. filelock's marker names host and pid, and a marker
-        # left by a dead process on the same host is broken by the next contender.
-        return filelock.SoftFileLock(path, timeout=timeout)
+        # For filesystems without working fcntl locks. filelock's marker names host and pid: a marker left
+        # by a dead process on the same host is broken by the next contender, any marker after
+        # SOFT_LOCK_LIFETIME. Its own file, so an fcntl lock file left behind is never taken for a marker.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the age-based expiry is chosen on purpose (see above)
+            return filelock.SoftFileLock(run_dir / SOFT_LOCK, timeout=timeout, lifetime=SOFT_LOCK_LIFETIME)
     if mode in ("auto", "fcntl"):
         # auto: fcntl, falling back to the soft marker where the filesystem refuses fcntl locks.
-        return filelock.FileLock(path, timeout=timeout, fallback_to_soft=mode == "auto")
+        return filelock.FileLock(run_dir / LOCK, timeout=timeout, fallback_to_soft=mode == "auto")
     raise UsageError(f"Invalid lock mode {mode!r} (argument or HPCCKPT_LOCK): expected 'auto', 'fcntl' or 'soft'")

@@ -35,7 +35,13 @@ class KeepBest:
             raise UsageError(
                 f"Invalid keep_best={value!r}: expected (metric, 'min' or 'max', count), e.g. ('val_loss', 'min', 2)"
             ) from None
-        if mode not in ("min", "max") or not isinstance(count, int) or count < 1 or not metric:
+        if (
+            mode not in ("min", "max")
+            or isinstance(count, bool)
+            or not isinstance(count, int)
+            or count < 1
+            or not metric
+        ):
             raise UsageError(
                 f"Invalid keep_best={value!r}: expected (metric, 'min' or 'max', count >= 1), "
                 "e.g. ('val_loss', 'min', 2)"

@@ -4,7 +4,7 @@ Commit protocol of :meth:`CheckpointStore.save` (a crash at any instant leaves t
 checkpoint as the latest, never a partial one):
 
 1. write the files into ``checkpoints/.tmp-<step>-<host>-<pid>-<token>/``, fsyncing each;
-2. write ``manifest.json`` there (files, sizes, CRC-32s, step, epoch, metrics, versions, Slurm ids,
+2. write ``manifest.json`` there (files, sizes, checksums, step, epoch, metrics, versions, Slurm ids,
    user metadata) and fsync the directory;
 3. rename the directory to its final name ``step_<step>`` and fsync ``checkpoints/`` -- the commit point;
 4. record it in the registry under the lock; only then apply retention.
@@ -16,10 +16,12 @@ passes ``unsafe_allow_pickle=True`` by name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import math
+import operator
 import os
 import platform
 import secrets
@@ -33,9 +35,9 @@ from typing import Any
 from ._version import __version__
 from .checkpoint import MANIFEST, Checkpoint, combined_checksum
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
-from .fileio import fsync_dir, write_atomic
+from .fileio import SyncedWriter, fsync_dir, write_atomic
 from .formats import FORMATS, CheckpointFormat, verify_file
-from .registry import CHECKPOINTS, LockMode, Registry, warn
+from .registry import CHECKPOINTS, OWNER, LockMode, Registry, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .slurmenv import read_slurm_env
 from .state import RestoreOptions, TrainState
@@ -108,16 +110,30 @@ class CheckpointStore:
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
             raise UsageError(f"Invalid tag {tag!r}: expected letters, digits, '_', '.' or '-', e.g. 'pre-finetune'")
 
-        tmp, draft = self._write(payload, step, epoch, clean_metrics, tag, {**self.metadata, **(metadata or {})})
+        previous = self._latest_quietly()
+        tmp, draft, owner = self._write(
+            payload, step, epoch, clean_metrics, tag, {**self.metadata, **(metadata or {})}, previous
+        )
         try:
             checkpoint, _ = self.registry.commit(lambda: self._rename_into_place(tmp, draft), self._select_deletions)
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(self._save_failure(step, error)) from error
+            raise StoreError(_save_failure(self.registry.checkpoint_dir, step, error, previous)) from error
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # not renamed: nothing was committed
             raise
+        finally:
+            owner.release()
+        owner.forget(checkpoint.path)
         return checkpoint
+
+    def _latest_quietly(self) -> Checkpoint | None:
+        """The latest checkpoint for an error message; never the reason a save fails."""
+        try:
+            checkpoints = self.list()
+        except Exception:
+            return None
+        return checkpoints[-1] if checkpoints else None
 
     def _write(
         self,
@@ -127,14 +143,18 @@ class CheckpointStore:
         metrics: dict[str, float],
         tag: str | None,
         metadata: Mapping[str, Any],
-    ) -> tuple[Path, Checkpoint]:
-        """Steps 1-2 of the commit protocol: the files and manifest, durable in a temporary directory.
-        Returns that directory and the checkpoint's record under its intended final name."""
+        previous: Checkpoint | None = None,
+    ) -> tuple[Path, Checkpoint, _Owner]:
+        """Steps 1-2 of the commit protocol: the files and manifest, durable in a temporary directory that
+        this process holds a lock on while it writes. Returns the directory, the checkpoint's record under
+        its intended final name, and the lock (release it once the directory is renamed or removed)."""
         started = time.perf_counter()
         self.registry.clean_temporaries()
         tmp = self.registry.checkpoint_dir / self.registry.temporary_name(step, secrets.token_hex(4))
+        owner = _Owner(None)
         try:
             tmp.mkdir()
+            owner = _Owner.take(tmp)
             files = tuple(self.format.write(payload, tmp))
             slurm = read_slurm_env(os.environ)
             checkpoint = Checkpoint(
@@ -158,12 +178,14 @@ class CheckpointStore:
                 metadata=metadata,
             )
             write_atomic(tmp / MANIFEST, _json(checkpoint.manifest()))
-            return tmp, checkpoint
+            return tmp, checkpoint, owner
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(self._save_failure(step, error)) from error
+            owner.release()
+            raise StoreError(_save_failure(self.registry.checkpoint_dir, step, error, previous)) from error
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            owner.release()
             raise
 
     def _rename_into_place(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
@@ -179,11 +201,19 @@ class CheckpointStore:
                 # next suffix instead of replacing the first.
                 os.rename(tmp, final)
             except OSError as error:
-                if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                if error.errno in (errno.EEXIST, errno.ENOTEMPTY) and _manifest_created(final) != checkpoint.created:
                     suffix += 1
                     continue
-                raise
-            fsync_dir(self.registry.checkpoint_dir)
+                if not (_manifest_created(final) == checkpoint.created and not tmp.exists()):
+                    raise
+                # The rename went through and its answer was lost (NFS retransmits it, then says ENOENT).
+            try:
+                fsync_dir(self.registry.checkpoint_dir)
+            except OSError as error:
+                warn(
+                    f"checkpoint {final.name} is committed, but syncing {self.registry.checkpoint_dir} failed "
+                    f"({error.strerror or error}): it may not survive a power loss of the file server"
+                )
             return named
 
     def _final_path(self, step: int) -> Path:
@@ -191,14 +221,6 @@ class CheckpointStore:
 
     def _select_deletions(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
         return to_delete(checkpoints, self.keep_last, self.keep_best)
-
-    def _save_failure(self, step: int, error: OSError) -> str:
-        previous = self.latest()
-        kept = f"the previous checkpoint (step {previous.step}) is intact" if previous else "nothing was saved before"
-        reason = error.strerror or str(error)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            reason += " (disk full, quota or file-size limit)"
-        return f"could not save step {step} into {self.registry.checkpoint_dir}: {reason}; {kept}"
 
     # -- finding ------------------------------------------------------------------------------------------
     def list(self) -> list[Checkpoint]:
@@ -246,46 +268,84 @@ class CheckpointStore:
 
     # -- checking and loading ---------------------------------------------------------------------------
     def verify(self, ckpt: CheckpointRef = None) -> Checkpoint:
-        """Check every file of a checkpoint against its manifest (size and CRC-32).
+        """Check every file of a checkpoint against its manifest (size and checksum).
 
-        Raises :class:`CorruptCheckpointError` naming the file and what is wrong.
+        Raises :class:`CorruptCheckpointError` naming the file and what is wrong, and
+        :class:`CheckpointNotFoundError` when the checkpoint was deleted (by retention) meanwhile.
         """
-        checkpoint = self._require(ckpt)
-        for record in checkpoint.files:
-            verify_file(checkpoint.path / record.name, record)
+        checkpoint = ckpt if isinstance(ckpt, Checkpoint) else self._require(ckpt)
+        try:
+            for record in checkpoint.files:
+                verify_file(checkpoint.path / record.name, record)
+        except CorruptCheckpointError:
+            if not checkpoint.path.exists():
+                raise CheckpointNotFoundError(
+                    f"checkpoint {checkpoint.name} was deleted (by retention) while it was being read"
+                ) from None
+            raise
         return checkpoint
 
     def load(
-        self, ckpt: CheckpointRef = None, map_location: Any = "cpu", *, unsafe_allow_pickle: bool = False
+        self,
+        ckpt: CheckpointRef = None,
+        map_location: Any = "cpu",
+        *,
+        unsafe_allow_pickle: bool = False,
+        mmap: bool = True,
     ) -> dict[str, Any]:
         """The saved state dict, verified first. ``ckpt`` None means the latest valid checkpoint: a corrupt
         newest one gives a warning and the previous valid one is loaded. A named checkpoint that is missing
-        or corrupt raises."""
-        return self.load_checkpoint(ckpt, map_location, unsafe_allow_pickle=unsafe_allow_pickle)[1]
+        or corrupt raises. With ``mmap`` (the default) tensors map the checkpoint file instead of copying
+        it: fast, but they keep the file in use while they live; pass ``mmap=False`` to copy."""
+        return self.load_checkpoint(ckpt, map_location, unsafe_allow_pickle=unsafe_allow_pickle, mmap=mmap)[1]
 
     def load_checkpoint(
-        self, ckpt: CheckpointRef = None, map_location: Any = "cpu", *, unsafe_allow_pickle: bool = False
+        self,
+        ckpt: CheckpointRef = None,
+        map_location: Any = "cpu",
+        *,
+        unsafe_allow_pickle: bool = False,
+        mmap: bool = True,
     ) -> tuple[Checkpoint, dict[str, Any]]:
         """Like :meth:`load`, also returning which checkpoint was loaded."""
         if ckpt is not None:
-            checkpoint = self.verify(self.get(ckpt))
-            return checkpoint, self.format_of(checkpoint).read(
-                checkpoint, map_location, weights_only=not unsafe_allow_pickle
+            checkpoint = self.get(ckpt)
+            return checkpoint, self._read_verified(checkpoint, map_location, unsafe_allow_pickle, mmap)
+        problems: list[str] = []
+        for _attempt in range(10):  # a listing goes stale when retention deletes while we read
+            checkpoints = self.list()
+            if not checkpoints:
+                break
+            stale = False
+            for checkpoint in reversed(checkpoints):
+                if any(checkpoint.name in p for p in problems):
+                    continue
+                try:
+                    return checkpoint, self._read_verified(checkpoint, map_location, unsafe_allow_pickle, mmap)
+                except CheckpointNotFoundError:
+                    stale = True  # deleted meanwhile: list again rather than fall back to something older
+                    break
+                except CorruptCheckpointError as error:
+                    warn(f"checkpoint {checkpoint.name} is corrupt, trying an older one: {error}")
+                    problems.append(f"{checkpoint.name}: {error}")
+            if not stale:
+                break
+        if problems:
+            raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: " + "; ".join(problems))
+        raise CheckpointNotFoundError(f"no checkpoint in {self.run_dir} yet")
+
+    def _read_verified(
+        self, checkpoint: Checkpoint, map_location: Any, unsafe_allow_pickle: bool, mmap: bool
+    ) -> dict[str, Any]:
+        self.verify(checkpoint)
+        try:
+            return self.format_of(checkpoint).read(
+                checkpoint, map_location, weights_only=not unsafe_allow_pickle, mmap=mmap
             )
-        checkpoints = self.list()
-        if not checkpoints:
-            raise CheckpointNotFoundError(f"no checkpoint in {self.run_dir} yet")
-        problems = []
-        for checkpoint in reversed(checkpoints):
-            try:
-                self.verify(checkpoint)
-                state = self.format_of(checkpoint).read(checkpoint, map_location, weights_only=not unsafe_allow_pickle)
-            except CorruptCheckpointError as error:
-                warn(f"checkpoint {checkpoint.name} is corrupt, trying an older one: {error}")
-                problems.append(str(error))
-                continue
-            return checkpoint, state
-        raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: " + "; ".join(problems))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"checkpoint {checkpoint.name} was deleted (by retention) while it was being read"
+            ) from None
 
     def restore(
         self,
@@ -295,16 +355,19 @@ class CheckpointStore:
         map_location: Any = "cpu",
     ) -> Checkpoint | None:
         """Load a checkpoint into ``state``. With ``ckpt`` None on a run with nothing saved yet, returns
-        None and leaves ``state`` as it is (a first run starts fresh, quietly)."""
+        None and leaves ``state`` as it is (a first run starts fresh, quietly). The state is copied, not
+        mapped: the objects restored into keep no checkpoint file in use."""
         if ckpt is None and not self.list():
             return None
-        checkpoint, payload = self.load_checkpoint(ckpt, map_location)
+        checkpoint, payload = self.load_checkpoint(ckpt, map_location, mmap=False)
         state.load_state_dict(payload, options or RestoreOptions())
         return checkpoint
 
-    def export(self, out: str | os.PathLike[str], ckpt: CheckpointRef = None, *, weights_only: bool = False) -> Path:
+    def export(
+        self, out: str | os.PathLike[str], ckpt: CheckpointRef = None, *, weights_only: bool = False
+    ) -> tuple[Path, Checkpoint]:
         """Write a checkpoint as one plain ``torch.load``-able file (only the model's weights when
-        ``weights_only``), atomically. Returns the file's path."""
+        ``weights_only``), atomically. Returns the file's path and the checkpoint it came from."""
         import torch
 
         checkpoint, state = self.load_checkpoint(ckpt)
@@ -319,17 +382,22 @@ class CheckpointStore:
         if target.is_dir():
             raise UsageError(f"Invalid --out {str(target)!r}: it is a directory; expected a file path")
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        writer = None
         try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            writer = SyncedWriter(tmp, checksum=False)
+            torch.save(state, writer)  # type: ignore[arg-type]
+            writer.close()
             os.replace(tmp, target)
-        except OSError as error:
+            fsync_dir(target.parent)
+        except BaseException as error:
+            if writer is not None:
+                writer.abort()
             tmp.unlink(missing_ok=True)
-            raise StoreError(f"could not write {target}: {error.strerror or error}") from error
-        fsync_dir(target.parent)
-        return target
+            failed = writer.failed if writer is not None and writer.failed is not None else error
+            if isinstance(failed, OSError):
+                raise StoreError(f"could not write {target}: {failed.strerror or failed}") from error
+            raise
+        return target, checkpoint
 
     def format_of(self, checkpoint: Checkpoint) -> CheckpointFormat:
         try:
@@ -359,6 +427,8 @@ def _prepare_run_dir(run_dir: Path, *, create: bool) -> None:
             raise StoreError(f"run directory {run_dir} does not exist")
         try:
             (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            fsync_dir(run_dir)  # the new directories survive a power loss before the first save counts
+            fsync_dir(run_dir.parent)
         except OSError as error:
             raise StoreError(f"cannot create run directory {run_dir}: {error.strerror or error}") from None
         return
@@ -387,9 +457,13 @@ def _quick_problem(checkpoint: Checkpoint) -> str | None:
 
 
 def _whole(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    try:
+        number = operator.index(value)  # int, and NumPy or torch integers
+    except TypeError:
+        number = -1
+    if isinstance(value, bool) or number < 0:
         raise UsageError(f"Invalid {name}={value!r}: expected a whole number >= 0")
-    return value
+    return number
 
 
 def _metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
@@ -399,8 +473,13 @@ def _metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
             number = float(value)
         except (TypeError, ValueError):
             raise UsageError(f"Invalid metric {key}={value!r}: expected a number") from None
-        if not isinstance(key, str) or not key or math.isinf(number):
-            raise UsageError(f"Invalid metric {key!r}={value!r}: expected a name and a finite number")
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"Invalid metric name {key!r}: expected a non-empty string")
+        if not math.isfinite(number):
+            # A diverged loss must not stop the save that preserves the run; it is left out of the record
+            # (JSON has no NaN) and so out of keep_best's ranking.
+            warn(f"metric {key}={number} is not finite; saved without it")
+            continue
         clean[key] = number
     return clean
 
@@ -417,3 +496,47 @@ def _json(data: Mapping[str, Any]) -> bytes:
 
 def _with(checkpoint: Checkpoint, **changes: Any) -> Checkpoint:
     return dataclasses.replace(checkpoint, **changes)
+
+
+def _save_failure(checkpoint_dir: Path, step: int, error: OSError, previous: Checkpoint | None) -> str:
+    kept = f"the previous checkpoint (step {previous.step}) is intact" if previous else "nothing was saved before"
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (disk full, quota or file-size limit)"
+    return f"could not save step {step} into {checkpoint_dir}: {reason}; {kept}"
+
+
+def _manifest_created(directory: Path) -> float | None:
+    try:
+        return float(json.loads((directory / MANIFEST).read_bytes())["created"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class _Owner:
+    """A lock on ``.owner`` inside a temporary checkpoint directory, held while it is written, so that a
+    cleaner on any host (NFSv4, Lustre with flock) can tell a live writer from a dead one."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    @classmethod
+    def take(cls, directory: Path) -> _Owner:
+        import fcntl
+
+        fd = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+        # Without a lock service, cleaners fall back to host, pid and age (Registry._writer_alive).
+        with contextlib.suppress(OSError):
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return cls(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def forget(directory: Path) -> None:
+        """Remove the lock file from a committed checkpoint (it was renamed along with its directory)."""
+        with contextlib.suppress(OSError):
+            (directory / OWNER).unlink()

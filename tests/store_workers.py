@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,3 +44,23 @@ if __name__ == "__main__":  # python store_workers.py RUN_DIR NUMEL: save until 
     store.save(payload(1, 16), step=1)
     store.save(payload(2, int(sys.argv[2])), step=2)
     Path(sys.argv[1], "unexpected-success").touch()
+
+
+def save_until(run_dir: str, seconds: float, numel: int) -> None:
+    """Save with keep_last=1 for a while: every save deletes the previous checkpoint."""
+    store = CheckpointStore(run_dir, keep_last=1)
+    end = time.monotonic() + seconds
+    step = 0
+    while time.monotonic() < end:
+        step += 1
+        store.save(payload(step, numel), step=step)
+
+
+def hold_owner_lock(directory: str, ready: str) -> None:
+    """Hold the writer's lock on a temporary checkpoint directory, as a live writer does, until killed."""
+    import fcntl
+
+    fd = os.open(os.path.join(directory, ".owner"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    Path(ready).touch()
+    time.sleep(600)

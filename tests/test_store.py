@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -257,8 +259,10 @@ def test_registry_entry_pointing_outside_is_refused(tmp_path: Path) -> None:
     data = json.loads(index.read_text())
     data["checkpoints"][0]["name"] = "../../../etc"
     index.write_text(json.dumps(data))
-    with pytest.raises(StoreError, match=r"registry entry '\.\./\.\./\.\./etc' .* is refused"):
-        store.list()
+    fresh = CheckpointStore(tmp_path / "run")
+    with pytest.warns(HpcckptWarning, match=r"registry entry '\.\./\.\./\.\./etc' .* is refused.*rebuilding"):
+        assert [c.path for c in fresh.list()] == [tmp_path / "run" / "checkpoints" / "step_000000001"]
+    assert "etc" not in index.read_text()
 
 
 def test_symlinked_checkpoint_leading_outside_is_refused(tmp_path: Path) -> None:
@@ -267,8 +271,95 @@ def test_symlinked_checkpoint_leading_outside_is_refused(tmp_path: Path) -> None
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (tmp_path / "run" / "checkpoints" / "step_000000009").symlink_to(outside)
-    with pytest.raises(StoreError, match="step_000000009 is refused: a symbolic link"):
-        store.list()
+    with pytest.warns(HpcckptWarning, match="step_000000009 is refused: a symbolic link"):
+        assert [c.step for c in store.list()] == [1]
+    latest = store.save({"w": torch.ones(1)}, step=2)  # the link neither blocks saving nor is followed
+    assert store.latest() == latest
+
+
+def test_file_names_in_a_manifest_cannot_leave_the_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    store.save({"w": torch.zeros(1)}, step=1)
+    bad = store.save({"w": torch.ones(1)}, step=2)
+    manifest = json.loads((bad.path / "manifest.json").read_text())
+    manifest["files"][0]["name"] = "../../../secret"
+    (bad.path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "run" / "registry.json").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [c.step for c in CheckpointStore(tmp_path / "run").list()] == [1]
+    messages = [str(w.message) for w in caught]
+    assert any("rebuilding it from the manifests" in m for m in messages)
+    assert any("lists file '../../../secret'" in m and "refused" in m for m in messages)
+
+
+def test_latest_is_the_newest_save_also_after_a_rewind(tmp_path: Path) -> None:
+    # A user restores step 50 after a loss spike and trains on: the next task resumes the new branch.
+    store = CheckpointStore(tmp_path / "run", keep_last=3)
+    for step in (50, 100):
+        store.save({"w": torch.full((1,), float(step))}, step=step)
+    for step in (60, 70, 80):
+        store.save({"w": torch.full((1,), float(step) + 0.5)}, step=step)
+    assert [c.step for c in store.list()] == [60, 70, 80]
+    assert float(store.load()["w"][0]) == 80.5
+
+
+def test_non_finite_metrics_are_left_out_and_do_not_stop_the_save(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_best=("loss", "min", 1))
+    with pytest.warns(HpcckptWarning, match="metric loss=nan is not finite; saved without it"):
+        ckpt = store.save({"w": torch.zeros(1)}, step=1, metrics={"loss": float("nan"), "acc": 0.5})
+    assert dict(ckpt.metrics) == {"acc": 0.5}
+    json.loads((tmp_path / "run" / "registry.json").read_text())  # strict JSON: no NaN
+
+
+def test_a_load_failure_that_is_not_corruption_does_not_fall_back(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    store.save({"w": torch.zeros(1)}, step=1)
+    store.save({"w": torch.ones(1)}, step=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "corrupt, trying an older one"
+        with pytest.raises(StoreError, match=r"step_000000002/state\.pt: torch\.load\(map_location='nowhere:0'\)"):
+            store.load(map_location="nowhere:0")
+
+
+def test_index_cache_never_serves_the_record_of_a_deleted_namesake(tmp_path: Path) -> None:
+    # Two processes' views: A caches the record of step_100; B deletes it and saves step 100 anew.
+    a = CheckpointStore(tmp_path / "run", keep_last=None)
+    a.save({"w": torch.zeros(1)}, step=100, metrics={"loss": 1.0})
+    b = CheckpointStore(tmp_path / "run", keep_last=None)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000000100")
+    with pytest.warns(HpcckptWarning, match="gone from disk"):
+        b.save({"w": torch.ones(1)}, step=100, metrics={"loss": 0.5})
+    a.save({"w": torch.ones(1)}, step=101)
+    fresh = CheckpointStore(tmp_path / "run", keep_last=None)
+    (again,) = [c for c in fresh.list() if c.step == 100]
+    assert dict(again.metrics) == {"loss": 0.5}
+    fresh.verify(again)
+
+
+def test_a_save_is_committed_when_only_the_registry_update_fails(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    store.save({"w": torch.zeros(1)}, step=1)
+    events = tmp_path / "run" / "events.jsonl"
+    events.unlink()
+    events.mkdir()  # appending to the log now fails
+    with pytest.warns(HpcckptWarning, match="step_000000002 is committed, but updating the registry"):
+        ckpt = store.save({"w": torch.ones(1)}, step=2)
+    assert store.latest() == ckpt
+    assert float(store.load()["w"][0]) == 1.0
+
+
+def test_export_names_the_checkpoint_it_really_wrote(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    store.save({"w": torch.zeros(100)}, step=1)
+    newest = store.save({"w": torch.ones(100)}, step=2)
+    data = bytearray((newest.path / "state.pt").read_bytes())
+    data[-200] ^= 0xFF
+    (newest.path / "state.pt").write_bytes(bytes(data))
+    with pytest.warns(HpcckptWarning, match="step_000000002 is corrupt"):
+        path, used = store.export(tmp_path / "out.pt")
+    assert used.step == 1
+    assert float(torch.load(path, weights_only=True)["w"][0]) == 0.0
 
 
 def test_missing_run_directory_for_reading_is_a_clear_error(tmp_path: Path) -> None:

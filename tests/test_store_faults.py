@@ -9,7 +9,9 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,7 +190,7 @@ def test_lock_held_by_a_live_process_times_out_clearly_and_a_killed_holder_does_
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
             blocked = CheckpointStore(run_dir, lock=mode, lock_timeout=0.5)  # type: ignore[arg-type]
-            with pytest.raises(StoreError, match=r"could not lock .*\.hpcckpt\.lock within 0\.5 s"):
+            with pytest.raises(StoreError, match=r"could not lock .*\.hpcckpt\.(soft)?lock within 0\.5 s"):
                 blocked.save(store_workers.payload(1, 4), step=1)
             assert blocked.list() == []  # the save that raised committed nothing
             assert [p.name for p in (run_dir / "checkpoints").iterdir()] == []
@@ -199,3 +201,133 @@ def test_lock_held_by_a_live_process_times_out_clearly_and_a_killed_holder_does_
             assert [c.step for c in after.list()] == [1]
         finally:
             holder.kill()
+
+
+@pytest.mark.slow
+def test_readers_never_fail_while_retention_deletes_under_them(
+    tmp_path: Path, forkserver: multiprocessing.context.ForkServerContext
+) -> None:
+    run_dir = tmp_path / "run"
+    CheckpointStore(run_dir).save(store_workers.payload(0, 1 << 16), step=0)
+    writer = forkserver.Process(target=store_workers.save_until, args=(str(run_dir), 4.0, 1 << 16))
+    writer.start()
+    loads = verifies = 0
+    reader = CheckpointStore(run_dir, keep_last=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a "corrupt, trying an older one"
+        while writer.is_alive():
+            state = reader.load()
+            assert float(state["w"][0]) == state["step_seen"]
+            loads += 1
+            result = (
+                subprocess.run(
+                    ["hpcckpt", "verify", str(run_dir)], capture_output=True, text=True, timeout=60, check=False
+                )
+                if verifies < 5
+                else None
+            )
+            if result is not None:
+                assert result.returncode == 0, result.stdout + result.stderr
+                verifies += 1
+    writer.join(timeout=30)
+    assert writer.exitcode == 0
+    assert loads > 20 and verifies == 5
+
+
+def test_a_live_writer_s_temporary_is_kept_whatever_its_name_says(
+    tmp_path: Path, forkserver: multiprocessing.context.ForkServerContext
+) -> None:
+    """Liveness comes from the writer's lock, not from the pid in the name: a writer in another PID
+    namespace (a container on the same node) or on another host is not mistaken for a dead one."""
+    run_dir = tmp_path / "run"
+    store = CheckpointStore(run_dir)
+    tmp = run_dir / "checkpoints" / f".tmp-000000007-{store.registry.host}-999999-deadbeef"  # no such pid here
+    tmp.mkdir()
+    ready = tmp_path / "ready"
+    holder = forkserver.Process(target=store_workers.hold_owner_lock, args=(str(tmp), str(ready)))
+    holder.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert store.registry.clean_temporaries() == []
+        assert tmp.exists()
+    finally:
+        holder.kill()
+        holder.join(timeout=30)
+    assert store.registry.clean_temporaries() == [tmp]  # its writer is gone now
+    assert not tmp.exists()
+
+
+def test_soft_lock_mode_after_fcntl_mode_does_not_wait(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    CheckpointStore(run_dir, lock="fcntl").save(store_workers.payload(1, 4), step=1)
+    start = time.monotonic()
+    soft = CheckpointStore(run_dir, lock="soft", lock_timeout=5)
+    soft.save(store_workers.payload(2, 4), step=2)
+    assert time.monotonic() - start < 3
+    assert [c.step for c in soft.list()] == [1, 2]
+
+
+def test_a_read_only_run_directory_can_be_listed_and_loaded(tmp_path: Path) -> None:
+    """Another user's run, or a read-only mount: readers reconcile in memory and write nothing."""
+    with tempfile.TemporaryDirectory() as parent:
+        Path(parent).chmod(0o755)
+        run_dir = Path(parent) / "run"
+        store = CheckpointStore(run_dir, keep_last=None)
+        for step in (1, 2):
+            store.save(store_workers.payload(step, 4), step=step)
+        (run_dir / "registry.json").unlink()  # an index update was lost: the reader must reconcile
+        for path in (run_dir, run_dir / "checkpoints"):
+            path.chmod(0o555)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            os.close(read_end)
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    reader = CheckpointStore(run_dir, create=False)
+                    steps = [c.step for c in reader.list()]
+                    loaded = reader.load()["step_seen"]
+                os.write(write_end, f"{steps} {loaded}".encode())
+                code = 0
+            except BaseException as error:
+                os.write(write_end, repr(error).encode())
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            said = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, said
+        assert said == "[1, 2] 2"
+        assert not (run_dir / "registry.json").exists()
+
+
+def test_export_on_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    CheckpointStore(run_dir).save(store_workers.payload(1, 1 << 20), step=1)  # 4 MiB
+    out = tmp_path / "exported.pt"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    result = subprocess.run(
+        ["hpcckpt", "export", str(run_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        preexec_fn=limit,
+    )
+    assert result.returncode == 1
+    assert f"hpcckpt export: error: could not write {out}: File too large" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.glob("*exported*")) == []
