@@ -29,9 +29,9 @@ def make_data(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=os.environ.get("HPCCKPT_RUN_DIR", "runs/mlp"))
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=60000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--save-every", default="250ba")
+    parser.add_argument("--save-every", default="5000ba")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -52,7 +52,7 @@ def main() -> None:
             optimizer.step()
             scheduler.step()
             run.report(loss=loss.item())
-            if step % 250 == 0:
+            if step % 10000 == 0:
                 print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
     print(
         f"{'complete' if run.completed else 'stopped (' + str(run.stop_reason) + ')'} at step {state.step} "

@@ -170,7 +170,67 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def _chain_configure(parser: argparse.ArgumentParser, *, submitting: bool) -> None:
+    from .chain_cli import configure_chain
+
+    configure_chain(parser, submitting=submitting)
+
+
+def _task_configure(parser: argparse.ArgumentParser, *, end: bool) -> None:
+    from .chain_cli import configure_task
+
+    configure_task(parser, end=end)
+
+
+def _chain(name: str) -> Any:
+    """A chain command's configure or run function, imported when used."""
+
+    def call(arg: Any) -> Any:
+        from . import chain_cli
+
+        return getattr(chain_cli, name)(arg)
+
+    return call
+
+
 _COMMANDS: tuple[_Command, ...] = (
+    _Command(
+        "submit",
+        "validate, render and submit a chain of array tasks (or run it locally)",
+        lambda p: _chain_configure(p, submitting=True),
+        _chain("run_submit"),
+    ),
+    _Command(
+        "render",
+        "print the chain script that submit would submit",
+        lambda p: _chain_configure(p, submitting=False),
+        _chain("run_render"),
+    ),
+    _Command(
+        "status",
+        "where a run stands: state, step, tasks, history, warnings",
+        _chain("configure_status"),
+        _chain("run_status"),
+    ),
+    _Command("cancel", "cancel every queued task of a run's chain", _chain("configure_run_dir"), _chain("run_cancel")),
+    _Command(
+        "extend",
+        "add an array of tasks that starts after the current one",
+        _chain("configure_extend"),
+        _chain("run_extend"),
+    ),
+    _Command(
+        "task-begin",
+        "(run by the chain script) the guard before the training command",
+        lambda p: _task_configure(p, end=False),
+        _chain("run_task_begin"),
+    ),
+    _Command(
+        "task-end",
+        "(run by the chain script) record the task's end; cancel, fail or extend the chain",
+        lambda p: _task_configure(p, end=True),
+        _chain("run_task_end"),
+    ),
     _Command("ls", "list the committed checkpoints of a run", _configure_ls, _run_ls),
     _Command("verify", "check every checkpoint of a run against its checksums", _configure_verify, _run_verify),
     _Command("export", "write a checkpoint as one plain torch.load-able file", _configure_export, _run_export),

@@ -158,6 +158,7 @@ class Run:
             deadline=deadline.at,
             deadline_source=deadline.source,
             signal=self.warning.name,
+            total_steps=self.total_steps,
         )
         where = f"step {self.state.step} ({self.resumed_from.name})" if self.resumed_from else "scratch (step 0)"
         budget = "no deadline" if left is None else f"{left:.0f} s left ({deadline.source})"

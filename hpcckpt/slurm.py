@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from .errors import HpcckptError
 
@@ -80,3 +81,77 @@ def job_end_time(job_id: str, *, timeout: float = 10.0) -> float | None:
     except SlurmError:
         return None
     return parse_end_time(parse_scontrol_fields(output.splitlines()[0] if output else "").get("EndTime", ""))
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One line of squeue: a job or array task (``123_4``), or a pending range (``123_[5-8%1]``), with
+    the array's job id (``123``)."""
+
+    array_job: str
+    job: str
+    state: str
+    reason: str
+
+    @property
+    def task_count(self) -> int:
+        """How many array tasks the line stands for (``123_[5-8%1]`` is 4)."""
+        return count_array_tasks(self.job)
+
+
+def parse_sbatch_parsable(output: str) -> str:
+    """``sbatch --parsable`` prints ``JOBID`` or ``JOBID;CLUSTER``."""
+    job = output.strip().split(";", 1)[0]
+    if not job.isdigit():
+        raise SlurmError(f"sbatch answered {output.strip()!r}, expected a job id")
+    return job
+
+
+def parse_queue(output: str) -> list[QueueEntry]:
+    """Lines of ``squeue -h -o %F|%i|%T|%r``."""
+    entries = []
+    for line in output.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 4 and parts[0]:
+            entries.append(QueueEntry(parts[0], parts[1], parts[2], parts[3]))
+    return entries
+
+
+def count_array_tasks(job: str) -> int:
+    """Tasks in a squeue job id: ``12_3`` -> 1, ``12_[4-6,9%1]`` -> 4, ``12`` -> 1."""
+    _, sep, tasks = job.partition("_")
+    if not sep or not tasks.startswith("["):
+        return 1
+    total = 0
+    for part in tasks.strip("[]").split("%")[0].split(","):
+        low, dash, high = part.partition("-")
+        if low.isdigit() and (not dash or high.isdigit()):
+            total += int(high) - int(low) + 1 if dash else 1
+    return total
+
+
+def parse_partitions(output: str) -> list[str]:
+    """``sinfo -h -o %P`` lines; the default partition carries a ``*``."""
+    return [line.strip().rstrip("*") for line in output.splitlines() if line.strip()]
+
+
+def submit(script: str, args: Sequence[str] = ()) -> str:
+    return parse_sbatch_parsable(run(["sbatch", "--parsable", *args, script], timeout=60))
+
+
+def cancel(job_ids: Sequence[str], *, pending_only: bool = False) -> None:
+    if job_ids:
+        run(["scancel", *(["--state=PENDING"] if pending_only else []), *job_ids])
+
+
+def queue(job_ids: Sequence[str]) -> list[QueueEntry]:
+    """This user's queued jobs and tasks that belong to the arrays ``job_ids``. (``squeue -j`` fails
+    outright once one of the ids has left the controller's memory, so the user's queue is filtered.)"""
+    if not job_ids:
+        return []
+    wanted = set(job_ids)
+    return [e for e in parse_queue(run(["squeue", "--me", "-h", "-o", "%F|%i|%T|%r"])) if e.array_job in wanted]
+
+
+def partitions() -> list[str]:
+    return parse_partitions(run(["sinfo", "-h", "-o", "%P"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -115,17 +116,28 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 @pytest.mark.slow
-def test_readme_main_job_example_trains_and_a_second_run_is_a_no_op(tmp_path: Path) -> None:
-    # The README's first command ends by running the example job; it must really train.
+@pytest.mark.timeout(300)
+def test_readme_main_job_runs_a_local_chain_that_completes(tmp_path: Path) -> None:
+    # The README's first command ends with the main job: a local chain of the example training.
     command = _readme_command("Install and run")
-    assert "examples/train_mlp.py" in command
-    argv = [sys.executable, str(REPO / "examples" / "train_mlp.py"), "--run-dir", str(tmp_path / "run")]
-    result = _run([*argv, "--steps", "1000"])
-    assert result.returncode == 0, result.stderr
-    losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", result.stdout)]
-    assert len(losses) == 4
-    assert losses[-1] < 0.2 * losses[0], result.stdout
-    assert "complete at step 1000 of 1000" in result.stdout
-    again = _run([*argv, "--steps", "1000"])
-    assert "already complete at step 1000; nothing to do" in again.stderr
-    assert "loss" not in again.stdout
+    main_job = command.split(" && ", 1)[1]
+    assert main_job.startswith("hpcckpt submit --backend local --run-dir runs/mlp")
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    result = subprocess.run(
+        main_job,
+        shell=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The first task stops as its time runs out: by the budget, or by the warning signal just before.
+    assert "task 1/3 ended: exit 0" in result.stdout, result.stdout
+    assert "(budget)" in result.stdout or "(signal, timeout)" in result.stdout, result.stdout
+    assert "run complete" in result.stdout
+    status = _run(["hpcckpt", "status", str(tmp_path / "runs" / "mlp")])
+    assert "state    COMPLETE" in status.stdout and "step     60000 of 60000" in status.stdout
+    again = subprocess.run(main_job, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert "run is complete: the remaining 3 task(s) are cancelled" in again.stdout

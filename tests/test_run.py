@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from compare import assert_same_training
 
 from hpcckpt import CheckpointStore
 
@@ -78,21 +78,6 @@ def final_state(run_dir: Path) -> dict[str, Any]:
     return CheckpointStore(run_dir, create=False).load()
 
 
-def assert_bitwise_equal(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def stops(run_dir: Path) -> list[dict[str, Any]]:
     return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == "stop"]
 
@@ -136,9 +121,7 @@ def test_interrupted_training_ends_bitwise_identical_to_an_uninterrupted_one(tmp
     assert any(step % STEPS_PER_EPOCH for step in stopped_at), f"no stop fell mid-epoch: {stopped_at}"
     assert all(e["steps_lost"] == 0 for e in stops(run_dir)), "a stop lost steps"
 
-    expected, got = final_state(tmp_path / "reference"), final_state(run_dir)
-    for key in ("model", "optimizer", "scheduler", "step", "epoch"):
-        assert_bitwise_equal(expected[key], got[key], key)
+    assert_same_training(final_state(tmp_path / "reference"), final_state(run_dir))
 
 
 @pytest.mark.slow

@@ -39,7 +39,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None, help="step loop instead of epochs")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="step loop instead of epochs (the loader's place is not kept: no exact resume)",
+    )
     parser.add_argument("--save-every", default=None)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--numel", type=int, default=0, help="extra state, to make saves take time")

@@ -1,0 +1,273 @@
+"""Where a run stands: ``hpcckpt status RUN_DIR``. A pure summary of the registry's events, the committed
+checkpoints and the Slurm queue, and its text form."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .checkpoint import Checkpoint
+from .slurm import QueueEntry
+
+State = Literal["pending", "running", "complete", "failed", "stalled"]
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    job: str
+    host: str | None
+    resumed_step: int | None
+    step: int | None
+    steps_done: int | None
+    reason: str | None  # completed, budget, signal; "killed" or "crashed" when Run did not stop it
+    cause: str | None
+    saved: bool | None
+    seconds: float | None
+    time_left: float | None
+    steps_lost: int | None
+    exit_status: int | None
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_dir: str
+    state: State
+    step: int | None
+    total_steps: int | None
+    last_checkpoint: dict[str, Any] | None
+    tasks_used: int
+    tasks_left: int | None  # None when the queue is unknown (no squeue, local backend)
+    tasks_running: int
+    jobs: list[str]
+    history: list[TaskRecord]
+    steps_lost_to_preemption: int
+    time_lost_to_preemption: float
+    steps_per_second: float | None
+    eta_seconds: float | None
+    warnings: list[str] = field(default_factory=list)
+    reason: str | None = None
+    log_tail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(
+    run_dir: Path,
+    events: Sequence[dict[str, Any]],
+    checkpoints: Sequence[Checkpoint],
+    queue: Sequence[QueueEntry] | None,
+    now: float,
+) -> RunStatus:
+    submits = [e for e in events if e.get("event") == "submit"]
+    jobs = list(dict.fromkeys(str(e["job"]) for e in submits if e.get("job")))
+    history = _history(events)
+    last_state = next((e for e in reversed(events) if e.get("event") in ("complete", "failed", "reopen")), None)
+    running = sum(e.task_count for e in queue or () if e.state in ("RUNNING", "COMPLETING", "CONFIGURING"))
+    left = None if queue is None else sum(e.task_count for e in queue)
+    if last_state is not None and last_state["event"] == "complete":
+        state: State = "complete"
+    elif last_state is not None and last_state["event"] == "failed":
+        state = "failed"
+    elif running:
+        state = "running"
+    elif left:
+        state = "pending"
+    elif queue is None and _task_open(events):
+        state = "running"
+    else:
+        state = "stalled"
+    latest = checkpoints[-1] if checkpoints else None
+    starts = [e for e in events if e.get("event") == "start"]
+    total = next((e.get("total_steps") for e in reversed(starts) if e.get("total_steps") is not None), None)
+    step = latest.step if latest else None
+
+    trained = [t for t in history if t.steps_done and t.seconds]
+    rate = sum(t.steps_done or 0 for t in trained) / sum(t.seconds or 0 for t in trained) if trained else None
+    eta = None
+    if rate and total is not None and step is not None and state not in ("complete", "failed"):
+        eta = max(0, total - step) / rate
+    preempted = [t for t in history if t.cause == "preemption"]
+    steps_lost = sum(t.steps_lost or 0 for t in preempted)
+    time_lost = sum((t.steps_lost or 0) * (t.seconds or 0) / t.steps_done for t in preempted if t.steps_done)
+
+    warnings: list[str] = []
+    slowest_save = max((c.save_seconds or 0.0 for c in checkpoints), default=0.0)
+    lead = next((e.get("lead") for e in reversed(submits) if e.get("lead")), None)
+    if lead is not None and slowest_save > float(lead):
+        warnings.append(
+            f"the signal lead ({lead:g} s) is shorter than the slowest save ({slowest_save:.1f} s): a task warned "
+            "by the signal may be killed mid-save; resubmit with a longer --signal lead"
+        )
+    task_seconds = next((e.get("time_seconds") for e in reversed(submits) if e.get("time_seconds")), None)
+    if eta is not None and left is not None and task_seconds and state in ("running", "pending"):
+        needed = math.ceil(eta / (0.9 * float(task_seconds)))
+        if needed > left:
+            warnings.append(
+                f"at the current rate ({rate:.3g} steps/s) the run needs about {needed} more task(s) of "
+                f"{task_seconds / 60:g} min, but only {left} are queued: `hpcckpt extend {run_dir} --tasks "
+                f"{needed - left}`"
+            )
+    if state == "stalled" and total is not None:
+        warnings.append(f"no task is queued and the run is not complete: `hpcckpt extend {run_dir} --tasks N`")
+
+    failed = last_state if state == "failed" else None
+    return RunStatus(
+        run_dir=str(run_dir),
+        state=state,
+        step=step,
+        total_steps=total,
+        last_checkpoint=None
+        if latest is None
+        else {
+            "name": latest.name,
+            "step": latest.step,
+            "age_seconds": now - latest.created,
+            "size": latest.size,
+            "save_seconds": latest.save_seconds,
+        },
+        tasks_used=len([e for e in events if e.get("event") == "task-begin"]) or len(starts),
+        tasks_left=left,
+        tasks_running=running,
+        jobs=jobs,
+        history=history,
+        steps_lost_to_preemption=steps_lost,
+        time_lost_to_preemption=time_lost,
+        steps_per_second=rate,
+        eta_seconds=eta,
+        warnings=warnings,
+        reason=failed.get("reason") if failed else None,
+        log_tail=_tail(failed.get("log")) if failed else None,
+    )
+
+
+def _history(events: Sequence[dict[str, Any]]) -> list[TaskRecord]:
+    """One record per task, pairing Run's start/stop with the chain's task-begin/task-end."""
+    records: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for event in events:
+        kind = event.get("event")
+        if kind == "task-begin" or (kind == "start" and (current is None or "start" in current)):
+            current = {"job": event.get("job"), "host": event.get("host")}
+            records.append(current)
+        if current is None:
+            continue
+        if kind == "start":
+            current.update(start=event, host=event.get("host"), resumed_step=event.get("resumed_step"))
+        elif kind == "stop":
+            current["stop"] = event
+        elif kind == "crash":
+            current["crash"] = event
+        elif kind == "task-end":
+            current["end"] = event
+            current = None
+    result = []
+    for r in records:
+        stop, start, end = r.get("stop") or {}, r.get("start") or {}, r.get("end") or {}
+        reason = stop.get("reason") or ("crashed" if "crash" in r else "killed" if end.get("killed") else None)
+        seconds = stop["time"] - start["time"] if stop and start else None
+        result.append(
+            TaskRecord(
+                job=str(r.get("job")),
+                host=r.get("host"),
+                resumed_step=r.get("resumed_step"),
+                step=stop.get("step", end.get("latest_step")),
+                steps_done=stop.get("steps_done"),
+                reason=reason,
+                cause=stop.get("cause"),
+                saved=stop.get("saved"),
+                seconds=seconds,
+                time_left=stop.get("time_left"),
+                steps_lost=stop.get("steps_lost"),
+                exit_status=end.get("status"),
+            )
+        )
+    return result
+
+
+def _task_open(events: Sequence[dict[str, Any]]) -> bool:
+    for event in reversed(events):
+        if event.get("event") in ("task-end", "stop"):
+            return False
+        if event.get("event") in ("task-begin", "start"):
+            return True
+    return False
+
+
+def _tail(path: str | None, lines: int = 15) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def format_status(status: RunStatus) -> str:
+    def duration(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        if seconds < 120:
+            return f"{seconds:.0f} s"
+        if seconds < 7200:
+            return f"{seconds / 60:.0f} min"
+        return f"{seconds / 3600:.1f} h"
+
+    lines = [f"run      {status.run_dir}", f"state    {status.state.upper()}"]
+    total = f" of {status.total_steps}" if status.total_steps is not None else ""
+    lines.append(f"step     {status.step if status.step is not None else '-'}{total}")
+    if status.last_checkpoint:
+        c = status.last_checkpoint
+        save = f", saved in {c['save_seconds']:.2f} s" if c.get("save_seconds") is not None else ""
+        lines.append(f"latest   {c['name']} ({c['size'] / 2**20:.1f} MiB, {duration(c['age_seconds'])} ago{save})")
+    left = "unknown" if status.tasks_left is None else str(status.tasks_left)
+    lines.append(
+        f"tasks    {status.tasks_used} used, {left} queued ({status.tasks_running} running)"
+        f"{'; jobs ' + ', '.join(status.jobs) if status.jobs else ''}"
+    )
+    if status.eta_seconds is not None:
+        lines.append(
+            f"eta      {duration(status.eta_seconds)} of training at {status.steps_per_second:.3g} steps/s "
+            "(queue waits not counted)"
+        )
+    if status.steps_lost_to_preemption or any(t.cause == "preemption" for t in status.history):
+        lines.append(
+            f"lost     {status.steps_lost_to_preemption} steps, {duration(status.time_lost_to_preemption)} "
+            "to preemption"
+        )
+    if status.reason:
+        lines.append(f"failed   {status.reason}")
+    if status.history:
+        lines.append("history")
+        for t in status.history:
+            how = t.reason or "running"
+            if t.cause:
+                how += f" ({t.cause})"
+            extra = []
+            if t.steps_done is not None:
+                extra.append(f"{t.steps_done} steps")
+            if t.saved is False and t.reason not in (None, "completed"):
+                extra.append("NOT saved")
+            if t.steps_lost:
+                extra.append(f"{t.steps_lost} lost")
+            if t.time_left is not None:
+                extra.append(f"{duration(t.time_left)} unused")
+            if t.exit_status not in (None, 0):
+                extra.append(f"exit {t.exit_status}")
+            lines.append(
+                f"  {t.job:<14} {t.host or '-':<10} from {t.resumed_step if t.resumed_step is not None else '-':>7} "
+                f"to {t.step if t.step is not None else '-':>7}  {how}{'; ' + ', '.join(extra) if extra else ''}"
+            )
+    for warning in status.warnings:
+        lines.append(f"WARNING  {warning}")
+    if status.log_tail:
+        lines.append("last task's error log (tail):")
+        lines.extend(f"  | {line}" for line in status.log_tail.splitlines())
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""What each array task of a chain does around the training command (``hpcckpt task-begin``/``task-end``).
+
+Before: a fast guard (no torch import). When the run is complete or failed it cancels what is left of the
+chain and tells the script to leave with status 0. It also notices a previous task that never ended
+(killed at its time limit, a node failure) and counts it.
+
+After: it records whether the task made progress (a new checkpoint), and
+- cancels the chain's pending tasks once training is complete, so no allocation is wasted;
+- marks the run failed after ``max_failures`` consecutive tasks without progress (the crash-loop
+  breaker), and cancels the rest; ``hpcckpt status`` says why, with the last task's error log;
+- with ``--auto-extend N``, submits the chain script again when the last task of an array ends with the
+  run unfinished, at most N times.
+
+On the local backend (``HPCCKPT_BACKEND=local``) nothing is cancelled or submitted: the local runner
+reads the same registry and stops launching tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .registry import Registry
+from .slurmenv import SlurmEnv, read_slurm_env
+from .store import CheckpointStore
+
+SCRIPT = "chain.sbatch"
+
+
+def task_begin(run_dir: Path, environ: Mapping[str, str], max_failures: int) -> bool:
+    """True to run the training command; False when this task must leave (status 0) at once."""
+    store = CheckpointStore(run_dir, keep_last=None)
+    registry = store.registry
+    slurm = read_slurm_env(environ)
+    status = registry.status()
+    if status is not None:
+        _cancel_rest(registry, slurm, environ)
+        _say(
+            f"run {run_dir} is {status['event']}"
+            f"{': ' + str(status.get('reason')) if status.get('reason') else ''}; this task has nothing to do"
+        )
+        return False
+    events = registry.events()
+    unfinished = _unfinished_begin(events)
+    if unfinished is not None:
+        latest = store.latest()
+        registry.record(
+            "task-end",
+            job=unfinished.get("job"),
+            status=None,
+            killed=True,
+            progress=_progressed(unfinished, latest),
+            latest_step=latest.step if latest else None,
+        )
+        events = registry.events()
+    if _breaker_tripped(events, max_failures):
+        _fail(registry, slurm, environ, max_failures, events)
+        return False
+    latest = store.latest()
+    registry.record(
+        "task-begin",
+        job=slurm.job_label,
+        array_job=slurm.array_job_id,
+        task=slurm.array_task_id,
+        restart=slurm.restart_count,
+        host=socket.gethostname(),
+        pid=os.getppid(),
+        latest=latest.name if latest else None,
+        latest_step=latest.step if latest else None,
+        latest_created=latest.created if latest else None,
+    )
+    return True
+
+
+def task_end(run_dir: Path, environ: Mapping[str, str], exit_status: int, max_failures: int, auto_extend: int) -> None:
+    """Record how the task ended; cancel, fail or extend the chain as the registry says."""
+    store = CheckpointStore(run_dir, keep_last=None)
+    registry = store.registry
+    slurm = read_slurm_env(environ)
+    events = registry.events()
+    begin = _last_begin(events)
+    latest = store.latest()
+    registry.record(
+        "task-end",
+        job=slurm.job_label,
+        status=exit_status,
+        killed=False,
+        progress=_progressed(begin, latest) if begin else latest is not None,
+        latest_step=latest.step if latest else None,
+        log=_log_path(run_dir, slurm, "err"),
+    )
+    events = registry.events()
+    status = registry.status()
+    if status is not None:
+        _cancel_rest(registry, slurm, environ)
+        if status["event"] == "complete":
+            _say(f"run {run_dir} is complete at step {status.get('step')}; the rest of the chain is cancelled")
+        return
+    if _breaker_tripped(events, max_failures):
+        _fail(registry, slurm, environ, max_failures, events)
+        return
+    if auto_extend and _last_task_of_array(slurm) and environ.get("HPCCKPT_BACKEND") != "local":
+        used = sum(1 for e in events if e.get("event") == "submit" and e.get("auto"))
+        if used < auto_extend:
+            from . import slurm as slurm_commands
+
+            job = slurm_commands.submit(str(run_dir / SCRIPT))
+            registry.record(
+                "submit", job=job, tasks=slurm.array_task_max, auto=True, backend="slurm", script=str(run_dir / SCRIPT)
+            )
+            _say(f"run {run_dir} is unfinished after the last task; auto-extend {used + 1}/{auto_extend}: job {job}")
+        else:
+            _say(f"run {run_dir} is unfinished and auto-extend is used up ({used}/{auto_extend})")
+
+
+def chain_jobs(events: list[dict[str, Any]]) -> list[str]:
+    """Array job ids of the chain, from its submit events, oldest first."""
+    return list(dict.fromkeys(str(e["job"]) for e in events if e.get("event") == "submit" and e.get("job")))
+
+
+def _cancel_rest(registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str]) -> None:
+    if environ.get("HPCCKPT_BACKEND") == "local":
+        return
+    jobs = chain_jobs(registry.events())
+    if slurm.array_job_id and slurm.array_job_id not in jobs:
+        jobs.append(slurm.array_job_id)
+    if not jobs:
+        return
+    from . import slurm as slurm_commands
+
+    try:
+        slurm_commands.cancel(jobs, pending_only=True)
+    except slurm_commands.SlurmError as error:
+        _say(f"could not cancel the pending tasks of {', '.join(jobs)}: {error}")
+
+
+def _fail(
+    registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str], max_failures: int, events: list[dict[str, Any]]
+) -> None:
+    ends = [e for e in events if e.get("event") == "task-end"][-max_failures:]
+    statuses = ", ".join("killed" if e.get("killed") else f"exit {e.get('status')}" for e in ends)
+    reason = f"{max_failures} consecutive tasks made no progress (no new checkpoint): {statuses}"
+    registry.record("failed", reason=reason, log=ends[-1].get("log") if ends else None)
+    _cancel_rest(registry, slurm, environ)
+    _say(
+        f"run {registry.run_dir} is marked failed: {reason}; the rest of the chain is cancelled. "
+        f"See `hpcckpt status {registry.run_dir}`"
+    )
+
+
+def _breaker_tripped(events: list[dict[str, Any]], max_failures: int) -> bool:
+    streak = 0
+    for event in reversed(events):
+        kind = event.get("event")
+        if kind == "reopen":
+            break
+        if kind == "task-end":
+            if event.get("progress"):
+                break
+            streak += 1
+    return streak >= max_failures
+
+
+def _unfinished_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for event in reversed(events):
+        if event.get("event") == "task-end":
+            return None
+        if event.get("event") == "task-begin":
+            return dict(event)
+    return None
+
+
+def _last_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((e for e in reversed(events) if e.get("event") == "task-begin"), None)
+
+
+def _progressed(begin: dict[str, Any], latest: Any) -> bool:
+    if latest is None:
+        return False
+    before = begin.get("latest_created")
+    return before is None or latest.created > float(before)
+
+
+def _last_task_of_array(slurm: SlurmEnv) -> bool:
+    return slurm.array_task_id is not None and slurm.array_task_id == slurm.array_task_max
+
+
+def _log_path(run_dir: Path, slurm: SlurmEnv, kind: str) -> str | None:
+    if slurm.array_job_id is None or slurm.array_task_id is None:
+        return None
+    return str(run_dir / "logs" / f"{slurm.array_job_id}_{slurm.array_task_id}.{kind}")
+
+
+def _say(message: str) -> None:
+    print(f"hpcckpt: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,307 @@
+"""Chain scripts: rendering, validation before anything is submitted, and whole chains on the local backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from compare import assert_same_training
+from golden import GOLDEN, SBATCH
+
+from hpcckpt import CheckpointStore
+from hpcckpt.chain import chain_spec, default_lead, render
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def hpcckpt(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["hpcckpt", *argv], capture_output=True, text=True, timeout=timeout, check=False, env=env)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_sbatch_scripts_are_the_template_s_output(name: str) -> None:
+    assert (SBATCH / name).read_text() == render(GOLDEN[name]), "run `python tests/golden.py` after a template change"
+    result = subprocess.run(["bash", "-n", str(SBATCH / name)], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_default_signal_lead_suits_the_time_limit() -> None:
+    assert default_lead(4 * 3600) == 300  # jobs of hours: five minutes
+    assert default_lead(60) == 10  # shrinks for short limits instead of being rejected
+    assert default_lead(20) == 3
+    spec = chain_spec(run_dir="/tmp/x", command=["true"], tasks=2, time="0:20")
+    assert spec.signal_directive == "B:USR1@3"
+    assert (
+        chain_spec(
+            run_dir="/tmp/x", command=["true"], tasks=2, time="1:00:00", srun=True, signal="USR2@120"
+        ).signal_directive
+        == "USR2@120"
+    )
+    assert chain_spec(run_dir="/tmp/x", command=["true"], tasks=2, time="10", signal="none").signal_directive == ""
+
+
+def _fake_sbatch(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A PATH in which sbatch only records that it was called (to prove it never is)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    called = tmp_path / "sbatch-called"
+    fake = bin_dir / "sbatch"
+    fake.write_text(f"#!/bin/sh\ntouch {called}\necho 4242\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, called
+
+
+BAD_INPUT = [
+    (["--time", "90x"], "Invalid time '90x': expected MM, MM:SS, HH:MM:SS, D-HH"),
+    (["--time", "0"], "Invalid time '0': it must be longer than zero"),
+    (["--tasks", "0"], "Invalid --tasks 0: expected a whole number of array tasks >= 1"),
+    (["--tasks", "three"], "invalid --tasks 'three': expected a whole number"),
+    (["--signal", "USR9"], "Invalid --signal 'USR9': unknown signal 'USR9'; expected NAME@SECONDS"),
+    (["--signal", "USR1@600", "--time", "10"], "its lead (600 s) must be shorter than the time limit (00:10:00)"),
+    (["--signal", "USR1@600", "--time", "5:00"], "its lead (600 s) must be shorter than the time limit (00:05:00)"),
+    (["--signal", "USR1@soon"], "the lead must be whole seconds >= 1"),
+    (["--sbatch-arg", "--comment=a\n#SBATCH --exclusive"], "Invalid extra directive"),
+    (["--sbatch-arg", "--comment=$(reboot)"], "without spaces, quotes or shell characters"),
+    (["--sbatch-arg", "--time=10"], "--time is set by hpcckpt itself"),
+    (["--max-failures", "0"], "Invalid --max-failures 0"),
+    (["--template", "/nonexistent/t.j2"], "Invalid --template '/nonexistent/t.j2': no such file"),
+    (["--run-dir", "/tmp/run%j"], "Invalid --run-dir '/tmp/run%j': newlines and '%' cannot appear"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_INPUT, ids=[m[:30] for _, m in BAD_INPUT])
+def test_bad_input_exits_2_naming_value_and_form_and_never_calls_sbatch(
+    tmp_path: Path, change: list[str], message: str
+) -> None:
+    env, called = _fake_sbatch(tmp_path)
+    options = {"--run-dir": str(tmp_path / "run"), "--tasks": "3", "--time": "1:00:00"}
+    extra: list[str] = []
+    for i in range(0, len(change), 2):
+        if change[i] in options:
+            options[change[i]] = change[i + 1]
+        else:
+            extra.append(f"{change[i]}={change[i + 1]}")  # --sbatch-arg=--x=y: the value starts with --
+    argv = ["submit", "--backend", "slurm", *[x for kv in options.items() for x in kv], *extra, "--", "python3", "t.py"]
+    result = hpcckpt(*argv, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert not called.exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_or_unknown_command_exits_2(tmp_path: Path) -> None:
+    env, called = _fake_sbatch(tmp_path)
+    base = ["submit", "--backend", "slurm", "--run-dir", str(tmp_path / "run"), "--tasks", "2", "--time", "10"]
+    missing = hpcckpt(*base, env=env)
+    assert missing.returncode == 2
+    assert "Missing command: expected the training command after --" in missing.stderr
+    unknown = hpcckpt(*base, "--", "pythn3", "train.py", env=env)
+    assert unknown.returncode == 2
+    assert "Invalid command 'pythn3': not found on PATH" in unknown.stderr
+    assert not called.exists()
+
+
+def test_template_errors_exit_2(tmp_path: Path) -> None:
+    template = tmp_path / "mine.j2"
+    template.write_text('{% extends "chain.sbatch.j2" %}{% block site_setup %}{{ no_such_value }}{% endblock %}')
+    result = hpcckpt(
+        "render", "--run-dir", str(tmp_path), "--tasks", "1", "--time", "10", "--template", str(template), "--", "true"
+    )
+    assert result.returncode == 2
+    assert "Invalid template 'mine.j2'" in result.stderr and "no_such_value" in result.stderr
+
+
+def test_a_user_template_overrides_site_setup_by_inheritance(tmp_path: Path) -> None:
+    template = tmp_path / "site.j2"
+    template.write_text(
+        '{% extends "chain.sbatch.j2" %}\n{% block site_setup %}module load cuda/12.4\n'
+        "source ~/venvs/train/bin/activate{% endblock %}\n"
+    )
+    result = hpcckpt(
+        "render",
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--tasks",
+        "2",
+        "--time",
+        "30",
+        "--template",
+        str(template),
+        "--",
+        "python3",
+        "train.py",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "module load cuda/12.4\nsource ~/venvs/train/bin/activate\n" in result.stdout
+    assert "#SBATCH --array=1-2%1" in result.stdout
+
+
+def test_awkward_paths_and_arguments_render_and_run_unchanged(tmp_path: Path) -> None:
+    run_dir = tmp_path / "it's a run dir" / 'with "quotes" & $(spaces)'
+    record = tmp_path / "argv.json"
+    args = ["plain", "with space", "it's", 'say "hi"', "$(touch /tmp/pwned)", "`id`", "a;b|c&d", "*", ""]
+    code = f"import json, sys; json.dump(sys.argv[1:], open({str(record)!r}, 'w'))"
+    result = hpcckpt(
+        "submit",
+        "--backend",
+        "local",
+        "--run-dir",
+        str(run_dir),
+        "--tasks",
+        "1",
+        "--time",
+        "0:30",
+        "--",
+        sys.executable,
+        "-c",
+        code,
+        *args,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    script = run_dir / "chain.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], timeout=30, check=False).returncode == 0
+    assert json.loads(record.read_text()) == args
+    assert (run_dir / "logs").is_dir()
+
+
+def _events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    # Epoch mode: Run.batches keeps the DataLoader's place, so the chain can match the reference bitwise.
+    args = ["--epochs", "60", "--step-sleep", "0.02", "--workers", "0"]
+    reference = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path / "reference"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert reference.returncode == 0, reference.stderr
+    run_dir = tmp_path / "chain"
+    result = hpcckpt(
+        "submit",
+        "--backend",
+        "local",
+        "--run-dir",
+        str(run_dir),
+        "--tasks",
+        "6",
+        "--time",
+        "0:07",
+        "--signal",
+        "none",
+        "--",
+        sys.executable,
+        str(WORKER),
+        str(run_dir),
+        *args,
+        timeout=500,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    stops = _events(run_dir, "stop")
+    assert len(stops) >= 3, result.stdout
+    assert [s["reason"] for s in stops[:-1]] == ["budget"] * (len(stops) - 1)
+    assert stops[-1]["reason"] == "completed"
+    assert all(s["steps_lost"] == 0 and s["saved"] for s in stops)
+    starts = _events(run_dir, "start")
+    assert [s["resumed_step"] for s in starts[1:]] == [s["step"] for s in stops[:-1]], "each task resumed exactly"
+    assert_same_training(
+        CheckpointStore(tmp_path / "reference", create=False).load(), CheckpointStore(run_dir, create=False).load()
+    )
+    assert "the remaining" in result.stdout  # completion cancelled the tasks left
+    status = json.loads(hpcckpt("status", str(run_dir), "--json").stdout)
+    assert status["state"] == "complete" and status["step"] == 60 * 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "chain"
+    result = hpcckpt(
+        "submit",
+        "--backend",
+        "local",
+        "--run-dir",
+        str(run_dir),
+        "--tasks",
+        "8",
+        "--time",
+        "0:12",
+        "--signal",
+        "USR1@8",
+        "--",
+        sys.executable,
+        str(WORKER),
+        str(run_dir),
+        "--steps",
+        "250",
+        "--step-sleep",
+        "0.02",
+        "--workers",
+        "0",
+        timeout=250,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = _events(run_dir, "stop")[0]
+    assert (first["reason"], first["saved"], first["steps_lost"]) == ("signal", True, 0)
+    assert first["cause"] == "timeout"  # 8 s before the end of a 12 s task: the time limit, not preemption
+    assert _events(run_dir, "start")[1]["resumed_step"] == first["step"]
+    assert "(sent USR1)" in result.stdout
+    assert _events(run_dir, "complete")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_crash_loop_is_broken_after_max_failures(tmp_path: Path) -> None:
+    run_dir = tmp_path / "chain"
+    crash = "import sys; print('CUDA error: an illegal memory access', file=sys.stderr); sys.exit(3)"
+    result = hpcckpt(
+        "submit",
+        "--backend",
+        "local",
+        "--run-dir",
+        str(run_dir),
+        "--tasks",
+        "5",
+        "--time",
+        "0:30",
+        "--max-failures",
+        "2",
+        "--",
+        sys.executable,
+        "-c",
+        crash,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(_events(run_dir, "task-begin")) == 2
+    assert "the remaining 3 task(s) are cancelled" in result.stdout
+    status = hpcckpt("status", str(run_dir))
+    assert "state    FAILED" in status.stdout
+    assert "2 consecutive tasks made no progress (no new checkpoint): exit 3, exit 3" in status.stdout
+    assert "| CUDA error: an illegal memory access" in status.stdout
+    again = hpcckpt(
+        "submit",
+        "--backend",
+        "local",
+        "--run-dir",
+        str(run_dir),
+        "--tasks",
+        "2",
+        "--time",
+        "0:30",
+        "--",
+        sys.executable,
+        "-c",
+        crash,
+    )
+    assert len(_events(run_dir, "task-begin")) == 2, "a failed run starts no more tasks"
+    assert again.returncode == 1
