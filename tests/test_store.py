@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import tempfile
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from unprivileged import as_nobody
 
 from hpcckpt import (
     CheckpointNotFoundError,
@@ -383,30 +383,9 @@ def test_unwritable_run_directory_is_a_clear_error() -> None:
 
 
 def _check_unwritable(run_dir: Path) -> None:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(read_end)
-        code = 1
-        try:
-            if os.geteuid() == 0:
-                os.setgid(65534)
-                os.setuid(65534)
-            CheckpointStore(run_dir)
-            code = 0
-        except StoreError as error:
-            os.write(write_end, str(error).encode())
-            code = 3
-        except BaseException as error:
-            os.write(write_end, repr(error).encode())
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        message = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 3, message
-    assert message == f"run directory {run_dir} is not writable: Permission denied"
+    ok, said = as_nobody(lambda: str(CheckpointStore(run_dir)))
+    assert not ok
+    assert said == f"StoreError: run directory {run_dir} is not writable: Permission denied"
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from hpcckpt import CheckpointStore, StoreError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_workers
+from unprivileged import as_nobody
 
 
 @pytest.fixture(scope="module")
@@ -281,31 +282,15 @@ def test_a_read_only_run_directory_can_be_listed_and_loaded(tmp_path: Path) -> N
         (run_dir / "registry.json").unlink()  # an index update was lost: the reader must reconcile
         for path in (run_dir, run_dir / "checkpoints"):
             path.chmod(0o555)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            os.close(read_end)
-            code = 1
-            try:
-                if os.geteuid() == 0:
-                    os.setgid(65534)
-                    os.setuid(65534)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    reader = CheckpointStore(run_dir, create=False)
-                    steps = [c.step for c in reader.list()]
-                    loaded = reader.load()["step_seen"]
-                os.write(write_end, f"{steps} {loaded}".encode())
-                code = 0
-            except BaseException as error:
-                os.write(write_end, repr(error).encode())
-            finally:
-                os._exit(code)
-        os.close(write_end)
-        with os.fdopen(read_end) as pipe:
-            said = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, said
+
+        def read() -> str:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reader = CheckpointStore(run_dir, create=False)
+                return f"{[c.step for c in reader.list()]} {reader.load()['step_seen']}"
+
+        ok, said = as_nobody(read)
+        assert ok, said
         assert said == "[1, 2] 2"
         assert not (run_dir / "registry.json").exists()
 
