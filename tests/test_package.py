@@ -121,7 +121,7 @@ def test_readme_main_job_runs_a_local_chain_that_completes(tmp_path: Path) -> No
     # The README's first command ends with the main job: a local chain of the example training.
     command = _readme_command("Install and run")
     main_job = command.split(" && ", 1)[1]
-    assert main_job.startswith("hpcckpt submit --backend local --run-dir runs/mlp")
+    assert main_job.startswith("hpcckpt submit --backend local --run-dir runs/mlp --tasks 5")
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     result = subprocess.run(
         main_job,
@@ -134,10 +134,10 @@ def test_readme_main_job_runs_a_local_chain_that_completes(tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stdout + result.stderr
     # The first task stops as its time runs out: by the budget, or by the warning signal just before.
-    assert "task 1/3 ended: exit 0" in result.stdout, result.stdout
+    assert "task 1/5 ended: exit 0" in result.stdout, result.stdout
     assert "(budget)" in result.stdout or "(signal, timeout)" in result.stdout, result.stdout
     assert "run complete" in result.stdout
     status = _run(["hpcckpt", "status", str(tmp_path / "runs" / "mlp")])
     assert "state    COMPLETE" in status.stdout and "step     60000 of 60000" in status.stdout
     again = subprocess.run(main_job, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-    assert "run is complete: the remaining 3 task(s) are cancelled" in again.stdout
+    assert "run is complete: the remaining 5 task(s) are cancelled" in again.stdout
