@@ -97,7 +97,7 @@ def test_deadline_inside_a_real_slurm_job_comes_from_squeue(slurm_cluster, tmp_p
         DEADLINE_JOB.format(python=sys.executable), "--time=00:02:00", "--output=/dev/null", cwd=tmp_path
     )
     slurm_cluster.wait_for(
-        lambda: (tmp_path / "deadline.txt").exists() and (tmp_path / "deadline.txt").read_text(),
+        lambda: (tmp_path / "deadline.txt").exists() and (tmp_path / "deadline.txt").read_text().endswith("\n"),
         timeout=60,
         what="the job to write its deadline",
     )

@@ -104,7 +104,8 @@ LOW_JOB = """#!/bin/bash
 trap 'echo "got TERM restart=${SLURM_RESTART_COUNT:-0} $(date +%s.%N)" >> batch.log' TERM
 srun --ntasks=1 bash step.sh &
 touch ready
-while true; do date +%s.%N > heartbeat; sleep 0.2; done
+# Written aside and renamed: the test may read it at any moment, never half-written.
+while true; do date +%s.%N > heartbeat.tmp; mv heartbeat.tmp heartbeat; sleep 0.2; done
 """
 
 STEP = """trap 'echo "got TERM $(date +%s.%N)" >> step.log' TERM
