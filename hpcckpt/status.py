@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from .checkpoint import Checkpoint
 from .slurm import QueueEntry
+from .tasks import chain_jobs
 
 State = Literal["pending", "running", "complete", "failed", "stalled"]
 
@@ -63,7 +64,7 @@ def summarize(
     now: float,
 ) -> RunStatus:
     submits = [e for e in events if e.get("event") == "submit"]
-    jobs = list(dict.fromkeys(str(e["job"]) for e in submits if e.get("job")))
+    jobs = chain_jobs(list(events))
     history = _history(events)
     last_state = next((e for e in reversed(events) if e.get("event") in ("complete", "failed", "reopen")), None)
     running = sum(e.task_count for e in queue or () if e.state in ("RUNNING", "COMPLETING", "CONFIGURING"))
