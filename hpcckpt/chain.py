@@ -17,7 +17,7 @@ from pathlib import Path
 from ._version import __version__
 from .errors import UsageError
 from .signals import parse_signal
-from .timespec import SLURM_TIME_FORMS, format_slurm_time, parse_slurm_time
+from .timespec import format_slurm_time, parse_slurm_time
 
 TEMPLATE = "chain.sbatch.j2"
 DEFAULT_MAX_FAILURES = 3
@@ -269,6 +269,3 @@ def render(spec: ChainSpec, template: str | Path | None = None) -> str:
             f"Invalid template {name!r}{where}: {error}; expected a Jinja template that extends "
             f"{TEMPLATE!r} and uses only its variables"
         ) from None
-
-
-__all__ = ["SLURM_TIME_FORMS", "ChainSpec", "chain_spec", "default_lead", "render"]
