@@ -1,7 +1,8 @@
 """hpcckpt: train PyTorch models for days on Slurm clusters whose jobs last hours.
 
 ``import hpcckpt`` stays free of torch and submitit: the CLI that renders and submits jobs runs on login
-nodes and must start fast. Modules that need torch import it where they use it.
+nodes and must start fast. Modules that need torch import it where they use it; ``hpcckpt.submitit``
+imports submitit only when a job runs or is submitted.
 """
 
 from ._version import __version__ as __version__
@@ -23,10 +24,15 @@ from .state import RestoreOptions as RestoreOptions
 from .state import Stateful as Stateful
 from .state import TrainState as TrainState
 from .store import CheckpointStore as CheckpointStore
+from .submitit import Chain as Chain
+from .submitit import Resumable as Resumable
+from .submitit import Unfinished as Unfinished
+from .submitit import submit_chain as submit_chain
 from .timespec import Interval as Interval
 
 __all__ = [
     "Budget",
+    "Chain",
     "Checkpoint",
     "CheckpointNotFoundError",
     "CheckpointStore",
@@ -36,14 +42,17 @@ __all__ = [
     "Interval",
     "KeepBest",
     "RestoreOptions",
+    "Resumable",
     "Run",
     "SlurmEnv",
     "StateMismatchError",
     "Stateful",
     "StoreError",
     "TrainState",
+    "Unfinished",
     "UsageError",
     "__version__",
     "read_slurm_env",
+    "submit_chain",
     "template_dir",
 ]

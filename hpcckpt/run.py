@@ -55,6 +55,7 @@ Decision = Literal["continue", "budget", "signal"]
 Cause = Literal["timeout", "preemption", "unknown"]
 
 DEFAULT_GRACE = 5.0  # seconds between SIGTERM and SIGKILL assumed when nothing says otherwise
+TERM_AT_LIMIT = 30.0  # a SIGTERM this close to the end time is the time limit's (clocks and squeue rounding)
 
 log = logging.getLogger("hpcckpt")
 
@@ -324,7 +325,7 @@ class Run:
     def _stop_for_signal(self, first: Received | None) -> None:
         if first is None:  # another rank got the signal: stop as for the warning signal
             first = Received(self.warning, self.clock())
-        cause = self._cause(first.time)
+        cause = self._cause(first)
         saved = False
         if first.signal == signal_module.SIGTERM and self._signals.first(self.warning) is None:
             # Preemption or the time limit: SIGKILL follows after the grace window.
@@ -342,16 +343,20 @@ class Run:
         else:
             saved = self._save("signal") is not None
         log.info("hpcckpt: got %s (%s); %s", first.signal.name, cause, "saved" if saved else "not saved")
-        self._finish("signal", cause)
+        self._finish("signal", cause, first.signal.name)
 
-    def _cause(self, at: float) -> Cause:
+    def _cause(self, first: Received) -> Cause:
         """Timeout or preemption, from the deadline: a signal near the job's end is its time limit."""
         deadline = self.budget.deadline
         if deadline is None:
             return "unknown"
+        left = deadline - first.time
+        if first.signal == signal_module.SIGTERM and self._signals.first(self.warning) is None:
+            # Slurm's own SIGTERM at the time limit comes at the end time; one earlier is a preemption.
+            return "timeout" if left <= TERM_AT_LIMIT else "preemption"
         lead = float(self.environ.get("HPCCKPT_SIGNAL_LEAD") or 0)
         window = (lead + 90.0) if lead else 600.0  # Slurm may send --signal up to 60 s early
-        return "timeout" if deadline - at <= window else "preemption"
+        return "timeout" if left <= window else "preemption"
 
     def _save(self, why: str) -> Checkpoint | None:
         if self._saved_at == self.state.step:
@@ -375,7 +380,7 @@ class Run:
         )
         self._finish("completed", None)
 
-    def _finish(self, reason: StopReason, cause: Cause | None) -> None:
+    def _finish(self, reason: StopReason, cause: Cause | None, signal_name: str | None = None) -> None:
         self._stopping = True
         self.stop_reason, self.cause = reason, cause
         lost = self.state.step - (self._saved_at if self._saved_at is not None else 0)
@@ -384,6 +389,7 @@ class Run:
             "stop",
             reason=reason,
             cause=cause,
+            signal=signal_name,
             step=self.state.step,
             steps_done=self.steps_done,
             saved=self._saved_at == self.state.step,

@@ -4,6 +4,10 @@ A handler only records what arrived and when; the training loop acts at the next
 (checkpointing inside a handler hangs: Lightning #21406). Handlers are installed by a context manager,
 on the main thread only, and the previous ones are restored on exit.
 
+Recorders nest: one installed while another is active starts with what the outer one has received for
+the same signals, and hands back what it received when it leaves (``hpcckpt.submitit`` watches the
+signals for a whole submitit job, ``Run`` for the training loop inside it).
+
 Forked processes (DataLoader workers) inherit the handler; it ignores signals in any process but the
 one that installed it, so a SIGTERM that Slurm sends to every process of the job neither kills the
 workers before the save (KempnerForge #177) nor makes them act on it.
@@ -11,11 +15,12 @@ workers before the save (KempnerForge #177) nor makes them act on it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
@@ -85,13 +90,43 @@ class SignalRecorder:
     def __enter__(self) -> SignalRecorder:
         # signal.signal works on the main thread only; elsewhere the loop still runs, without signals.
         if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+            with _blocked(self.signals):  # none may land in a handler between the swap and the merge
+                for sig in self.signals:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                    outer = _recorder_of(self._previous[sig])
+                    if outer is not None:  # nested: what the outer recorder already got counts here too
+                        self._merge(item for item in outer.received if item.signal == sig)
             self.installed = True
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        with _blocked(tuple(self._previous)):
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
+                outer = _recorder_of(previous)
+                if outer is not None:  # and what arrived here is handed back out
+                    outer._merge(item for item in self.received if item.signal == sig)
         self._previous.clear()
         self.installed = False
+
+    def _merge(self, items: Iterable[Received]) -> None:
+        known = {id(item) for item in self.received}
+        self.received = sorted([*self.received, *(i for i in items if id(i) not in known)], key=lambda i: i.time)
+
+
+@contextlib.contextmanager
+def _blocked(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Hold these signals back (they stay pending, then go to whichever handler is installed)."""
+    if not signals:
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _recorder_of(handler: Any) -> SignalRecorder | None:
+    owner = getattr(handler, "__self__", None)
+    return owner if isinstance(owner, SignalRecorder) else None

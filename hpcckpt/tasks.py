@@ -31,21 +31,26 @@ from .store import CheckpointStore
 SCRIPT = "chain.sbatch"
 
 
-def task_begin(run_dir: Path, environ: Mapping[str, str], max_failures: int) -> bool:
-    """True to run the training command; False when this task must leave (status 0) at once."""
+def task_begin(
+    run_dir: Path, environ: Mapping[str, str], max_failures: int, *, pid: int | None = None, cancel: bool = True
+) -> bool:
+    """True to run the training command; False when this task must leave (status 0) at once.
+
+    ``pid`` is the task's process: by default the caller's parent (the batch script that runs the command).
+    ``cancel=False``: the task is no chain's, so nothing is cancelled (its array may be a sweep of runs)."""
     store = CheckpointStore(run_dir, keep_last=None)
     registry = store.registry
     slurm = read_slurm_env(environ)
     status = registry.status()
     if status is not None:
-        _cancel_rest(registry, slurm, environ)
+        _cancel_rest(registry, slurm, environ, cancel)
         _say(
             f"run {run_dir} is {status['event']}"
             f"{': ' + str(status.get('reason')) if status.get('reason') else ''}; this task has nothing to do"
         )
         return False
     events = registry.events()
-    unfinished = _unfinished_begin(events)
+    unfinished = unfinished_begin(events)
     if unfinished is not None:
         latest = store.latest()
         registry.record(
@@ -58,7 +63,7 @@ def task_begin(run_dir: Path, environ: Mapping[str, str], max_failures: int) -> 
         )
         events = registry.events()
     if _breaker_tripped(events, max_failures):
-        _fail(registry, slurm, environ, max_failures, events)
+        _fail(registry, slurm, environ, max_failures, events, cancel)
         return False
     latest = store.latest()
     registry.record(
@@ -68,7 +73,7 @@ def task_begin(run_dir: Path, environ: Mapping[str, str], max_failures: int) -> 
         task=slurm.array_task_id,
         restart=slurm.restart_count,
         host=socket.gethostname(),
-        pid=os.getppid(),
+        pid=os.getppid() if pid is None else pid,
         latest=latest.name if latest else None,
         latest_step=latest.step if latest else None,
         latest_created=latest.created if latest else None,
@@ -76,8 +81,18 @@ def task_begin(run_dir: Path, environ: Mapping[str, str], max_failures: int) -> 
     return True
 
 
-def task_end(run_dir: Path, environ: Mapping[str, str], exit_status: int, max_failures: int, auto_extend: int) -> None:
-    """Record how the task ended; cancel, fail or extend the chain as the registry says."""
+def task_end(
+    run_dir: Path,
+    environ: Mapping[str, str],
+    exit_status: int,
+    max_failures: int,
+    auto_extend: int,
+    *,
+    log: str | None = None,
+    cancel: bool = True,
+) -> None:
+    """Record how the task ended; cancel, fail or extend the chain as the registry says. ``log`` is the
+    task's error log, by default the chain script's ``logs/ARRAY_TASK.err``."""
     store = CheckpointStore(run_dir, keep_last=None)
     registry = store.registry
     slurm = read_slurm_env(environ)
@@ -91,17 +106,18 @@ def task_end(run_dir: Path, environ: Mapping[str, str], exit_status: int, max_fa
         killed=False,
         progress=_progressed(begin, latest) if begin else latest is not None,
         latest_step=latest.step if latest else None,
-        log=_log_path(run_dir, slurm, "err"),
+        log=log or _log_path(run_dir, slurm, "err"),
     )
     events = registry.events()
     status = registry.status()
     if status is not None:
-        _cancel_rest(registry, slurm, environ)
+        _cancel_rest(registry, slurm, environ, cancel)
         if status["event"] == "complete":
-            _say(f"run {run_dir} is complete at step {status.get('step')}; the rest of the chain is cancelled")
+            rest = "; the rest of the chain is cancelled" if cancel else ""
+            _say(f"run {run_dir} is complete at step {status.get('step')}{rest}")
         return
     if _breaker_tripped(events, max_failures):
-        _fail(registry, slurm, environ, max_failures, events)
+        _fail(registry, slurm, environ, max_failures, events, cancel)
         return
     if auto_extend and _last_task_of_array(slurm) and environ.get("HPCCKPT_BACKEND") != "local":
         used = sum(1 for e in events if e.get("event") == "submit" and e.get("auto"))
@@ -122,8 +138,8 @@ def chain_jobs(events: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(str(e["job"]) for e in events if e.get("event") == "submit" and e.get("job")))
 
 
-def _cancel_rest(registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str]) -> None:
-    if environ.get("HPCCKPT_BACKEND") == "local":
+def _cancel_rest(registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str], cancel: bool = True) -> None:
+    if not cancel or environ.get("HPCCKPT_BACKEND") == "local":
         return
     jobs = chain_jobs(registry.events())
     if slurm.array_job_id and slurm.array_job_id not in jobs:
@@ -139,15 +155,20 @@ def _cancel_rest(registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str]
 
 
 def _fail(
-    registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str], max_failures: int, events: list[dict[str, Any]]
+    registry: Registry,
+    slurm: SlurmEnv,
+    environ: Mapping[str, str],
+    max_failures: int,
+    events: list[dict[str, Any]],
+    cancel: bool = True,
 ) -> None:
     ends = [e for e in events if e.get("event") == "task-end"][-max_failures:]
     statuses = ", ".join("killed" if e.get("killed") else f"exit {e.get('status')}" for e in ends)
     reason = f"{max_failures} consecutive tasks made no progress (no new checkpoint): {statuses}"
     registry.record("failed", reason=reason, log=ends[-1].get("log") if ends else None)
-    _cancel_rest(registry, slurm, environ)
+    _cancel_rest(registry, slurm, environ, cancel)
     _say(
-        f"run {registry.run_dir} is marked failed: {reason}; the rest of the chain is cancelled. "
+        f"run {registry.run_dir} is marked failed: {reason}{'; the rest of the chain is cancelled' if cancel else ''}. "
         f"See `hpcckpt status {registry.run_dir}`"
     )
 
@@ -165,7 +186,7 @@ def _breaker_tripped(events: list[dict[str, Any]], max_failures: int) -> bool:
     return streak >= max_failures
 
 
-def _unfinished_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+def unfinished_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     for event in reversed(events):
         if event.get("event") == "task-end":
             return None

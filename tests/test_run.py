@@ -225,3 +225,16 @@ def test_a_budget_stop_loses_no_step_and_records_the_task(tmp_path: Path) -> Non
     nxt = Job(run_dir, *args, deadline_in=3.0)
     assert nxt.wait_started()["step"] == end["step"]
     nxt.end()
+
+
+@pytest.mark.slow
+def test_sigterm_well_before_the_deadline_is_a_preemption_and_at_it_a_timeout(tmp_path: Path) -> None:
+    args = ("--steps", "100000", "--workers", "0", "--step-sleep", "0.01")
+    early = Job(tmp_path / "early", *args, deadline_in=3600.0)
+    early.wait_started()
+    early.send(signal.SIGTERM)
+    assert early.end()["cause"] == "preemption", "an hour before the end time: Slurm's preemption"
+    late = Job(tmp_path / "late", *args, deadline_in=20.0)
+    late.wait_started()
+    late.send(signal.SIGTERM)
+    assert late.end()["cause"] == "timeout", "seconds before the end time: the time limit's own SIGTERM"

@@ -110,3 +110,18 @@ def test_deadline_inside_a_real_slurm_job_comes_from_squeue(slurm_cluster, tmp_p
     assert float(at) == start + 120, "the time limit's end, as the running job saw it"
     assert source.startswith("squeue/scontrol")
     assert variable == "None", "Slurm 22.05 does not set SLURM_JOB_END_TIME"
+
+
+def test_nested_recorders_share_what_each_received() -> None:
+    with SignalRecorder((signal.SIGUSR2, signal.SIGTERM)) as outer:
+        os.kill(os.getpid(), signal.SIGUSR2)  # before the inner one: e.g. while the model is being built
+        time.sleep(0.05)
+        with SignalRecorder((signal.SIGUSR2,)) as inner:
+            assert [r.signal for r in inner.received] == [signal.SIGUSR2]
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert len(outer.received) == 1, "only the innermost handler runs"
+        assert signal.getsignal(signal.SIGUSR2) == outer._handle
+        assert [r.signal for r in outer.received] == [signal.SIGUSR2, signal.SIGUSR2]
+        assert outer.received[0].time <= outer.received[1].time
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL

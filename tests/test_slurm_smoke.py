@@ -148,7 +148,7 @@ def test_high_partition_job_preempts_and_requeues_a_low_job(
     high_start, high_node = (tmp_path / "high.log").read_text().split()
     assert high_node == "node1"
     assert float(high_start) >= last_beat
-    # Requeued, not cancelled: pending again, held back by a BeginTime (about 120 s in 22.05).
+    # Requeued, not cancelled: pending again, held back by a BeginTime (cred_expire + 1 s: 11 s here).
     assert slurm_cluster.job_field(low, "Restarts") == "1"
     assert slurm_cluster.job_field(low, "Reason") == "BeginTime"
     assert slurm_cluster.job_field(high, "JobState") in {"RUNNING", "COMPLETING", "COMPLETED"}
