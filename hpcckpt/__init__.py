@@ -8,6 +8,8 @@ imports submitit only when a job runs or is submitted.
 from ._version import __version__ as __version__
 from .budget import Budget as Budget
 from .checkpoint import Checkpoint as Checkpoint
+from .distributed import DistEnv as DistEnv
+from .distributed import init_process_group as init_process_group
 from .errors import CheckpointNotFoundError as CheckpointNotFoundError
 from .errors import CorruptCheckpointError as CorruptCheckpointError
 from .errors import HpcckptError as HpcckptError
@@ -37,6 +39,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStore",
     "CorruptCheckpointError",
+    "DistEnv",
     "HpcckptError",
     "HpcckptWarning",
     "Interval",
@@ -52,6 +55,7 @@ __all__ = [
     "Unfinished",
     "UsageError",
     "__version__",
+    "init_process_group",
     "read_slurm_env",
     "submit_chain",
     "template_dir",

@@ -35,7 +35,8 @@ class Target:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=("store",), help="which benchmark to run")
+    parser.add_argument("what", choices=("store", "agree"), help="which benchmark to run")
+    parser.add_argument("--steps", type=int, default=300, help="agree: steps per timed loop")
     parser.add_argument("--dir", help="where to write (default: a temporary directory in the current one)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions, median taken")
     parser.add_argument("--large-mib", type=int, default=1024, help="large case: this many MiB in 64 tensors")
@@ -54,10 +55,18 @@ def run(args: argparse.Namespace) -> int:
             "Invalid benchmark size: --repeats, --large-mib, --small-mib, --small-count and --history "
             "must be whole numbers >= 1"
         )
-    parent = Path(args.dir) if args.dir else Path.cwd()
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hpcckpt-bench-", dir=parent) as scratch:
-        figures, targets = bench_store(Path(scratch), args)
+    if args.what == "agree":
+        from . import bench_agree
+
+        if args.steps < 1:
+            raise UsageError(f"Invalid --steps {args.steps}: expected a whole number >= 1")
+        figures, found = bench_agree.run(args)
+        targets = [Target(name, value, goal) for name, value, goal in found]
+    else:
+        parent = Path(args.dir) if args.dir else Path.cwd()
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="hpcckpt-bench-", dir=parent) as scratch:
+            figures, targets = bench_store(Path(scratch), args)
     print()
     for target in targets:
         verdict = "info" if target.goal == "info" else ("ok  " if target.met else "MISS")

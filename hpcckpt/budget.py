@@ -71,10 +71,10 @@ class Budget:
         """Seconds until the deadline (negative once past), or None without a deadline."""
         return None if self.deadline is None else self.deadline - self.clock()
 
-    def room_for_step(self) -> bool:
-        """True when one more step and a save still fit before the deadline."""
+    def room_for_step(self, steps: int = 1) -> bool:
+        """True when ``steps`` more steps and a save still fit before the deadline."""
         left = self.remaining()
-        return left is None or self.predicted_step + self.predicted_save + self.margin <= left
+        return left is None or steps * self.predicted_step + self.predicted_save + self.margin <= left
 
     def room_for_save(self, within: float | None = None) -> bool:
         """True when a save fits before the deadline (and within ``within`` seconds, when given)."""

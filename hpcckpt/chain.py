@@ -51,7 +51,7 @@ class ChainSpec:
     signal_name: str | None  # None: no warning signal (the budget alone stops tasks)
     signal_lead: int
     job_name: str
-    launcher: str = ""  # "" (the batch shell runs the command) or "srun " (job steps)
+    launcher: str = ""  # "" (the batch shell runs the command) or "srun ..." (job steps, one per rank)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -194,7 +194,9 @@ def chain_spec(
         signal_name=signal_name,
         signal_lead=lead,
         job_name=job_name or f"hpcckpt-{run_path.name}",
-        launcher="srun " if srun else "",
+        # More than one rank: each is a task of one srun job step; --kill-on-bad-exit ends the step when a
+        # rank dies, instead of leaving the others waiting in a collective until the time limit.
+        launcher="srun --kill-on-bad-exit=1 " if srun or (nodes or 1) * (ntasks_per_node or 1) > 1 else "",
         partition=partition,
         account=account,
         qos=qos,

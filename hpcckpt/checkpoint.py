@@ -19,7 +19,7 @@ from .fileio import format_digest, new_digest
 
 MANIFEST = "manifest.json"
 # A checkpoint's directory and file names: no separators, no leading dot, so none can lead elsewhere.
-PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+PLAIN_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.][A-Za-z0-9_.-]*$")  # DCP writes ".metadata"
 MANIFEST_VERSION = 1
 
 

@@ -2,23 +2,27 @@
 
 A format writes a state dict into a (temporary) directory and reads it back; the store around it owns
 naming, manifests, commit and retention. Today there is one format, ``torch``: a single ``state.pt``
-written by ``torch.save``, loadable anywhere with ``torch.load(path, weights_only=True)``. A sharded
-format (torch.distributed.checkpoint) plugs in beside it with the same two methods.
+written by ``torch.save``, loadable anywhere with ``torch.load(path, weights_only=True)``; and ``dcp``, a
+torch.distributed.checkpoint directory with one file per rank (saved collectively by ``sharded.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import pickle
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from .checkpoint import Checkpoint, FileRecord
 from .errors import CorruptCheckpointError, StoreError
 from .fileio import DIGEST, SyncedWriter, format_digest, new_digest
+
+DCP_FORMAT = "dcp"
 
 
 class CheckpointFormat(Protocol):
@@ -89,7 +93,67 @@ class TorchFileFormat:
         return state
 
 
-FORMATS: Mapping[str, CheckpointFormat] = {TorchFileFormat.name: TorchFileFormat()}
+class DcpFormat:
+    """A DCP directory: ``.metadata`` and one ``__R_0.distcp`` per rank."""
+
+    name = DCP_FORMAT
+
+    def write(self, state: Mapping[str, Any], directory: Path) -> list[FileRecord]:
+        """A single process writing a plain state dict (rank-aware saves go through :func:`save`)."""
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+        with single_process_quietly():
+            dcp_save(dict(state), storage_writer=FileSystemWriter(str(directory), sync_files=True), no_dist=True)
+        return file_records(directory)
+
+    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
+        """The whole state in this process, every shard gathered (the export and ``load`` path)."""
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.filesystem import FileSystemReader
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        state: dict[str, Any] = {}
+        try:
+            with single_process_quietly():
+                _load_state_dict(
+                    state,
+                    storage_reader=FileSystemReader(str(checkpoint.path)),
+                    planner=_EmptyStateDictLoadPlanner(),  # type: ignore[no-untyped-call]
+                    no_dist=True,
+                )
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise StoreError(f"{checkpoint.path}: reading the sharded checkpoint failed: {error}") from error
+        return state
+
+
+@contextlib.contextmanager
+def single_process_quietly() -> Iterator[None]:
+    """DCP warns at every save and load without a process group that it assumes one process: we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def file_records(directory: Path) -> list[FileRecord]:
+    """Size and checksum of every file in ``directory`` but the manifest, by name."""
+    return [
+        FileRecord(path.name, path.stat().st_size, file_digest(path))
+        for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name not in ("manifest.json", ".owner"))
+    ]
+
+
+def file_digest(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return _file_digest(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+FORMATS: Mapping[str, CheckpointFormat] = {TorchFileFormat.name: TorchFileFormat(), DCP_FORMAT: DcpFormat()}
 
 
 def verify_file(path: Path, record: FileRecord) -> None:

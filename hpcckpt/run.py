@@ -42,7 +42,9 @@ from typing import Any, Literal
 
 from .budget import Budget, Deadline, find_deadline, measure_write_bandwidth
 from .checkpoint import Checkpoint
+from .distributed import Agreement, broadcast_object, world
 from .errors import HpcckptError, UsageError
+from .formats import DCP_FORMAT
 from .retention import KeepBest
 from .signals import Received, SignalRecorder, warning_signal
 from .slurmenv import read_slurm_env
@@ -51,7 +53,7 @@ from .store import CheckpointStore
 from .timespec import Interval
 
 StopReason = Literal["completed", "budget", "signal"]
-Decision = Literal["continue", "budget", "signal"]
+Decision = Literal["continue", "budget", "signal", "save"]  # "save": go on after an interval save
 Cause = Literal["timeout", "preemption", "unknown"]
 
 DEFAULT_GRACE = 5.0  # seconds between SIGTERM and SIGKILL assumed when nothing says otherwise
@@ -87,6 +89,7 @@ class Run:
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
         deadline: Deadline | None = None,
+        agree_every: int = 1,
     ) -> None:
         self.environ = os.environ if environ is None else environ
         if run_dir is None:
@@ -110,7 +113,19 @@ class Run:
         self.restore_options = restore or RestoreOptions()
         self.clock = clock
         self._deadline = deadline
-        self.store = CheckpointStore(self.run_dir, keep_last=keep_last, keep_best=keep_best, metadata=metadata)
+        if isinstance(agree_every, bool) or not isinstance(agree_every, int) or agree_every < 1:
+            raise UsageError(f"Invalid agree_every={agree_every!r}: expected a whole number of steps >= 1")
+        self.agree_every = agree_every
+        # Ranks of a started process group save one sharded checkpoint together; a lone process one file.
+        self.rank, self.world_size = world()
+        self.store = CheckpointStore(
+            self.run_dir,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            metadata=metadata,
+            format=DCP_FORMAT if self.world_size > 1 else "torch",
+        )
+        self._agreement: Agreement | None = Agreement(self.agree_every) if self.world_size > 1 else None
 
         self.completed = False
         self.stop_reason: StopReason | None = None
@@ -129,10 +144,10 @@ class Run:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def __enter__(self) -> Run:
-        _ensure_log_handler()
+        _ensure_log_handler(quiet=self.rank != 0)  # one rank tells the story
         self._entered = True
         slurm = read_slurm_env(self.environ)
-        status = self.store.registry.status()
+        status = broadcast_object(self.store.registry.status() if self.rank == 0 else None)
         if status is not None and status.get("event") == "complete":
             self.completed, self.stop_reason, self._stopping = True, "completed", True
             self.state.step = int(status.get("step", self.state.step))
@@ -142,14 +157,16 @@ class Run:
         self.last_checkpoint = self.resumed_from
         # The state as resumed (or freshly built) needs no save of its own: nothing was trained yet.
         self._saved_at = self.state.step
-        deadline = self._deadline or find_deadline(self.environ, slurm)
-        self.budget = Budget(
-            deadline.at, clock=self.clock, margin_floor=self.margin_floor, save_guess=self._first_save_guess()
+        # Rank 0's deadline and save estimate for every rank: they stop at the same step anyway, but
+        # their logs and records then agree too.
+        deadline, guess = broadcast_object(
+            (self._deadline or find_deadline(self.environ, slurm), self._first_save_guess()) if self.rank == 0 else None
         )
+        self.budget = Budget(deadline.at, clock=self.clock, margin_floor=self.margin_floor, save_guess=guess)
         self._last_save_time = self.clock()
         self._signals.__enter__()
         left = self.budget.remaining()
-        self.store.registry.record(
+        self._record(
             "start",
             job=slurm.job_label,
             host=socket.gethostname(),
@@ -160,6 +177,7 @@ class Run:
             deadline_source=deadline.source,
             signal=self.warning.name,
             total_steps=self.total_steps,
+            world_size=self.world_size,
         )
         where = f"step {self.state.step} ({self.resumed_from.name})" if self.resumed_from else "scratch (step 0)"
         budget = "no deadline" if left is None else f"{left:.0f} s left ({deadline.source})"
@@ -177,7 +195,7 @@ class Run:
         self._signals.__exit__(kind, error, tb)
         if kind is not None and self.stop_reason is None:
             # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
-            self.store.registry.record(
+            self._record(
                 "crash", step=self.state.step, steps_done=self.steps_done, error=f"{kind.__name__}: {error}"[:500]
             )
 
@@ -285,9 +303,13 @@ class Run:
             return False
         if every.unit == "steps":
             return self.state.step % int(every.value) == 0
-        if every.unit == "seconds":
-            return self.clock() - self._last_save_time >= every.value
-        return False  # epochs: at epoch ends
+        if every.unit == "seconds" and self._agreement is None:
+            return self._time_save_due()
+        return False  # epochs: at epoch ends; wall time with ranks: agreed at the boundary, as ranks' clocks differ
+
+    def _time_save_due(self) -> bool:
+        every = self.save_every
+        return every is not None and every.unit == "seconds" and self.clock() - self._last_save_time >= every.value
 
     def _boundary_checks(self) -> bool:
         """At a step boundary: True to run the next step, False once the run stops (after saving)."""
@@ -307,30 +329,44 @@ class Run:
             self._save("budget")
             self._finish("budget", None)
             return False
+        if decision == "save":
+            self._save("interval")
         return True
 
     def _decide(self) -> Decision:
-        """This process's view: a signal arrived, the budget has no room for another step, or go on."""
+        """This process's view: a signal arrived, the budget has no room for another step, or go on.
+        Ranks see their views agreed a step or more later, so they look further ahead."""
         if self._signals.received:
             return "signal"
-        if not self.budget.room_for_step():
+        ahead = 1 if self._agreement is None else 1 + self._agreement.lag
+        if not self.budget.room_for_step(ahead):
             return "budget"
+        if self._agreement is not None and self._time_save_due():
+            return "save"
         return "continue"
 
     def _agree(self, decision: Decision) -> Decision:
-        """Where ranks will agree on one decision, at the same step (the distributed issue); alone, a
-        process agrees with itself."""
-        return decision
+        """One decision for every rank, at the same step: any rank's signal or budget stops them all.
+        Alone, a process agrees with itself."""
+        if self._agreement is None:
+            return decision
+        return self._agreement.decide(decision, self.state.step)
 
     def _stop_for_signal(self, first: Received | None) -> None:
         if first is None:  # another rank got the signal: stop as for the warning signal
             first = Received(self.warning, self.clock())
         cause = self._cause(first)
         saved = False
-        if first.signal == signal_module.SIGTERM and self._signals.first(self.warning) is None:
+        term_only = first.signal == signal_module.SIGTERM and self._signals.first(self.warning) is None
+        if self._agreement is not None:
+            term_only = self._agreement.all_ranks(term_only, "any")
+        if term_only:
             # Preemption or the time limit: SIGKILL follows after the grace window.
             left_in_grace = max(0.0, self.grace - (self.clock() - first.time))
-            if self.budget.predicted_save + self.budget.margin_floor <= left_in_grace:
+            fits = self.budget.predicted_save + self.budget.margin_floor <= left_in_grace
+            if self._agreement is not None:  # a sharded save needs every rank, or none
+                fits = self._agreement.all_ranks(fits, "all")
+            if fits:
                 saved = self._save("signal") is not None
             else:
                 log.info(
@@ -372,7 +408,7 @@ class Run:
     def _complete(self) -> None:
         self._save("final")
         self.completed = True
-        self.store.registry.record(
+        self._record(
             "complete",
             step=self.state.step,
             epoch=self.state.epoch,
@@ -381,11 +417,13 @@ class Run:
         self._finish("completed", None)
 
     def _finish(self, reason: StopReason, cause: Cause | None, signal_name: str | None = None) -> None:
+        if self._agreement is not None:
+            self._agreement.close()
         self._stopping = True
         self.stop_reason, self.cause = reason, cause
         lost = self.state.step - (self._saved_at if self._saved_at is not None else 0)
         left = self.budget.remaining()
-        self.store.registry.record(
+        self._record(
             "stop",
             reason=reason,
             cause=cause,
@@ -407,6 +445,11 @@ class Run:
             f"{left:.1f} s unused" if left is not None else "no deadline",
             f"; {lost} steps lost" if lost else "",
         )
+
+    def _record(self, event: str, **fields: Any) -> None:
+        """Registry events are rank 0's: one record per task, not one per rank."""
+        if self.rank == 0:
+            self.store.registry.record(event, **fields)
 
     def _first_save_guess(self) -> float:
         """Save time expected before this task has saved: earlier saves scaled by size, else size/bandwidth."""
@@ -465,11 +508,12 @@ def _state_bytes(state: TrainState) -> int:
     return total
 
 
-def _ensure_log_handler() -> None:
-    """One line per event on stderr, unless the application configured logging itself."""
+def _ensure_log_handler(*, quiet: bool = False) -> None:
+    """One line per event on stderr, unless the application configured logging itself; warnings only
+    when ``quiet`` (ranks other than 0)."""
     if not log.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        log.setLevel(logging.WARNING if quiet else logging.INFO)
         log.propagate = False

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .checkpoint import MANIFEST, Checkpoint, combined_checksum
+from .checkpoint import MANIFEST, Checkpoint, FileRecord, combined_checksum
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
 from .fileio import SyncedWriter, fsync_dir, write_atomic
-from .formats import FORMATS, CheckpointFormat, verify_file
+from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, file_records, verify_file
 from .registry import CHECKPOINTS, OWNER, LockMode, Registry, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .slurmenv import read_slurm_env
@@ -107,6 +107,12 @@ class CheckpointStore:
         step = _whole("step", step)
         epoch = _whole("epoch", 0 if epoch is None else epoch)
         clean_metrics = _metrics(metrics)
+        if self.format.name == DCP_FORMAT:
+            if not isinstance(state, TrainState) or tag is not None or metadata:
+                raise UsageError("a sharded (dcp) save takes a TrainState, without tag or metadata")
+            from . import sharded
+
+            return sharded.save(self, state, clean_metrics)
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
             raise UsageError(f"Invalid tag {tag!r}: expected letters, digits, '_', '.' or '-', e.g. 'pre-finetune'")
 
@@ -156,28 +162,7 @@ class CheckpointStore:
             tmp.mkdir()
             owner = _Owner.take(tmp)
             files = tuple(self.format.write(payload, tmp))
-            slurm = read_slurm_env(os.environ)
-            checkpoint = Checkpoint(
-                name=self._final_path(step).name,
-                path=self._final_path(step),
-                step=step,
-                epoch=epoch,
-                metrics=metrics,
-                size=sum(f.size for f in files),
-                created=time.time(),
-                checksum=combined_checksum(files),
-                files=files,
-                format=self.format.name,
-                tag=tag,
-                host=socket.gethostname(),
-                job_id=slurm.job_id,
-                array_job_id=slurm.array_job_id,
-                array_task_id=slurm.array_task_id,
-                save_seconds=time.perf_counter() - started,
-                versions=_versions(),
-                metadata=metadata,
-            )
-            write_atomic(tmp / MANIFEST, _json(checkpoint.manifest()))
+            checkpoint = self._describe(tmp, files, step, epoch, metrics, tag, metadata, self.format.name, started)
             return tmp, checkpoint, owner
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -187,6 +172,81 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             owner.release()
             raise
+
+    def _describe(
+        self,
+        tmp: Path,
+        files: tuple[FileRecord, ...],
+        step: int,
+        epoch: int,
+        metrics: dict[str, float],
+        tag: str | None,
+        metadata: Mapping[str, Any],
+        format_name: str,
+        started: float,
+    ) -> Checkpoint:
+        """Step 2: the checkpoint's record, written durably as ``tmp``'s manifest."""
+        slurm = read_slurm_env(os.environ)
+        checkpoint = Checkpoint(
+            name=self._final_path(step).name,
+            path=self._final_path(step),
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            size=sum(f.size for f in files),
+            created=time.time(),
+            checksum=combined_checksum(files),
+            files=files,
+            format=format_name,
+            tag=tag,
+            host=socket.gethostname(),
+            job_id=slurm.job_id,
+            array_job_id=slurm.array_job_id,
+            array_task_id=slurm.array_task_id,
+            save_seconds=time.perf_counter() - started,
+            versions=_versions(),
+            metadata=metadata,
+        )
+        write_atomic(tmp / MANIFEST, _json(checkpoint.manifest()))
+        return checkpoint
+
+    def _commit_directory(
+        self,
+        tmp: Path,
+        owner: _Owner,
+        step: int,
+        epoch: int,
+        metrics: dict[str, float],
+        format_name: str,
+        started: float,
+    ) -> Checkpoint:
+        """Steps 2-4 for files that other processes wrote into ``tmp`` (a sharded save's ranks)."""
+        try:
+            files = tuple(file_records(tmp))
+            draft = self._describe(tmp, files, step, epoch, metrics, None, self.metadata, format_name, started)
+            checkpoint, _ = self.registry.commit(lambda: self._rename_into_place(tmp, draft), self._select_deletions)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            owner.release()
+        owner.forget(checkpoint.path)
+        return checkpoint
+
+    def newest_valid(self) -> Checkpoint | None:
+        """The newest checkpoint whose files verify (a corrupt newer one is warned about and skipped)."""
+        problems = []
+        for checkpoint in reversed(self.list()):
+            try:
+                return self.verify(checkpoint)
+            except CheckpointNotFoundError:
+                continue
+            except CorruptCheckpointError as error:
+                warn(f"checkpoint {checkpoint.name} is corrupt, trying an older one: {error}")
+                problems.append(f"{checkpoint.name}: {error}")
+        if problems:
+            raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: " + "; ".join(problems))
+        return None
 
     def _rename_into_place(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
         """Step 3, under the registry lock: rename ``tmp`` to a free final name. The commit point."""
@@ -357,7 +417,24 @@ class CheckpointStore:
         """Load a checkpoint into ``state``. With ``ckpt`` None on a run with nothing saved yet, returns
         None and leaves ``state`` as it is (a first run starts fresh, quietly). The state is copied, not
         mapped: the objects restored into keep no checkpoint file in use."""
-        if ckpt is None and not self.list():
+        from .distributed import world
+
+        if world()[1] > 1 or self.format.name == DCP_FORMAT:
+            # Every rank restores the checkpoint rank 0 chose, whatever each one sees on a shared filesystem.
+            from . import sharded
+
+            chosen = sharded.choose(self, ckpt)
+            if chosen is None:
+                return None
+            if chosen.format == DCP_FORMAT:
+                sharded.load_into(state, chosen, options or RestoreOptions())
+                return chosen
+            if world()[1] > 1:
+                checkpoint, payload = self.load_checkpoint(chosen, map_location, mmap=False)
+                sharded.load_full_into(state, payload, options or RestoreOptions())
+                return checkpoint
+            ckpt = chosen
+        elif ckpt is None and not self.list():
             return None
         checkpoint, payload = self.load_checkpoint(ckpt, map_location, mmap=False)
         state.load_state_dict(payload, options or RestoreOptions())

@@ -47,7 +47,7 @@ GOLDEN: dict[str, ChainSpec] = {
         signal_name="USR2",
         signal_lead=240,
         job_name="ddp",
-        launcher="srun ",
+        launcher="srun --kill-on-bad-exit=1 ",
         nodes=2,
         ntasks_per_node=1,
         python="python3",

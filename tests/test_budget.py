@@ -45,6 +45,14 @@ def test_a_save_of_minutes_stops_minutes_early() -> None:
     assert steps == 3600 - 180  # the last step starts with 181 s left: 1 + 120 + 60
 
 
+def test_ranks_that_agree_a_step_late_look_a_step_further_ahead() -> None:
+    clock = Clock()
+    budget = Budget(clock.now + 10.0, clock=clock, margin_floor=0.5, save_guess=1.0)
+    budget.observe_step(2.0)
+    assert budget.room_for_step(1) and budget.room_for_step(4)  # 8 + 1 + 0.5 <= 10
+    assert not budget.room_for_step(5), "five steps of 2 s and a save do not fit in 10 s"
+
+
 def test_margin_follows_the_observed_save_time_with_a_floor() -> None:
     clock = Clock()
     budget = Budget(clock.now + 100, clock=clock, margin_floor=0.5, save_guess=0.01)

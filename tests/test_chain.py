@@ -45,6 +45,18 @@ def test_default_signal_lead_suits_the_time_limit() -> None:
     assert chain_spec(run_dir="/tmp/x", command=["true"], tasks=2, time="10", signal="none").signal_directive == ""
 
 
+def test_more_than_one_rank_launches_through_srun_with_the_signal_to_the_steps() -> None:
+    spec = chain_spec(
+        run_dir="/tmp/x", command=["python3", "t.py"], tasks=2, time="1:00:00", nodes=2, ntasks_per_node=1
+    )
+    script = render(spec)
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n" in script
+    assert "#SBATCH --signal=USR1@300\n" in script, "to the job steps (every rank), not B: the batch shell"
+    assert "\nsrun --kill-on-bad-exit=1 python3 t.py &\n" in script
+    one = render(chain_spec(run_dir="/tmp/x", command=["python3", "t.py"], tasks=2, time="1:00:00", nodes=1))
+    assert "\npython3 t.py &\n" in one and "--signal=B:USR1@300" in one
+
+
 def _fake_sbatch(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """A PATH in which sbatch only records that it was called (to prove it never is)."""
     bin_dir = tmp_path / "bin"

@@ -79,6 +79,8 @@ def test_run_needs_a_run_directory_and_a_train_state(tmp_path: Path) -> None:
         Run(tmp_path, TrainState(), environ={"HPCCKPT_GRACE": "soon"})
     with pytest.raises(UsageError, match=r"Invalid signal 'USR9'"):
         Run(tmp_path, TrainState(), environ={"HPCCKPT_SIGNAL": "USR9"})
+    with pytest.raises(UsageError, match=r"Invalid agree_every=0: expected a whole number of steps >= 1"):
+        Run(tmp_path, TrainState(), agree_every=0, environ={})
     run = Run(environ={"HPCCKPT_RUN_DIR": str(tmp_path / "from-env")}, state=TrainState())
     assert run.run_dir == tmp_path / "from-env"
 

@@ -393,7 +393,7 @@ def _check_unwritable(run_dir: Path) -> None:
     [
         ({"keep_last": 0}, r"Invalid keep_last=0: expected a whole number >= 1, or None"),
         ({"keep_best": ("loss", "lowest", 1)}, r"Invalid keep_best=.*'min' or 'max'"),
-        ({"format": "zip"}, r"Invalid checkpoint format 'zip': expected one of \['torch'\]"),
+        ({"format": "zip"}, r"Invalid checkpoint format 'zip': expected one of \['dcp', 'torch'\]"),
         ({"lock": "nfs"}, r"Invalid lock mode 'nfs'.*expected 'auto', 'fcntl' or 'soft'"),
     ],
 )

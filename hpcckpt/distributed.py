@@ -1,0 +1,224 @@
+"""Process groups from the launcher's environment: ``srun`` (one task per rank) or ``torchrun``.
+
+    from hpcckpt.distributed import init_process_group
+    env = init_process_group()          # gloo on CPU, nccl when CUDA is there
+    model = DDP(model)                  # then Run(...) as usual: it sees the process group
+
+Under ``srun`` the rank, world size and local rank come from ``SLURM_PROCID``, ``SLURM_NTASKS`` and
+``SLURM_LOCALID``; the rendezvous host is the first node of the step (``SLURM_STEP_NODELIST``, else the
+job's), its port ``HPCCKPT_MASTER_PORT`` or one derived from the job id, so that two jobs sharing a node
+do not collide. Under ``torchrun`` its own variables win (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``). Outside both, a single process (rank 0 of 1).
+
+torch is imported when a process group is started, not when this module is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from .errors import UsageError
+
+Launcher = Literal["torchrun", "srun", "single"]
+PORT_BASE, PORT_SPAN = 20000, 20000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: Launcher
+
+
+def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank, world size, local rank and rendezvous address from the launcher's variables."""
+    env = os.environ if environ is None else environ
+    if env.get("RANK") is not None and env.get("WORLD_SIZE") is not None:
+        return DistEnv(
+            rank=_int(env, "RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=_int(env, "MASTER_PORT", 29500),
+            launcher="torchrun",
+        )
+    if env.get("SLURM_PROCID") is not None and env.get("SLURM_NTASKS") is not None:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+        hosts = expand_nodelist(nodes)
+        if not hosts:
+            raise UsageError(f"Invalid SLURM_STEP_NODELIST/SLURM_JOB_NODELIST={nodes!r}: expected e.g. gpu[01-04]")
+        job = _int(env, "SLURM_JOB_ID", 0)
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            master_addr=hosts[0],
+            master_port=_int(env, "HPCCKPT_MASTER_PORT", PORT_BASE + job % PORT_SPAN),
+            launcher="srun",
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", _int(env, "HPCCKPT_MASTER_PORT", 29500), "single")
+
+
+def init_process_group(
+    backend: str | None = None, *, timeout: float = 600.0, environ: Mapping[str, str] | None = None
+) -> DistEnv:
+    """Start torch.distributed for this process (a no-op when it is already started, or when the world
+    is one process). ``backend``: ``nccl`` when CUDA is available, else ``gloo``."""
+    import torch
+    import torch.distributed as dist
+
+    env = dist_env(environ)
+    if env.world_size == 1 or dist.is_initialized():
+        return env
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    # Under torchrun the rendezvous store lives in its agent (env://), not in rank 0, which may then leave
+    # first without pulling the store from under the other ranks' teardown.
+    init_method = "env://" if env.launcher == "torchrun" else f"tcp://{_bracketed(env.master_addr)}:{env.master_port}"
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout),
+    )
+    return env
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the started process group; (0, 1) when there is none."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` as rank ``src`` has it, on every rank (itself without a process group)."""
+    rank, size = world()
+    if size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+_GROUP = re.compile(r"([^,\[]*)(?:\[([^\]]*)\])?(?:,|$)")
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list: ``gpu[01-03,07],cpu1`` -> gpu01 gpu02 gpu03 gpu07 cpu1."""
+    hosts: list[str] = []
+    text = nodelist.strip()
+    position = 0
+    while position < len(text):
+        match = _GROUP.match(text, position)
+        if match is None or match.end() == position:
+            raise UsageError(f"Invalid node list {nodelist!r}: expected e.g. gpu[01-04],cpu1")
+        prefix, ranges = match.group(1), match.group(2)
+        position = match.end()
+        if ranges is None:
+            if prefix:
+                hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            if not first.isdigit() or (last and not last.isdigit()):
+                raise UsageError(f"Invalid node list {nodelist!r}: bad range {part!r}")
+            for number in range(int(first), int(last or first) + 1):
+                hosts.append(f"{prefix}{number:0{len(first)}d}")
+    return hosts
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise UsageError(f"{name} is not set: expected a whole number")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"Invalid {name}={raw!r}: expected a whole number") from None
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class Agreement:
+    """Ranks agree on the stop decision at the same step, without a blocking collective per step.
+
+    Every ``every`` steps each rank contributes its own view (a signal arrived; no budget left) to an
+    asynchronous all-reduce (MAX), and acts on the result of the previous round: the communication
+    overlaps a round of training. All ranks then stop at the same step, ``lag`` steps after the first
+    rank saw a reason to; the budget looks that far ahead. The first round is synchronous.
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        self.every = every
+        self.lag = every
+        self._pending: tuple[Any, Any] | None = None
+        self.rounds = 0
+
+    def decide(self, local: str, step: int) -> Literal["continue", "budget", "signal", "save"]:
+        """The agreed decision from every rank's ``local`` one: a signal anywhere beats a budget stop,
+        which beats a wall-time save (ranks' clocks differ, so one rank's due save is everybody's)."""
+        import torch.distributed as dist
+
+        if self._pending is not None and step % self.every:
+            return "continue"
+        mine = _flags(local)
+        if self._pending is None:
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            agreed = mine.clone()
+        else:
+            work, agreed = self._pending
+            work.wait()
+        self.rounds += 1
+        decision: Literal["continue", "budget", "signal", "save"] = (
+            "signal" if agreed[0] else "budget" if agreed[1] else "save" if agreed[2] else "continue"
+        )
+        self._pending = None
+        if decision in ("continue", "save"):
+            # A save agreed now answers this rank's due save; anything else goes into the next round.
+            nxt = _flags("continue" if decision == "save" and local == "save" else local)
+            self._pending = (dist.all_reduce(nxt, op=dist.ReduceOp.MAX, async_op=True), nxt)
+        return decision
+
+    def all_ranks(self, value: bool, how: Literal["any", "all"]) -> bool:
+        """``value`` or-ed (``any``) or and-ed (``all``) over the ranks; a blocking collective."""
+        import torch
+        import torch.distributed as dist
+
+        self.close()
+        flag = torch.tensor([int(value)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX if how == "any" else dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        """Wait for the round in flight (every rank has the same one) before the group does anything else."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+
+def _flags(local: str) -> Any:
+    import torch
+
+    return torch.tensor([local == "signal", local == "budget", local == "save"], dtype=torch.int32)

@@ -1,0 +1,248 @@
+"""Sharded checkpoints on ``torch.distributed.checkpoint`` (DCP), format ``dcp``.
+
+Saving, on every rank at the same step (a collective):
+
+1. rank 0 makes the temporary directory and tells the others its name;
+2. every rank writes its part with ``dcp.save`` (DCP writes each rank's ``__R_0.distcp`` and, on the
+   coordinator, ``.metadata``; files are fsynced);
+3. the ranks tell each other whether they succeeded; if any failed (or died: the collective fails),
+   rank 0 removes the directory and every rank raises -- nothing was committed;
+4. rank 0 checksums the files, writes the manifest and commits (rename, registry) exactly as for a
+   one-file checkpoint, then tells the others which checkpoint it committed.
+
+Model and optimizer go through ``get_state_dict``/``set_state_dict``, so a DDP or FSDP model saves its
+parameters under their plain names and a checkpoint loads at any world size (resharding is DCP's).
+What differs per rank (RNG states, a DataLoader's place) is kept per rank; resumed at another world size,
+those ranks that have no entry keep their fresh RNG (exact resume needs the same world size).
+
+Restoring: rank 0 picks the newest checkpoint that verifies and tells the others, so every rank loads the
+same one (never each its own view of a shared filesystem). A ``dcp`` checkpoint also loads in a single
+process with :meth:`CheckpointStore.load` and exports to one ``torch.load``-able file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import Checkpoint
+from .distributed import broadcast_object, world
+from .errors import HpcckptError, StoreError
+from .formats import DCP_FORMAT as NAME
+from .formats import single_process_quietly
+from .state import RestoreOptions, TrainState, capture_rng, restore_rng
+
+if TYPE_CHECKING:
+    from .store import CheckpointStore
+
+PER_RANK = "per_rank"
+
+
+# -- the payload --------------------------------------------------------------------------------------------
+def payload(state: TrainState, step: int, epoch: int) -> dict[str, Any]:
+    """What every rank hands to ``dcp.save``: the same keys on every rank, its own values."""
+    import torch
+
+    rank, _ = world()
+    content: dict[str, Any] = {}
+    if state.model is not None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        content["model"] = get_model_state_dict(state.model)  # type: ignore[arg-type]
+        if state.optimizer is not None:
+            content["optimizer"] = get_optimizer_state_dict(state.model, state.optimizer)  # type: ignore[arg-type]
+    elif state.optimizer is not None:
+        content["optimizer"] = state.optimizer.state_dict()
+    for key in ("scheduler", "scaler"):
+        value = getattr(state, key)
+        if value is not None:
+            content[key] = value.state_dict()
+    content["extra"] = dict(state.extra)
+    own = {"rng": capture_rng(), "loader_position": dict(state.loader_position)}
+    buffer = io.BytesIO()
+    torch.save(own, buffer)
+    content[PER_RANK] = {f"rank{rank}": buffer.getvalue()}
+    content["step"], content["epoch"] = int(step), int(epoch)
+    content["hpcckpt"] = {"layout": 1, "format": NAME}
+    return content
+
+
+def load_into(state: TrainState, checkpoint: Checkpoint, options: RestoreOptions) -> None:
+    """Every rank: load ``checkpoint`` into ``state`` (collective when a process group is running)."""
+    import torch
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    rank, size = world()
+    single = size == 1
+    target = payload(state, state.step, state.epoch)
+    own_key = f"rank{rank}"
+    per_rank = target.pop(PER_RANK)
+    if not options.model:
+        target.pop("model", None)
+    for key in ("optimizer", "scheduler", "scaler"):
+        if not getattr(options, key):
+            target.pop(key, None)
+    reader = FileSystemReader(str(checkpoint.path))
+    try:
+        partial = DefaultLoadPlanner(allow_partial_load=not options.strict)
+        with single_process_quietly():
+            dcp_load(target, storage_reader=reader, planner=partial, no_dist=single)
+            # Per-rank values: present only when this rank existed at save time.
+            mine = {PER_RANK: dict(per_rank)}
+            dcp_load(mine, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=single)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise StoreError(f"{checkpoint.path}: loading the sharded checkpoint failed: {error}") from error
+    if state.model is not None and options.model:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(state.model, target["model"], options=StateDictOptions(strict=options.strict))  # type: ignore[arg-type]
+        if state.optimizer is not None and options.optimizer and "optimizer" in target:
+            set_optimizer_state_dict(state.model, state.optimizer, target["optimizer"])  # type: ignore[arg-type]
+    elif state.optimizer is not None and options.optimizer and "optimizer" in target:
+        state.optimizer.load_state_dict(target["optimizer"])
+    for key in ("scheduler", "scaler"):
+        value = getattr(state, key)
+        if value is not None and getattr(options, key) and key in target:
+            value.load_state_dict(target[key])
+    if options.extra:
+        state.extra.update(target.get("extra") or {})
+    blob = mine[PER_RANK].get(own_key)
+    if isinstance(blob, bytes) and blob:
+        own = torch.load(io.BytesIO(blob), weights_only=True)
+        if options.rng:
+            restore_rng(own["rng"])
+        if options.dataloader:
+            state.loader_position = dict(own.get("loader_position") or {})
+    if options.progress:
+        state.step = int(target.get("step", state.step))
+        state.epoch = int(target.get("epoch", state.epoch))
+
+
+def load_full_into(state: TrainState, content: Mapping[str, Any], options: RestoreOptions) -> None:
+    """Every rank: a one-file checkpoint (whole tensors) into a model that may be sharded (FSDP) or
+    replicated (DDP). The weights go through ``set_model_state_dict``, which shards them; the optimizer's
+    state, keyed by parameter position in a one-file checkpoint, is re-keyed by parameter name first."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from .state import unwrap_model
+
+    rest = dict(content)
+    model_state, optimizer_state = rest.pop("model", None), rest.pop("optimizer", None)
+    if state.model is not None and options.model and model_state is not None:
+        whole = StateDictOptions(full_state_dict=True, strict=options.strict)
+        set_model_state_dict(state.model, model_state, options=whole)  # type: ignore[arg-type]
+        if state.optimizer is not None and options.optimizer and optimizer_state is not None:
+            names = {id(p): n for n, p in unwrap_model(state.model).named_parameters()}
+            order = [names[id(p)] for group in state.optimizer.param_groups for p in group["params"]]  # type: ignore[attr-defined]
+            keyed = {
+                "state": {order[int(k)]: v for k, v in optimizer_state["state"].items()},
+                "param_groups": [
+                    {**g, "params": [order[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]
+                ],
+            }
+            set_optimizer_state_dict(state.model, state.optimizer, keyed, options=whole)  # type: ignore[arg-type]
+    partial = TrainState(scheduler=state.scheduler, scaler=state.scaler, extra=state.extra)
+    partial.load_state_dict(rest, dataclasses.replace(options, model=False, optimizer=False))
+    state.step, state.epoch, state.loader_position = partial.step, partial.epoch, partial.loader_position
+
+
+# -- the collective save and restore ------------------------------------------------------------------------
+def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -> Checkpoint:
+    """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    rank, size = world()
+    started = time.perf_counter()
+    step, epoch = int(state.step), int(state.epoch)
+    tmp: Path | None = None
+    owner: Any = None
+    prepared: str | None = None
+    if rank == 0:
+        from .store import _Owner
+
+        try:
+            store.registry.clean_temporaries()
+            tmp = store.registry.checkpoint_dir / store.registry.temporary_name(step, secrets.token_hex(4))
+            tmp.mkdir()
+            owner = _Owner.take(tmp)
+            prepared = str(tmp)
+        except (OSError, HpcckptError) as error:
+            prepared = f"error: cannot make a temporary directory in {store.registry.checkpoint_dir}: {error}"
+    prepared = broadcast_object(prepared)
+    if prepared is None or prepared.startswith("error: "):
+        raise StoreError(str(prepared)[7:])
+    failure = None
+    try:
+        with single_process_quietly():
+            dcp_save(
+                payload(state, step, epoch),
+                storage_writer=FileSystemWriter(prepared, sync_files=True),
+                no_dist=size == 1,
+            )
+    except Exception as error:  # another rank's failure surfaces here too, as a failed collective
+        failure = f"rank {rank}: {type(error).__name__}: {error}"
+    try:
+        failures = [f for f in _gather(failure) if f]
+    except Exception as error:  # a rank died: the group is broken
+        failures = [f"rank {rank}: the process group failed while saving ({error})"]
+    if failures:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            owner.release()
+        raise StoreError(f"sharded save of step {step} failed, nothing committed: {'; '.join(failures)}")
+    committed: Checkpoint | str | None = None
+    if rank == 0:
+        assert tmp is not None
+        try:
+            committed = store._commit_directory(tmp, owner, step, epoch, metrics, NAME, started)
+        except Exception as error:
+            committed = f"rank 0 could not commit step {step}: {error}"
+    committed = broadcast_object(committed)
+    if not isinstance(committed, Checkpoint):
+        raise StoreError(str(committed))
+    return committed
+
+
+def _gather(value: str | None) -> list[str | None]:
+    _, size = world()
+    if size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values: list[str | None] = [None] * size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def choose(store: CheckpointStore, ref: Any = None) -> Checkpoint | None:
+    """The checkpoint every rank restores: rank 0's choice (the newest that verifies, or ``ref``)."""
+    rank, _ = world()
+    chosen: Checkpoint | str | None = None
+    if rank == 0:
+        try:
+            chosen = store.get(ref) if ref is not None else store.newest_valid()
+        except HpcckptError as error:  # told to every rank, which raise it together (none waits alone)
+            chosen = f"{type(error).__name__}: {error}"
+    chosen = broadcast_object(chosen)
+    if isinstance(chosen, str):
+        raise StoreError(chosen)
+    return chosen

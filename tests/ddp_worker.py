@@ -1,0 +1,96 @@
+"""A DDP (or FSDP2, --fsdp) training job for the distributed tests, one process per rank, under torchrun or srun.
+
+Each rank draws its batches from its own global RNG (seeded by rank and saved per rank in the sharded
+checkpoint), so a run resumed at the same world size continues exactly; gloo on CPU.
+
+    torchrun --nproc-per-node 2 ddp_worker.py RUN_DIR --steps 300 [--step-sleep 0.02] [--pid-dir DIR]
+    srun -N 2 -n 2 python ddp_worker.py RUN_DIR --steps 300
+
+Prints one JSON line per rank when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from hpcckpt import Run, TrainState
+from hpcckpt.distributed import init_process_group
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--save-every", default=None)
+    parser.add_argument("--ballast", type=int, default=0, help="float32 elements of extra weights, for slow saves")
+    parser.add_argument("--pid-dir", default=None, help="write RANK.pid there once training starts")
+    parser.add_argument("--agree-every", type=int, default=1)
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
+    args = parser.parse_args()
+
+    env = init_process_group("gloo")
+    torch.manual_seed(0)  # the same initial weights on every rank
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    if args.ballast:  # state that makes the checkpoint big (and its save slow)
+        model.register_buffer("ballast", torch.zeros(args.ballast))
+    if env.world_size > 1 and args.fsdp:  # FSDP2: parameters sharded over the ranks (DTensors)
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model[2])
+        ddp = fully_shard(model)
+    elif env.world_size > 1:
+        ddp = DistributedDataParallel(model, forward_sync_buffers=False)
+    else:
+        ddp = model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(1000 + env.rank)  # then each rank its own batches
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(7))
+    y = x.sum(dim=1, keepdim=True).sin()
+    state = TrainState(model=ddp, optimizer=optimizer)
+    with Run(
+        args.run_dir, state, total_steps=args.steps, save_every=args.save_every, agree_every=args.agree_every
+    ) as run:
+        if args.pid_dir:
+            Path(args.pid_dir, f"{env.rank}.pid").write_text(str(os.getpid()))
+        for _ in run:
+            index = torch.randint(0, len(x), (16,))
+            loss = nn.functional.mse_loss(ddp(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.report(loss=loss.item())
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+    print(
+        json.dumps(
+            {
+                "rank": env.rank,
+                "world": env.world_size,
+                "step": state.step,
+                "reason": run.stop_reason,
+                "cause": run.cause,
+                "resumed": run.resumed_from.step if run.resumed_from else None,
+            }
+        ),
+        flush=True,
+    )
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
