@@ -36,11 +36,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-# torch 2.13's torchrun, on this 2-core machine under load, ends about one launch in four with a rank
-# aborting after training ("terminate called without an active exception"), plain DDP without hpcckpt
-# included (and none of 14 launches without torchrun). So the tests start one process per rank with
-# torchrun's variables themselves; one test goes through torchrun and tolerates exactly that abort.
-TORCHRUN_TEARDOWN_ABORT = "terminate called without an active exception"
+# torch 2.13 with gloo, on this 2-core machine under load, sometimes ends a launch with one rank aborting
+# at teardown, after training and after its last line ("terminate called without an active exception"):
+# a plain DDP loop without hpcckpt does it too. A launch passes when every rank reported its end and the
+# only failure is that abort.
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 class Ranks:
@@ -97,8 +97,8 @@ class Ranks:
         # Ranks that share torchrun's stdout may write their lines run together.
         lines = [json.loads(found) for found in re.findall(r'\{"rank": [^{}]*\}', "\n".join(outs))]
         if check:
-            assert self.returncode == 0, self.stderr[-3000:]
             assert len(lines) == self.nproc, self.stderr[-3000:]
+            assert self.returncode == 0 or TEARDOWN_ABORT in self.stderr, self.stderr[-3000:]
         return sorted(lines, key=lambda line: line["rank"])
 
 
@@ -200,10 +200,7 @@ def test_ranks_stop_together_on_the_budget_and_on_a_signal_to_one_rank(
 @pytest.mark.timeout(300)
 def test_wall_time_saves_are_agreed_although_the_ranks_clocks_differ_under_torchrun(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    launch = Ranks(run_dir, 2, "--steps", "300", "--step-sleep", "0.01", "--save-every", "1s", torchrun=True)
-    ranks = launch.end(check=False)
-    if launch.returncode != 0:  # torchrun's teardown abort (see above), and only that, after training
-        assert TORCHRUN_TEARDOWN_ABORT in launch.stderr, launch.stderr[-3000:]
+    ranks = Ranks(run_dir, 2, "--steps", "300", "--step-sleep", "0.01", "--save-every", "1s", torchrun=True).end()
     assert [(r["rank"], r["step"], r["reason"]) for r in ranks] == [(0, 300, "completed"), (1, 300, "completed")]
     commits = events(run_dir, "commit")
     assert len(commits) >= 3, "about one a second for 3 s, then the final one"
@@ -328,6 +325,7 @@ def test_a_sharded_checkpoint_is_checksummed_like_any_other(tmp_path: Path) -> N
     model = nn.Linear(4, 2)
     store = CheckpointStore(tmp_path / "run", format="dcp")
     first = store.save(TrainState(model=model, step=1))
+    first_weight = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     second = store.save(TrainState(model=model, step=2))
@@ -341,4 +339,78 @@ def test_a_sharded_checkpoint_is_checksummed_like_any_other(tmp_path: Path) -> N
     restored = nn.Linear(4, 2)
     with pytest.warns(Warning, match="step_000000002 is corrupt, trying an older one"):
         assert store.restore(TrainState(model=restored)) == first
-    assert torch.equal(restored.weight, model.weight - 1.0), "the older, intact checkpoint"
+    assert torch.equal(restored.weight, first_weight), "the older, intact checkpoint"
+
+
+@pytest.mark.timeout(400, func_only=True)
+def test_under_srun_a_two_rank_checkpoint_resumes_on_one_rank(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    run_dir = tmp_path / "chain"
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    args = ["--step-sleep", "0.02", "--pid-dir", str(pid_dir)]
+    env = {"PYTHONPATH": os.pathsep.join(sys.path)}
+    two = submit(
+        slurm_cluster,
+        run_dir,
+        *("--tasks", "1", "--time", "2", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
+        command=[sys.executable, str(WORKER), str(run_dir), "--steps", "100000", *args],
+        env_extra=env,
+    )
+    slurm_cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
+    time.sleep(3)
+    os.kill(int((pid_dir / "0.pid").read_text()), signal.SIGUSR1)
+    assert_chain_gone(slurm_cluster, two)
+    (stop,) = events(run_dir, "stop")
+    assert (stop["reason"], stop["saved"]) == ("signal", True)
+    store = CheckpointStore(run_dir, create=False)
+    assert store.latest().format == "dcp"  # type: ignore[union-attr]
+    target = stop["step"] + 20
+    one = submit(
+        slurm_cluster,
+        run_dir,
+        *("--tasks", "1", "--time", "2", "--signal", "none"),
+        command=[sys.executable, str(WORKER), str(run_dir), "--steps", str(target), *args],
+        env_extra=env,
+    )
+    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=240)
+    assert final["state"] == "complete", final
+    assert_chain_gone(slurm_cluster, one)
+    start = events(run_dir, "start")[-1]
+    assert (start["world_size"], start["resumed_step"]) == (1, stop["step"])
+    assert store.latest().format == "torch" and store.latest().step == target  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(400, func_only=True)
+def test_under_srun_a_rank_killed_during_a_save_commits_nothing_partial(
+    slurm_cluster: SlurmCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    steps = 40
+    run_dir = tmp_path / "chain"
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    args = ["--steps", str(steps), "--save-every", "1ba", "--ballast", str(8 << 20), "--pid-dir", str(pid_dir)]
+    job = submit(
+        slurm_cluster,
+        run_dir,
+        *("--tasks", "3", "--time", "2", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
+        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        env_extra={"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    checkpoints = run_dir / "checkpoints"
+    slurm_cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
+    wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir()), 60)
+    os.kill(int((pid_dir / "1.pid").read_text()), signal.SIGKILL)  # the rank on node2, mid-save
+    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=300)
+    assert final["state"] == "complete", final
+    assert_chain_gone(slurm_cluster, job)
+    ends = events(run_dir, "task-end")
+    assert ends[0]["status"] != 0, "srun --kill-on-bad-exit ended the task when a rank died"
+    store = CheckpointStore(run_dir, create=False)
+    for checkpoint in store.list():
+        store.verify(checkpoint)
+        assert {f.name for f in checkpoint.files} == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    resumed = events(run_dir, "start")[1]["resumed_step"]
+    assert resumed < steps
+    expected = reference(tmp_path_factory, 2, steps)["model"]
+    got = training(store.load())["model"]
+    assert_bitwise_equal(expected, {key: got[key] for key in expected})

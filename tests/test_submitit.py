@@ -186,7 +186,9 @@ def test_a_slurm_chain_runs_in_turn_completes_and_cancels_the_rest(
     assert used == [f"{array}_{i}" for i in range(len(used))] and 2 <= len(used) < 6, "in turn, one each"
     on_cluster.wait_for(lambda: not on_cluster.squeue_ids(array), 60, what="the rest of the chain to be cancelled")
     assert not any(job.paths.result_pickle.exists() for job in chain.jobs[len(used) :]), "they never ran"
-    assert isinstance(chain.jobs[0].result(), Unfinished) and chain.jobs[0].result().step == begins[1]["latest_step"]
+    first = chain.jobs[0].result()
+    # Under load the first task's USR2 may come before its first step: it then stops at step 0, unsaved.
+    assert isinstance(first, Unfinished) and first.step == (begins[1]["latest_step"] or 0)
     assert chain.jobs[len(used) - 1].result() == value, "the task that completed the run returned its value"
     status = subprocess.run(
         ["hpcckpt", "status", "--json", str(run_dir)], capture_output=True, text=True, timeout=60, check=True
