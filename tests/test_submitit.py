@@ -115,7 +115,9 @@ def test_a_slurm_job_requeues_at_each_time_limit_until_done(
     stops = events(run_dir, "stop")
     assert {s["reason"] for s in stops[:-1]} == {"signal"}, "submitit's USR2 before the time limit"
     assert {s["cause"] for s in stops[:-1]} == {"timeout"}
-    assert all(e["progress"] for e in events(run_dir, "task-end"))
+    for stop, end in zip(stops, events(run_dir, "task-end"), strict=True):
+        # Under load a warning can come before the first step: then nothing was trained, nor lost.
+        assert end["progress"] or stop["steps_done"] == 0, "an allocation that trained saved its steps"
     # The requeued submission carries the wrapper, the function's reference and its arguments: no state.
     submission = pickle.loads(job.paths.submitted_pickle.read_bytes())
     assert isinstance(submission.function, Resumable) and submission.function.fn is train
