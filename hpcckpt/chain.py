@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 from .errors import UsageError
@@ -366,28 +367,28 @@ def render(spec: ChainSpec, template: str | Path | None = None) -> str:
     return script
 
 
-def _check_blocks(environment: object, name: str) -> None:
+def _check_blocks(environment: Any, name: str) -> None:
     """A block the templates it extends do not have is never rendered: a typo (``site_setpu``) would drop
     the user's site setup without a word (issue 11, item 20)."""
-    import jinja2
     from jinja2 import nodes
 
-    assert isinstance(environment, jinja2.Environment)
-    source = environment.loader.get_source(environment, name)[0] if environment.loader else ""
-    tree = environment.parse(source)
+    def parse(template_name: str) -> Any:
+        return environment.parse(environment.loader.get_source(environment, template_name)[0])
+
+    tree = parse(name)
     parents = []
     current = tree
     for _ in range(10):  # a chain of templates extending each other, ours at its root
         extends = current.find(nodes.Extends)
         if extends is None or not isinstance(extends.template, nodes.Const):
             break
-        parent = str(extends.template.value)
-        parents.append(parent)
-        current = environment.parse(environment.loader.get_source(environment, parent)[0])  # type: ignore[union-attr]
+        parents.append(str(extends.template.value))
+        current = parse(parents[-1])
     if not parents:
         return
     valid = {block for parent in parents for block in environment.get_template(parent).blocks}
-    unknown = sorted({block.name for block in tree.find_all(nodes.Block)} - valid)
+    # Top-level blocks only: one nested in an overriding block is rendered as part of it.
+    unknown = sorted({node.name for node in tree.body if isinstance(node, nodes.Block)} - valid)
     if unknown:
         raise UsageError(
             f"Invalid template {name!r}: it defines block(s) {', '.join(map(repr, unknown))} that "

@@ -429,7 +429,7 @@ def _check_script(spec: Any) -> None:
     kind, name = target
     workdir = Path.cwd()
     if kind == "script":
-        path = workdir / Path(name).expanduser()
+        path = workdir / name  # as the job sees it: the command is quoted, so no ~ expansion
         if not path.is_file():
             raise UsageError(
                 f"Invalid command {shlex.join(spec.command)!r}: the script {name!r} does not exist in the job's "

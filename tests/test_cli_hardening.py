@@ -341,6 +341,16 @@ def test_a_block_the_base_template_does_not_have_is_refused_listing_the_valid_on
     ) in result.stderr
 
 
+def test_blocks_of_the_base_and_blocks_nested_in_them_render(tmp_path: Path) -> None:
+    body = (
+        '{% extends "chain.sbatch.j2" %}{% block site_setup %}{% block mine %}module load mine{% endblock %}'
+        "{% endblock %}{% block launch %}srun true{% endblock %}"
+    )
+    result = _render(tmp_path, body)
+    assert result.returncode == 0, result.stderr
+    assert "\nmodule load mine\n" in result.stdout and "\nsrun true\n" in result.stdout
+
+
 # -- item 21: site setup from the command line --------------------------------------------------------------
 def test_setup_conda_and_venv_fill_the_site_setup_block() -> None:
     spec = chain_spec(
