@@ -420,7 +420,7 @@ def test_a_venv_given_to_submit_is_active_for_the_training_command(tmp_path: Pat
         "--tasks",
         "1",
         "--time",
-        "0:30",
+        "5",  # minutes: the command ends at once; a short limit would only race the imports under load
         "--venv",
         str(venv),
         "--setup",
