@@ -16,6 +16,9 @@ QUEUE_TIMEOUT = 240
 
 def test_logs_land_in_a_run_directory_with_a_space_and_quotes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     run_dir = tmp_path / 'it\'s a "run"'
+    venv = tmp_path / "a venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    show = "import os; print('hello from the task', os.environ['VIRTUAL_ENV'], os.environ['SITE'], sep='|')"
     result = subprocess.run(
         [
             "hpcckpt",
@@ -30,10 +33,14 @@ def test_logs_land_in_a_run_directory_with_a_space_and_quotes(slurm_cluster: Slu
             "2",
             "--job-name",
             "back\\slash name",
+            "--setup",
+            "export SITE='set up'",
+            "--venv",
+            str(venv),
             "--",
             sys.executable,
             "-c",
-            "print('hello from the task')",
+            show,
         ],
         capture_output=True,
         text=True,
@@ -49,7 +56,7 @@ def test_logs_land_in_a_run_directory_with_a_space_and_quotes(slurm_cluster: Slu
     _wait_gone(slurm_cluster, job)
     log = run_dir / "logs" / f"{job}_1.out"
     assert log.is_file(), sorted(str(p) for p in tmp_path.rglob("*.out"))
-    assert "hello from the task" in log.read_text()
+    assert f"hello from the task|{venv}|set up\n" in log.read_text(), "--setup ran and --venv is active"
 
 
 def test_slurm_drops_a_backslash_from_the_log_path_so_hpcckpt_refuses_it(
