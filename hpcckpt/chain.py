@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 from .errors import UsageError
@@ -22,21 +23,54 @@ from .timespec import format_slurm_time, parse_slurm_time
 TEMPLATE = "chain.sbatch.j2"
 DEFAULT_MAX_FAILURES = 3
 _SIGNAL_FORMS = "NAME@SECONDS such as USR1@300 (lead before the time limit), NAME alone, or none"
-# Options the template manages itself: an extra directive may not set them again.
-_MANAGED = (
-    "--array",
-    "--time",
-    "--output",
-    "--error",
-    "--open-mode",
-    "--signal",
-    "--job-name",
-    "-a",
-    "-t",
-    "-o",
-    "-e",
-    "-J",
-)
+# sbatch options an extra directive may not set (issue 11, item 5), with the hpcckpt flag to use instead:
+# those the template sets itself, and those hpcckpt has a flag for (the launcher and the breaker read
+# them: `--nodes=2` given behind hpcckpt's back would start one rank on a two-node allocation).
+_LOGS = "--run-dir (the logs go to RUN_DIR/logs)"
+_MANAGED = {
+    "--array": "--tasks",
+    "--time": "--time",
+    "--output": _LOGS,
+    "--error": _LOGS,
+    "--open-mode": _LOGS,
+    "--signal": "--signal",
+    "--job-name": "--job-name",
+    "--requeue": "--no-requeue (requeue is the default)",
+    "--no-requeue": "--no-requeue",
+    "--partition": "--partition",
+    "--account": "--account",
+    "--qos": "--qos",
+    "--nodes": "--nodes",
+    "--ntasks-per-node": "--ntasks-per-node",
+    "--gpus": "--gpus",
+    "--gres": "--gres",
+    "--cpus-per-task": "--cpus-per-task",
+    "--mem": "--mem",
+    "--constraint": "--constraint",
+    # The job starts where `hpcckpt submit` ran (the local backend too), and the command check looks there.
+    "--chdir": "the job starts where hpcckpt submit runs: run it from that directory",
+}
+_MANAGED_SHORT = {
+    "a": "--array",
+    "t": "--time",
+    "o": "--output",
+    "e": "--error",
+    "J": "--job-name",
+    "p": "--partition",
+    "A": "--account",
+    "q": "--qos",
+    "N": "--nodes",
+    "G": "--gpus",
+    "c": "--cpus-per-task",
+    "C": "--constraint",
+    "D": "--chdir",
+}
+# sbatch's short options that take no argument (`sbatch --help`, 22.05): getopt reads the next letter of
+# the same word as another option, so `-Ht5` is --hold --time=5 (measured: a time limit of 7 minutes
+# from `#SBATCH -Ht7`).
+_SHORT_FLAGS = "HIOQsvWhVu"
+# sbatch options that are a prefix of a managed one: getopt takes an exact name as itself.
+_EXACT = {"--ntasks"}
 _DIRECTIVE = re.compile(r"^--?[A-Za-z][A-Za-z0-9-]*(=[^\s'\"`$;&|<>()\\]*)?$")
 
 
@@ -67,6 +101,9 @@ class ChainSpec:
     max_failures: int = DEFAULT_MAX_FAILURES
     auto_extend: int = 0
     python: str = sys.executable
+    setup: tuple[str, ...] = ()  # shell lines of the site_setup block, as given (shell code by design)
+    conda: str | None = None  # a conda environment, activated in the site_setup block
+    venv: Path | None = None  # a virtual environment, activated in the site_setup block
 
     @property
     def signal_directive(self) -> str:
@@ -87,6 +124,8 @@ def parse_signal_spec(text: str, time_seconds: int) -> tuple[str | None, int]:
     """``USR1@300`` -> ("USR1", 300); ``USR2`` -> ("USR2", default lead); ``none`` -> (None, 0)."""
     if text.strip().lower() == "none":
         return None, 0
+    if not text.strip():
+        raise UsageError(f"Invalid --signal {text!r}: it is empty; expected {_SIGNAL_FORMS}")
     name, sep, lead_text = text.partition("@")
     try:
         found = parse_signal(name)
@@ -112,18 +151,40 @@ def parse_signal_spec(text: str, time_seconds: int) -> tuple[str | None, int]:
 def check_directive(text: str) -> str:
     """One extra ``#SBATCH`` option such as ``--mail-type=END``: one line, no shell, not one we manage."""
     directive = text.strip()
+    _check_not_managed(text, directive.split()[0] if directive else "")
     if "\n" in text or "\r" in text or not _DIRECTIVE.match(directive):
         raise UsageError(
             f"Invalid extra directive {text!r}: expected one sbatch option such as --mail-type=END or "
             "--exclusive, on one line, without spaces, quotes or shell characters ($, `, ;, |, &, <, >, (, ))"
         )
-    option = directive.split("=", 1)[0]
-    if option in _MANAGED:
-        raise UsageError(
-            f"Invalid extra directive {text!r}: {option} is set by hpcckpt itself; use its own option "
-            "(--tasks, --time, --signal, --job-name)"
-        )
     return directive
+
+
+def _check_not_managed(text: str, word: str) -> None:
+    """Refuse every spelling sbatch's getopt reads as a managed option: the name, an unambiguous prefix
+    of it (`--arr=1-50`), a short option with its value attached (`-a1-50`) or after flags (`-Ht5`)."""
+    if word.startswith("--"):
+        name = word.split("=", 1)[0]
+        if name in _MANAGED:
+            _refuse(text, name, name)
+        if len(name) > 2 and name not in _EXACT:
+            for option in _MANAGED:
+                if option.startswith(name):
+                    _refuse(text, f"{name} (sbatch reads an unambiguous prefix as {option})", option)
+    elif word.startswith("-"):
+        for letter in word[1:]:
+            if letter in _MANAGED_SHORT:
+                _refuse(text, f"-{letter} ({_MANAGED_SHORT[letter]})", _MANAGED_SHORT[letter])
+            if letter not in _SHORT_FLAGS:
+                return  # the rest of the word is this option's value
+
+
+def _refuse(text: str, spelled: str, option: str) -> None:
+    instead = _MANAGED[option]
+    raise UsageError(
+        f"Invalid extra directive {text!r}: {option} is set by hpcckpt itself ({spelled}); "
+        + (f"use hpcckpt's own option instead: {instead}" if instead.startswith("--") else instead)
+    )
 
 
 def chain_spec(
@@ -150,6 +211,9 @@ def chain_spec(
     max_failures: int = DEFAULT_MAX_FAILURES,
     auto_extend: int = 0,
     python: str | None = None,
+    setup: Sequence[str] = (),
+    conda: str | None = None,
+    venv: str | Path | None = None,
 ) -> ChainSpec:
     """Validate everything a user gave and return the chain's spec; :class:`UsageError` otherwise."""
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
@@ -157,7 +221,7 @@ def chain_spec(
     if tasks > 100_000:
         raise UsageError(f"Invalid --tasks {tasks}: expected at most 100000 (Slurm's MaxArraySize is lower)")
     seconds = parse_slurm_time(time)
-    signal_name, lead = parse_signal_spec(signal or "USR1", seconds)
+    signal_name, lead = parse_signal_spec("USR1" if signal is None else signal, seconds)
     if not command or not command[0]:
         raise UsageError("Missing command: expected the training command after --, e.g. -- python train.py")
     for name, value in (("--nodes", nodes), ("--ntasks-per-node", ntasks_per_node), ("--cpus-per-task", cpus_per_task)):
@@ -176,6 +240,8 @@ def chain_spec(
         ("--mem", mem),
         ("--constraint", constraint),
         ("--job-name", job_name),
+        ("--conda", conda),
+        *(("--setup", line) for line in setup),
     )
     for name, text in texts:
         if text is not None and (not text or any(c in text for c in "\n\r\0")):
@@ -186,6 +252,18 @@ def chain_spec(
             f"Invalid --run-dir {str(run_dir)!r}: newlines and '%' cannot appear in it (Slurm expands % in "
             "output file names); expected an ordinary path"
         )
+    if "\\" in str(run_path):
+        # Measured on Slurm 22.05: slurmd drops every backslash from an output file name (and stops
+        # expanding %A/%a), escaped or not, so the task cannot open its log and never runs.
+        raise UsageError(
+            f"Invalid --run-dir {str(run_dir)!r}: a backslash cannot appear in it (Slurm removes backslashes "
+            "from the log file names, so the tasks could not start); expected a path without '\\'"
+        )
+    venv_path = None
+    if venv is not None:
+        if not str(venv) or any(c in str(venv) for c in "\n\r\0"):
+            raise UsageError(f"Invalid --venv {str(venv)!r}: expected the directory of a virtual environment")
+        venv_path = Path(venv).expanduser().absolute()
     return ChainSpec(
         run_dir=run_path,
         command=tuple(command),
@@ -212,6 +290,9 @@ def chain_spec(
         max_failures=max_failures,
         auto_extend=auto_extend,
         python=python or sys.executable,
+        setup=tuple(setup),
+        conda=conda,
+        venv=venv_path,
     )
 
 
@@ -237,8 +318,14 @@ def render(spec: ChainSpec, template: str | Path | None = None) -> str:
         keep_trailing_newline=True,
     )
     environment.filters["q"] = lambda value: shlex.quote(str(value))
+    # In an #SBATCH line a backslash escapes the next character even inside quotes (measured on Slurm
+    # 22.05: --output='/r/back\slash/x' became /r/backslash/x), so it is doubled after shell quoting.
+    environment.filters["sq"] = lambda value: shlex.quote(str(value)).replace("\\", "\\\\")
     try:
-        return environment.get_template(name).render(
+        loaded = environment.get_template(name)
+        if template is not None:
+            _check_blocks(environment, name)
+        script = loaded.render(
             version=__version__,
             run_dir=str(spec.run_dir),
             command=shlex.join(spec.command),
@@ -264,10 +351,77 @@ def render(spec: ChainSpec, template: str | Path | None = None) -> str:
             max_failures=spec.max_failures,
             auto_extend=spec.auto_extend,
             python=spec.python,
+            setup=list(spec.setup),
+            conda=spec.conda,
+            venv=None if spec.venv is None else str(spec.venv),
         )
-    except jinja2.TemplateError as error:
-        where = f" (line {error.lineno})" if isinstance(error, jinja2.TemplateSyntaxError) else ""
+    except UsageError:
+        raise
+    except Exception as error:  # a user's template is code: any failure of it is theirs to fix
+        where = _template_line(error, name)
         raise UsageError(
-            f"Invalid template {name!r}{where}: {error}; expected a Jinja template that extends "
-            f"{TEMPLATE!r} and uses only its variables"
+            f"Invalid template {name!r}{where}: {type(error).__name__}: {error}; expected a Jinja template "
+            f"that extends {TEMPLATE!r} and uses only its variables"
         ) from None
+    _check_setup_rendered(spec, script, name)
+    return script
+
+
+def _check_blocks(environment: Any, name: str) -> None:
+    """A block the templates it extends do not have is never rendered: a typo (``site_setpu``) would drop
+    the user's site setup without a word (issue 11, item 20)."""
+    from jinja2 import nodes
+
+    def parse(template_name: str) -> Any:
+        return environment.parse(environment.loader.get_source(environment, template_name)[0])
+
+    tree = parse(name)
+    parents = []
+    current = tree
+    for _ in range(10):  # a chain of templates extending each other, ours at its root
+        extends = current.find(nodes.Extends)
+        if extends is None or not isinstance(extends.template, nodes.Const):
+            break
+        parents.append(str(extends.template.value))
+        current = parse(parents[-1])
+    if not parents:
+        return
+    valid = {block for parent in parents for block in environment.get_template(parent).blocks}
+    # Top-level blocks only: one nested in an overriding block is rendered as part of it.
+    unknown = sorted({node.name for node in tree.body if isinstance(node, nodes.Block)} - valid)
+    if unknown:
+        raise UsageError(
+            f"Invalid template {name!r}: it defines block(s) {', '.join(map(repr, unknown))} that "
+            f"{parents[0]!r} does not have, so they would never be rendered; expected one of "
+            f"{', '.join(map(repr, sorted(valid)))}"
+        )
+
+
+def _template_line(error: BaseException, name: str) -> str:
+    """`` (line N)`` of the template where rendering failed, from the traceback Jinja rewrites."""
+    import jinja2
+
+    if isinstance(error, jinja2.TemplateSyntaxError) and error.lineno:
+        return f" (line {error.lineno})"
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).name == name:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return "" if line is None else f" (line {line})"
+
+
+def _check_setup_rendered(spec: ChainSpec, script: str, name: str) -> None:
+    """``--setup``/``--conda``/``--venv`` are rendered by our site_setup block; a user's template that
+    replaces the block without ``{{ super() }}`` would silently drop them."""
+    body = script.splitlines()
+    given = [line for line in spec.setup if line.strip()]
+    given += [f"--conda {spec.conda}"] if spec.conda is not None and "conda activate" not in script else []
+    given += [f"--venv {spec.venv}"] if spec.venv is not None and "/bin/activate" not in script else []
+    missing = [line for line in given if line.startswith(("--conda ", "--venv ")) or line not in body]
+    if missing:
+        raise UsageError(
+            f"Invalid template {name!r}: its site_setup block replaces what --setup/--conda/--venv give "
+            f"({'; '.join(missing)}); expected {{{{ super() }}}} in that block, or the setup written there"
+        )

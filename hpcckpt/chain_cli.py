@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,15 @@ def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> Non
         help="one more #SBATCH option, e.g. --mail-type=END (repeatable)",
     )
     parser.add_argument("--template", help="your own template, extending chain.sbatch.j2")
+    parser.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="one line of shell run before the command, e.g. 'module load cuda/12.4' (repeatable)",
+    )
+    parser.add_argument("--conda", metavar="ENV", help="activate this conda environment before the command")
+    parser.add_argument("--venv", metavar="PATH", help="activate this virtual environment before the command")
     parser.add_argument(
         "--max-failures",
         type=_int("--max-failures"),
@@ -99,6 +111,9 @@ def run_submit(args: argparse.Namespace) -> int:
             if known and spec.partition not in known:
                 raise UsageError(f"Invalid --partition {spec.partition!r}: expected one of {', '.join(known)}")
     script_text = render(spec, args.template)
+    if not args.skip_command_check:  # after the template's own checks: a bad --template is named first
+        _check_script(spec)
+        _check_venv(spec)
     if args.dry_run:
         _check_writable(spec.run_dir)
         print(script_text, end="")
@@ -165,10 +180,9 @@ def configure_status(parser: argparse.ArgumentParser) -> None:
 
 def run_status(args: argparse.Namespace) -> int:
     from .status import format_status, summarize
-    from .store import CheckpointStore
     from .tasks import chain_jobs
 
-    store = CheckpointStore(args.run_dir, keep_last=None, create=False)
+    store = open_run(args.run_dir)
     events = store.registry.events()
     queue, note = _queue(chain_jobs(events), events)
     status = summarize(store.run_dir, events, store.list(), queue, time.time())
@@ -187,10 +201,9 @@ def configure_run_dir(parser: argparse.ArgumentParser) -> None:
 
 def run_cancel(args: argparse.Namespace) -> int:
     from . import slurm
-    from .store import CheckpointStore
     from .tasks import chain_jobs
 
-    store = CheckpointStore(args.run_dir, keep_last=None, create=False)
+    store = open_run(args.run_dir)
     jobs = chain_jobs(store.registry.events())
     queued = sorted({e.array_job for e in slurm.queue(jobs)}) if jobs and shutil.which("squeue") else []
     if queued:
@@ -236,7 +249,7 @@ def run_extend(args: argparse.Namespace) -> int:
 
 def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
     parser.add_argument("--run-dir", default=None, help="default: HPCCKPT_RUN_DIR")
-    parser.add_argument("--max-failures", type=_int("--max-failures"), default=3)
+    parser.add_argument("--max-failures", type=_int("--max-failures", minimum=1, what="tasks"), default=3)
     if end:
         parser.add_argument("--status", type=int, required=True, help="the training command's exit status")
         parser.add_argument("--auto-extend", type=_int("--auto-extend"), default=0)
@@ -284,17 +297,43 @@ def _spec(args: argparse.Namespace) -> Any:
         extra_directives=args.sbatch_arg,
         max_failures=args.max_failures,
         auto_extend=args.auto_extend,
+        setup=args.setup,
+        conda=args.conda,
+        venv=args.venv,
     )
 
 
-def _int(name: str) -> Any:
+def _int(name: str, *, minimum: int | None = None, what: str = "") -> Any:
     def parse(text: str) -> int:
         try:
-            return int(text)
+            value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {name} {text!r}: expected a whole number") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"invalid {name} {text!r}: expected a whole number{' of ' + what if what else ''} >= {minimum}"
+            )
+        return value
 
     return parse
+
+
+def open_run(text: str) -> Any:
+    """The store of an existing run directory, for commands that read it (and ``cancel``, which records
+    in it). A directory that holds none of a run's files is refused before anything is written there:
+    ``cancel`` used to leave a lock and an event log in whatever directory it was given (issue 11)."""
+    from .registry import CHECKPOINTS, EVENTS, INDEX
+    from .store import CheckpointStore
+
+    if not text.strip():
+        raise UsageError(f"Invalid run directory {text!r}: expected the --run-dir of a chain or a Run")
+    run_dir = Path(text).expanduser()
+    if run_dir.is_dir() and not any((run_dir / name).exists() for name in (CHECKPOINTS, INDEX, EVENTS)):
+        raise UsageError(
+            f"Invalid run directory {text!r}: it is not a run directory (no {CHECKPOINTS}/, {INDEX} or "
+            f"{EVENTS} in it); expected the --run-dir of a chain or a Run"
+        )
+    return CheckpointStore(run_dir, keep_last=None, create=False)
 
 
 def _check_command(command: tuple[str, ...]) -> None:
@@ -308,6 +347,129 @@ def _check_command(command: tuple[str, ...]) -> None:
         raise UsageError(
             f"Invalid command {program!r}: not found on PATH; expected a program and its arguments "
             "after -- (or --skip-command-check when your site setup provides it)"
+        )
+
+
+# Python's options that take a value (`python3 -W error train.py`); -c ends the options with code.
+_PYTHON_VALUE_OPTIONS = "WX"
+_PYTHON_LONG_VALUE = {"--check-hash-based-pycs"}
+# torchrun's options without a value (torch 2.13's argument parser); every other option takes one.
+_TORCHRUN_FLAGS = {
+    "-h",
+    "--help",
+    "--standalone",
+    "-m",
+    "--module",
+    "--no-python",
+    "--no_python",
+    "--run-path",
+    "--run_path",
+    "--virtual-local-rank",
+    "--virtual_local_rank",
+}
+_PYTHON_NAME = re.compile(r"^python(\d+(\.\d+)?)?$")
+
+
+def command_target(command: Sequence[str]) -> tuple[str, str] | None:
+    """What a python/torchrun command runs: ("script", path), ("module", name), or None (code given with
+    -c, stdin, ``torchrun --no-python``, another program, or options this parser does not know)."""
+    program = os.path.basename(command[0]) if command else ""
+    if _PYTHON_NAME.match(program):
+        return _python_target(command[1:])
+    if program == "torchrun":
+        return _torchrun_target(command[1:])
+    return None
+
+
+def _python_target(args: Sequence[str]) -> tuple[str, str] | None:
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return ("script", args[i + 1]) if i + 1 < len(args) else None
+        if arg == "-" or not arg.startswith("-"):
+            return None if arg == "-" else ("script", arg)
+        if arg.startswith("--"):
+            i += 2 if arg in _PYTHON_LONG_VALUE else 1
+            continue
+        for j, letter in enumerate(arg[1:], start=1):
+            if letter == "c":
+                return None
+            if letter == "m":
+                name = arg[j + 1 :] or (args[i + 1] if i + 1 < len(args) else "")
+                return ("module", name) if name else None
+            if letter in _PYTHON_VALUE_OPTIONS:
+                i += 0 if arg[j + 1 :] else 1  # the value is attached (-Werror) or the next word
+                break
+        i += 1
+    return None
+
+
+def _torchrun_target(args: Sequence[str]) -> tuple[str, str] | None:
+    module = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            return ("module" if module else "script", arg)
+        if arg in ("--no-python", "--no_python"):
+            return None
+        module = module or arg in ("-m", "--module")
+        i += 1 if arg in _TORCHRUN_FLAGS or "=" in arg else 2
+    return None
+
+
+def _check_script(spec: Any) -> None:
+    """The training script a python/torchrun command names exists where the job starts (the directory
+    `hpcckpt submit` runs in; --chdir is refused); ``-m module`` is findable when the job's Python is this
+    one. Otherwise the chain would fail task after task in the queue until the breaker stops it."""
+    target = command_target(spec.command)
+    if target is None:
+        return
+    kind, name = target
+    workdir = Path.cwd()
+    if kind == "script":
+        path = workdir / name  # as the job sees it: the command is quoted, so no ~ expansion
+        if not path.is_file():
+            raise UsageError(
+                f"Invalid command {shlex.join(spec.command)!r}: the script {name!r} does not exist in the job's "
+                f"working directory ({path} is not a file); expected an existing script, or "
+                "--skip-command-check when your site setup provides it"
+            )
+        return
+    if not _same_python(spec) or not name:
+        return
+    import importlib.machinery
+
+    top = name.split(".")[0]
+    # The path finder looks for the top-level package without importing anything; `python -m` puts the
+    # working directory first on sys.path.
+    if (
+        top not in sys.builtin_module_names
+        and importlib.machinery.PathFinder.find_spec(top, [str(workdir), *sys.path[1:]]) is None
+    ):
+        raise UsageError(
+            f"Invalid command {shlex.join(spec.command)!r}: the module {top!r} of -m {name} is not importable "
+            f"from {workdir} by {sys.executable}; expected an installed module, or --skip-command-check "
+            "when your site setup provides it"
+        )
+
+
+def _same_python(spec: Any) -> bool:
+    """Whether the command's interpreter is of this environment (same bin directory), with no site setup
+    that could change it: only then does this process's sys.path say what the job can import."""
+    if spec.setup or spec.conda or spec.venv:
+        return False
+    program = spec.command[0]
+    found = program if os.sep in program else shutil.which(program)
+    return found is not None and Path(found).absolute().parent == Path(sys.executable).absolute().parent
+
+
+def _check_venv(spec: Any) -> None:
+    if spec.venv is not None and not (spec.venv / "bin" / "activate").is_file():
+        raise UsageError(
+            f"Invalid --venv {str(spec.venv)!r}: {spec.venv / 'bin' / 'activate'} is not a file; expected "
+            "the directory of a virtual environment (python -m venv DIR)"
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,9 +46,9 @@ def _run_templates(args: argparse.Namespace) -> int:
 
 
 def _open_store(run_dir: str) -> Any:
-    from .store import CheckpointStore
+    from .chain_cli import open_run
 
-    return CheckpointStore(run_dir, keep_last=None, create=False)
+    return open_run(run_dir)
 
 
 def _configure_ls(parser: argparse.ArgumentParser) -> None:
@@ -250,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in _COMMANDS:
         command_parser = sub.add_parser(command.name, help=command.help, description=command.help)
         command.configure(command_parser)
-        command_parser.set_defaults(handler=command.run)
+        # Not `command`: submit's positional training command has that name (issue 11: error messages
+        # began "hpcckpt ['--', 'python3', 'train.py']: error").
+        command_parser.set_defaults(handler=command.run, subcommand=command.name)
     return parser
 
 
@@ -259,12 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        # `hpcckpt ls --json | head -1`: the reader left, which is no error of ours. As the CPython docs
+        # recommend, point stdout at devnull so that the flush at exit does not fail again, and leave quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except HpcckptError as error:
-        print(f"hpcckpt {args.command}: error: {error}", file=sys.stderr)
+        print(f"hpcckpt {args.subcommand}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print(f"hpcckpt {args.command}: interrupted", file=sys.stderr)
+        print(f"hpcckpt {args.subcommand}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -67,23 +67,50 @@ _SLURM_TIME = re.compile(
 SLURM_TIME_FORMS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 30, 0:20, 4:00:00, 2-00:00:00)"
 
 
+# The longest limit accepted. Slurm itself takes any number (measured on 22.05: `--time=5000000` became a
+# limit of 3472 days), so a unit slip (seconds typed where minutes are meant) would only pend for ever
+# against the partition's MaxTime; no site allows a year, and a year keeps the arithmetic far from
+# Slurm's 32-bit minute counter.
+MAX_TIME_SECONDS = 365 * 86400
+
+
 def parse_slurm_time(text: str) -> int:
-    """Seconds in a Slurm time limit such as ``4:00:00`` or ``2-12:00``; ``UsageError`` otherwise."""
+    """Seconds in a Slurm time limit such as ``4:00:00`` or ``2-12:00``; ``UsageError`` otherwise.
+
+    Every field after the first must be in range (minutes and seconds < 60, hours < 24 after days): Slurm
+    22.05 silently carries an overflow over (``1:99`` became 3 minutes, ``1-25`` two days and one hour,
+    measured), which hides a typo in the limit a whole chain is sized by."""
     match = _SLURM_TIME.match(str(text).strip())
     if match is None:
         raise UsageError(f"Invalid time {text!r}: expected {SLURM_TIME_FORMS}")
     g = match.groupdict()
     if g["days"] is not None:
+        _check_fields(text, (("hours", g["dh"], 24), ("minutes", g["dm"], 60), ("seconds", g["ds"], 60)))
         seconds = int(g["days"]) * 86400 + int(g["dh"]) * 3600 + int(g["dm"] or 0) * 60 + int(g["ds"] or 0)
     elif g["c"] is not None:
+        _check_fields(text, (("minutes", g["b"], 60), ("seconds", g["c"], 60)))
         seconds = int(g["a"]) * 3600 + int(g["b"]) * 60 + int(g["c"])
     elif g["b"] is not None:
+        _check_fields(text, (("seconds", g["b"], 60),))
         seconds = int(g["a"]) * 60 + int(g["b"])
     else:
         seconds = int(g["a"]) * 60
     if seconds <= 0:
         raise UsageError(f"Invalid time {text!r}: it must be longer than zero; expected {SLURM_TIME_FORMS}")
+    if seconds > MAX_TIME_SECONDS:
+        raise UsageError(
+            f"Invalid time {text!r}: {format_slurm_time(seconds)} is longer than the limit of 365 days; "
+            f"expected {SLURM_TIME_FORMS}"
+        )
     return seconds
+
+
+def _check_fields(text: str, fields: tuple[tuple[str, str | None, int], ...]) -> None:
+    for name, value, limit in fields:
+        if value is not None and int(value) >= limit:
+            raise UsageError(
+                f"Invalid time {text!r}: {name} must be below {limit} (got {int(value)}); expected {SLURM_TIME_FORMS}"
+            )
 
 
 def format_slurm_time(seconds: int) -> str:

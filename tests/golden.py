@@ -52,6 +52,20 @@ GOLDEN: dict[str, ChainSpec] = {
         ntasks_per_node=1,
         python="python3",
     ),
+    # --setup, --conda and --venv: the site setup without a template of one's own.
+    "examples/site-setup.sbatch": ChainSpec(
+        run_dir=Path("/scratch/hpcckpt-runs/site"),
+        command=("python3", "train.py"),
+        tasks=4,
+        time_seconds=2 * 3600,
+        signal_name="USR1",
+        signal_lead=300,
+        job_name="site",
+        python="python3",
+        setup=("module load cuda/12.4", 'export NCCL_DEBUG="WARN"'),
+        conda="my env",
+        venv=Path("/scratch/venvs/my venv"),
+    ),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -83,3 +84,34 @@ def test_warning_signal_argument_then_environment_then_usr1() -> None:
     assert warning_signal("USR2", {"HPCCKPT_SIGNAL": "HUP"}) == signal.SIGUSR2
     assert warning_signal(None, {"HPCCKPT_SIGNAL": "HUP"}) == signal.SIGHUP
     assert warning_signal(None, {}) == signal.SIGUSR1
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("1:99", "seconds must be below 60 (got 99)"),
+        ("1:60:00", "minutes must be below 60 (got 60)"),
+        ("1:00:60", "seconds must be below 60 (got 60)"),
+        ("1-25", "hours must be below 24 (got 25)"),
+        ("1-24:00", "hours must be below 24 (got 24)"),
+        ("2-0:60", "minutes must be below 60 (got 60)"),
+        ("366-00:00:00", "is longer than the limit of 365 days"),
+        ("5000000", "is longer than the limit of 365 days"),
+    ],
+)
+def test_slurm_time_fields_out_of_range_are_refused_naming_the_field(text: str, field: str) -> None:
+    # Slurm 22.05 carries these over silently (1:99 became 3 minutes, 1-25 became 2-01:00:00): a typo
+    # would size every task of a chain.
+    with pytest.raises(
+        UsageError,
+        match=rf"Invalid time {re.escape(repr(text))}: .*{re.escape(field)}.*expected MM, MM:SS, HH:MM:SS, D-HH",
+    ):
+        parse_slurm_time(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90:00", 5400), ("48:00:00", 172800), ("1-23:59:59", 172799), ("365-00:00:00", 365 * 86400), ("600", 36000)],
+)
+def test_leading_time_fields_may_exceed_their_unit(text: str, seconds: int) -> None:
+    assert parse_slurm_time(text) == seconds
