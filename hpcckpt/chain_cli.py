@@ -62,7 +62,10 @@ def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> Non
     )
     if submitting:
         parser.add_argument(
-            "--backend", choices=("slurm", "local"), default=None, help="slurm when sbatch is on PATH, else local"
+            "--backend",
+            choices=("slurm", "local"),
+            default=None,
+            help="slurm (the default: sbatch must be on PATH) or local (the tasks run on this machine)",
         )
         parser.add_argument("--dry-run", action="store_true", help="validate and print, submit nothing")
         parser.add_argument(
@@ -85,12 +88,19 @@ def run_submit(args: argparse.Namespace) -> int:
     from .chain import render
 
     spec = _spec(args)
-    backend = args.backend or ("slurm" if shutil.which("sbatch") else "local")
+    backend = args.backend or "slurm"
     if not args.skip_command_check:
         _check_command(spec.command)
     if backend == "slurm":
         if not shutil.which("sbatch"):
-            raise UsageError("Invalid --backend slurm: sbatch is not on PATH; expected --backend local here")
+            # Never fall back to the local backend by itself (issue 11, item 15): it would run the job on
+            # this (login) node and ignore --gpus, --partition and the rest.
+            raise UsageError(
+                f"sbatch is not on PATH, so the chain cannot go to Slurm"
+                f"{'' if args.backend else ' (the default backend)'}: "
+                "load Slurm first (e.g. `module load slurm`, or run this on the cluster's login node), "
+                "or pass --backend local to run the tasks on this machine"
+            )
         if spec.partition:
             try:
                 known = slurm.partitions()

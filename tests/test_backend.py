@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,46 @@ def test_node_lists_expand_as_the_real_scontrol_expands_them(tmp_path: Path) -> 
         assert proc.stdout.split() == hosts == expand_nodelist(nodelist), nodelist
         compared += 1
     assert compared >= 8  # all but the forms Slurm 22.05 refuses
+
+
+# --- item 15: no silent fallback to the local backend ------------------------------------------------
+def _without_sbatch(tmp_path: Path) -> dict[str, str]:
+    """This machine's environment with a PATH that has no Slurm command (a laptop, a container)."""
+    empty = tmp_path / "bin-without-slurm"
+    empty.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = str(empty)
+    return env
+
+
+def test_without_sbatch_submit_refuses_instead_of_running_on_this_machine(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    script = tmp_path / "train.py"
+    script.write_text("open('ran', 'w').close()\n")
+    argv = ["--run-dir", str(run_dir), "--tasks", "1", "--time", "4:00:00", "--gpus", "1", "--partition", "gpu"]
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcckpt", "submit", *argv, "--", sys.executable, str(script)],
+        env=_without_sbatch(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "sbatch is not on PATH" in result.stderr
+    assert "module load slurm" in result.stderr and "--backend local" in result.stderr
+    assert "local chain" not in result.stdout
+    assert not run_dir.exists() and not (tmp_path / "ran").exists()
+
+
+def test_without_sbatch_the_local_backend_must_be_asked_for(tmp_path: Path) -> None:
+    argv = ["--backend", "local", "--dry-run", "--run-dir", str(tmp_path / "run"), "--tasks", "1", "--time", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcckpt", "submit", *argv, "--", sys.executable, "-c", "pass"],
+        env=_without_sbatch(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "the local backend" in result.stderr
