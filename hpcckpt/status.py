@@ -13,7 +13,9 @@ from .checkpoint import Checkpoint
 from .slurm import QueueEntry
 from .tasks import chain_jobs
 
-State = Literal["pending", "running", "complete", "failed", "stalled"]
+# "unknown": the queue could not be read (squeue failed even after retries) and no task is known to run;
+# never read as "stalled", which would tell the user to extend a chain that may be queued (item 25).
+State = Literal["pending", "running", "complete", "failed", "stalled", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def summarize(
         state = "pending"
     elif queue is None and _task_open(events):
         state = "running"
+    elif queue is None and jobs:
+        state = "unknown"
     else:
         state = "stalled"
     latest = checkpoints[-1] if checkpoints else None

@@ -3,13 +3,16 @@ that fail for a moment, the local backend driven like a user drives it (Ctrl-C, 
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from slurm_cluster import SlurmCluster
 
 from hpcckpt.distributed import expand_nodelist
 from hpcckpt.errors import UsageError
@@ -105,3 +108,114 @@ def test_without_sbatch_the_local_backend_must_be_asked_for(tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert "the local backend" in result.stderr
+
+
+# --- item 25: Slurm commands that fail for a moment ----------------------------------------------------
+def flaky(tmp_path: Path, command: str, failures: int, message: str) -> tuple[dict[str, str], Path]:
+    """A PATH whose ``command`` fails ``failures`` times with ``message`` on stderr, then runs the real one;
+    the file returned counts the calls. The fault is injected at the process edge, nothing is patched."""
+    real = shutil.which(command)
+    bin_dir = tmp_path / f"flaky-{command}"
+    bin_dir.mkdir()
+    calls = tmp_path / f"{command}-calls"
+    script = bin_dir / command
+    script.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {shlex.quote(str(calls))} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {shlex.quote(str(calls))}\n"
+        f"if [ $n -le {failures} ]; then echo {shlex.quote(message)} >&2; exit 1; fi\n"
+        + (f'exec {shlex.quote(real)} "$@"\n' if real else "echo 'no real command' >&2; exit 1\n")
+    )
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def calls(counter: Path) -> int:
+    return int(counter.read_text()) if counter.exists() else 0
+
+
+def chain_run_dir(tmp_path: Path, *, job: str = "4242") -> Path:
+    """A run directory whose chain was submitted to Slurm and whose one task has ended."""
+    from hpcckpt import CheckpointStore
+
+    run_dir = tmp_path / "run"
+    registry = CheckpointStore(run_dir).registry
+    registry.record("submit", job=job, tasks=2, time_seconds=60, backend="slurm", script=str(run_dir / "chain.sbatch"))
+    registry.record("task-begin", job=f"{job}_1", array_job=job, task=1, latest=None, latest_step=None)
+    registry.record("task-end", job=f"{job}_1", status=0, killed=False, progress=True, latest_step=None)
+    return run_dir
+
+
+def test_status_does_not_read_a_failing_squeue_as_an_empty_queue(tmp_path: Path) -> None:
+    run_dir = chain_run_dir(tmp_path)
+    env, counter = flaky(tmp_path, "squeue", 99, "squeue: error: Unable to contact slurm controller (connect failure)")
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcckpt", "status", str(run_dir), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert calls(counter) == 4, "asked once and retried three times"
+    assert status["state"] == "unknown" and status["tasks_left"] is None
+    assert any("the queue is unknown" in w and "Unable to contact" in w for w in status["warnings"])
+    assert not any("no task is queued" in w for w in status["warnings"])
+
+
+def test_a_definite_slurm_error_is_not_retried(tmp_path: Path) -> None:
+    env, counter = flaky(tmp_path, "scancel", 99, "scancel: error: Invalid job id specified")
+    code = "from hpcckpt import slurm\ntry:\n    slurm.cancel(['1'])\nexcept slurm.SlurmError as e:\n    print(e)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert "Invalid job id specified" in result.stdout and "after 1 attempt" not in result.stdout
+    assert calls(counter) == 1
+
+
+def test_sbatch_is_sent_again_only_when_the_controller_was_not_reached(tmp_path: Path) -> None:
+    env, counter = flaky(
+        tmp_path, "sbatch", 1, "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"
+    )
+    code = "from hpcckpt import slurm\ntry:\n    slurm.submit('x.sbatch')\nexcept slurm.SlurmError as e:\n    print(e)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert "Socket timed out" in result.stdout and "after 1 attempt" in result.stdout
+    assert calls(counter) == 1, "the job may exist: a second sbatch could start a second array of the chain"
+
+
+@pytest.mark.timeout(300, func_only=True)
+def test_squeue_and_sbatch_that_fail_for_a_moment_are_asked_again(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    sbatch_env, sbatch_calls = flaky(
+        tmp_path,
+        "sbatch",
+        2,
+        "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)",
+    )
+    run_dir = tmp_path / "run"
+    argv = ["--backend", "slurm", "--run-dir", str(run_dir), "--tasks", "2", "--time", "1", "--max-failures", "9"]
+    submitted = subprocess.run(
+        ["hpcckpt", "submit", *argv, "--", "sleep", "120"],
+        env={**sbatch_env, "SLURM_CONF": slurm_cluster.env["SLURM_CONF"]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert calls(sbatch_calls) == 3
+    job = submitted.stdout.split()[2].rstrip(":")
+    try:
+        squeue_env, squeue_calls = flaky(
+            tmp_path, "squeue", 2, "slurm_load_jobs error: Socket timed out on send/recv operation"
+        )
+        result = subprocess.run(
+            ["hpcckpt", "status", str(run_dir), "--json"],
+            env={**squeue_env, "SLURM_CONF": slurm_cluster.env["SLURM_CONF"]},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert calls(squeue_calls) == 3
+        assert status["tasks_left"] == 2 and status["jobs"] == [job], status
+        assert status["state"] in ("pending", "running")
+    finally:
+        slurm_cluster.cancel(job)
