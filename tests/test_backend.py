@@ -7,9 +7,13 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from slurm_cluster import SlurmCluster
@@ -219,3 +223,168 @@ def test_squeue_and_sbatch_that_fail_for_a_moment_are_asked_again(slurm_cluster:
         assert status["state"] in ("pending", "running")
     finally:
         slurm_cluster.cancel(job)
+
+
+# --- item 22: the local backend driven from a terminal -------------------------------------------------
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def hpcckpt(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["hpcckpt", *argv], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    from hpcckpt import CheckpointStore
+
+    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
+
+
+def status_json(run_dir: Path) -> dict[str, Any]:
+    result = hpcckpt("status", str(run_dir), "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def session_members(session: int) -> list[int]:
+    """Processes whose session is ``session`` (the local backend starts each task in its own)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:  # after "pid (comm)": state ppid pgrp session
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_on_a_local_submit_saves_the_running_task_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "3", "--time", "2:00", "--signal", "USR1@20"]
+    training = [sys.executable, str(WORKER), str(run_dir), "--steps", "1000000", "--step-sleep", "0.02"]
+    chain = subprocess.Popen(
+        ["hpcckpt", "submit", *argv, "--", *training, "--workers", "0", "--save-every", "10ba"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        from hpcckpt import CheckpointStore
+
+        saved = lambda: (run_dir / "registry.json").exists() and CheckpointStore(run_dir, create=False).list()  # noqa: E731
+        first = wait_for(saved, 240, "a first periodic save")[0]
+        now = status_json(run_dir)
+        assert (now["state"], now["tasks_left"], now["tasks_running"]) == ("running", 3, 1), now
+        extended = hpcckpt("extend", str(run_dir), "--tasks", "2")
+        assert extended.returncode == 0, extended.stderr
+        assert "added 2 task(s) to local chain" in extended.stdout
+        assert status_json(run_dir)["tasks_left"] == 5
+        os.killpg(chain.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, err = chain.communicate(timeout=180)
+    finally:
+        if chain.poll() is None:
+            os.killpg(chain.pid, signal.SIGKILL)
+    assert chain.returncode == 130, out + err
+    assert "interrupted by SIGINT" in err and "4 task(s) not run" in err
+    (stop,) = events(run_dir, "stop")
+    assert stop["reason"] == "signal" and stop["saved"] and stop["steps_lost"] == 0
+    assert stop["step"] > first.step > 0
+    assert CheckpointStore(run_dir, create=False).list()[-1].step == stop["step"]
+    (begin,) = events(run_dir, "task-begin")
+    (end,) = events(run_dir, "task-end")
+    assert end["status"] == 0 and not end["killed"]
+    assert events(run_dir, "cancel"), "the interruption is in the run's history"
+    assert session_members(int(begin["pid"])) == [], "no process of the task is left running"
+    after = status_json(run_dir)
+    assert (after["tasks_left"], after["tasks_running"], after["state"]) == (0, 0, "stalled")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_extend_runs_more_tasks_of_a_local_run_here(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    training = [
+        sys.executable,
+        str(WORKER),
+        str(run_dir),
+        "--steps",
+        "100000",
+        "--step-sleep",
+        "0.02",
+        "--workers",
+        "0",
+    ]
+    base = ["--run-dir", str(run_dir), "--time", "0:12", "--signal", "none"]
+    first = hpcckpt("submit", "--backend", "local", *base, "--tasks", "1", "--max-tasks", "1", "--", *training)
+    assert first.returncode == 0, first.stdout + first.stderr
+    extended = hpcckpt("extend", str(run_dir), "--tasks", "1")
+    assert extended.returncode == 0, extended.stdout + extended.stderr
+    assert "task 1/1 ended" in extended.stdout
+    stops, starts = events(run_dir, "stop"), events(run_dir, "start")
+    assert len(stops) == len(starts) == 2
+    assert starts[1]["resumed_step"] == stops[0]["step"] > 0 and stops[1]["step"] > stops[0]["step"]
+    assert status_json(run_dir)["tasks_used"] == 2
+
+
+# --- item 28: chains that extend themselves, within a cap -----------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_local_chain_too_short_for_its_run_extends_itself_until_complete(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    training = [sys.executable, str(WORKER), str(run_dir), "--steps", "400", "--step-sleep", "0.02", "--workers", "0"]
+    argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "1", "--time", "0:10", "--signal", "none"]
+    result = hpcckpt("submit", *argv, "--max-tasks", "30", "--", *training, timeout=580)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert events(run_dir, "complete"), result.stdout
+    submits = events(run_dir, "submit")
+    assert submits[0]["max_tasks"] == 30 and len(submits) >= 2, "8 s of sleeps alone do not fit one 10-s task"
+    assert all(s["auto"] and s["tasks"] == 1 for s in submits[1:])
+    assert len(events(run_dir, "task-begin")) == len(submits) <= 30
+    assert "auto-extension" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_auto_extension_stops_at_the_default_cap_and_status_says_what_the_eta_needs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    training = [
+        sys.executable,
+        str(WORKER),
+        str(run_dir),
+        "--steps",
+        "100000",
+        "--step-sleep",
+        "0.02",
+        "--workers",
+        "0",
+    ]
+    argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "1", "--time", "0:08", "--signal", "none"]
+    result = hpcckpt("submit", *argv, "--", *training, timeout=580)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(events(run_dir, "task-begin")) == 4, "default --max-tasks: 4 x --tasks"
+    assert events(run_dir, "submit")[0]["max_tasks"] == 4
+    now = status_json(run_dir)
+    assert now["tasks_needed"] is not None and now["tasks_needed"] > 1
+    assert (now["max_tasks"], now["extension_left"], now["tasks_left"]) == (4, 0, 0)
+    text = hpcckpt("status", str(run_dir)).stdout
+    assert f"the ETA needs about {now['tasks_needed']} more task(s), 0 queued" in text
+    assert "auto-extension used up (--max-tasks 4)" in text
+
+
+def test_max_tasks_below_tasks_is_refused(tmp_path: Path) -> None:
+    argv = ["--backend", "local", "--run-dir", str(tmp_path / "run"), "--tasks", "3", "--time", "1"]
+    result = hpcckpt("submit", *argv, "--max-tasks", "2", "--", sys.executable, "-c", "pass")
+    assert result.returncode == 2
+    assert "Invalid --max-tasks 2: expected a whole number >= --tasks (3)" in result.stderr
+    assert not (tmp_path / "run").exists()
