@@ -388,3 +388,37 @@ def test_max_tasks_below_tasks_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Invalid --max-tasks 2: expected a whole number >= --tasks (3)" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(720, func_only=True)
+def test_a_slurm_chain_of_two_tasks_that_needs_four_extends_itself_and_completes(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    from test_chain_slurm import WORKER as SLURM_WORKER
+    from test_chain_slurm import assert_chain_gone, submit, wait_state
+
+    run_dir = tmp_path / "chain"
+    args = ["--epochs", "320", "--step-sleep", "0.05", "--workers", "0"]  # ~3.5 one-minute tasks of training
+    first = submit(
+        slurm_cluster,
+        run_dir,
+        "--tasks",
+        "2",
+        "--time",
+        "1",
+        "--signal",
+        "none",
+        command=[sys.executable, str(SLURM_WORKER), str(run_dir), *args],
+        env_extra={"HPCCKPT_MARGIN": "3"},
+    )
+    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=660)
+    assert final["state"] == "complete", final
+    submits = events(run_dir, "submit")
+    assert submits[0]["max_tasks"] == 8, "default --max-tasks: 4 x --tasks"
+    assert len(submits) >= 2 and all(s["auto"] and s["tasks"] == 2 for s in submits[1:]), submits
+    assert final["jobs"][0] == first and len(final["jobs"]) == len(submits)
+    stops = events(run_dir, "stop")
+    assert [s["reason"] for s in stops] == ["budget"] * (len(stops) - 1) + ["completed"]
+    assert len(stops) >= 3 and all(s["saved"] and s["steps_lost"] == 0 for s in stops)
+    for job in final["jobs"]:
+        assert_chain_gone(slurm_cluster, job)
