@@ -143,8 +143,9 @@ def extension_size(events: list[dict[str, Any]]) -> int:
     """How many tasks auto-extension adds now (item 28): the chain's ``--tasks`` again, within what its
     ``--max-tasks`` cap leaves of the tasks submitted so far, when the last task made progress (a new
     checkpoint) and the run is neither complete nor failed; else 0. A chain submitted without a cap
-    (rendered by hand, or before 0.2) is not extended here. The breaker still ends a run that stops
-    progressing: it is checked before this, and a task without progress is never extended."""
+    (rendered and submitted by hand, or by an earlier hpcckpt) is not extended here. The breaker still
+    ends a run that stops progressing: it is checked before this, and a task without progress is never
+    extended."""
     submits = [e for e in events if e.get("event") == "submit"]
     capped = [e for e in submits if e.get("max_tasks") is not None]
     if not capped or _status_of(events) is not None:
