@@ -18,6 +18,7 @@ from typing import Any
 from .errors import HpcckptError, UsageError
 
 TASK_LEAVE = 3  # task-begin's status for "the run is complete or failed: leave with status 0"
+DEFAULT_MAX_TASKS_FACTOR = 4  # --max-tasks default: 4 x --tasks (item 28)
 
 
 def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> None:
@@ -74,7 +75,17 @@ def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> Non
     )
     if submitting:
         parser.add_argument(
-            "--backend", choices=("slurm", "local"), default=None, help="slurm when sbatch is on PATH, else local"
+            "--backend",
+            choices=("slurm", "local"),
+            default=None,
+            help="slurm (the default: sbatch must be on PATH) or local (the tasks run on this machine)",
+        )
+        parser.add_argument(
+            "--max-tasks",
+            type=_int("--max-tasks"),
+            default=None,
+            help="cap on the chain's tasks in all: while the run is unfinished and its last task made "
+            "progress, the chain submits --tasks more, up to this (default 4 x --tasks; = --tasks: never)",
         )
         parser.add_argument("--dry-run", action="store_true", help="validate and print, submit nothing")
         parser.add_argument(
@@ -97,12 +108,19 @@ def run_submit(args: argparse.Namespace) -> int:
     from .chain import render
 
     spec = _spec(args)
-    backend = args.backend or ("slurm" if shutil.which("sbatch") else "local")
+    backend = args.backend or "slurm"
     if not args.skip_command_check:
         _check_command(spec.command)
     if backend == "slurm":
         if not shutil.which("sbatch"):
-            raise UsageError("Invalid --backend slurm: sbatch is not on PATH; expected --backend local here")
+            # Never fall back to the local backend by itself (issue 11, item 15): it would run the job on
+            # this (login) node and ignore --gpus, --partition and the rest.
+            raise UsageError(
+                f"sbatch is not on PATH, so the chain cannot go to Slurm"
+                f"{'' if args.backend else ' (the default backend)'}: "
+                "load Slurm first (e.g. `module load slurm`, or run this on the cluster's login node), "
+                "or pass --backend local to run the tasks on this machine"
+            )
         if spec.partition:
             try:
                 known = slurm.partitions()
@@ -110,6 +128,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 known = []  # sinfo does not answer: sbatch will judge
             if known and spec.partition not in known:
                 raise UsageError(f"Invalid --partition {spec.partition!r}: expected one of {', '.join(known)}")
+    max_tasks = _max_tasks(args, spec.tasks)
     script_text = render(spec, args.template)
     if not args.skip_command_check:  # after the template's own checks: a bad --template is named first
         _check_script(spec)
@@ -139,11 +158,15 @@ def run_submit(args: argparse.Namespace) -> int:
         "backend": backend,
         "script": str(script),
         "command": list(spec.command),
+        "max_tasks": max_tasks,
     }
     if backend == "slurm":
         job = slurm.submit(str(script))
         store.registry.record("submit", job=job, **record)
-        print(f"submitted chain {job}: {spec.tasks} task(s) of {args.time} for {spec.run_dir}")
+        print(
+            f"submitted chain {job}: {spec.tasks} task(s) of {args.time} for {spec.run_dir}"
+            f"{_extension_note(spec.tasks, max_tasks)}"
+        )
         print(f"  follow it:  hpcckpt status {_q(spec.run_dir)}")
         print(f"  its logs:   {spec.run_dir / 'logs'}/{job}_<task>.out and .err")
         print(f"  stop it:    hpcckpt cancel {_q(spec.run_dir)}")
@@ -153,7 +176,8 @@ def run_submit(args: argparse.Namespace) -> int:
     job = str(int(time.time()))
     store.registry.record("submit", job=job, **record)
     print(
-        f"local chain {job}: {spec.tasks} task(s) of {args.time} for {spec.run_dir} (logs in {spec.run_dir / 'logs'})",
+        f"local chain {job}: {spec.tasks} task(s) of {args.time} for {spec.run_dir}"
+        f"{_extension_note(spec.tasks, max_tasks)} (logs in {spec.run_dir / 'logs'})",
         flush=True,
     )
     run_local_chain(
@@ -184,7 +208,7 @@ def run_status(args: argparse.Namespace) -> int:
 
     store = open_run(args.run_dir)
     events = store.registry.events()
-    queue, note = _queue(chain_jobs(events), events)
+    queue, note = _queue(chain_jobs(events), events, store.run_dir)
     status = summarize(store.run_dir, events, store.list(), queue, time.time())
     if note:
         status.warnings.append(note)
@@ -236,6 +260,9 @@ def run_extend(args: argparse.Namespace) -> int:
     if status is not None:
         store.registry.record("reopen", why="hpcckpt extend")
         print(f"reopening run {store.run_dir}, which was marked failed: {status.get('reason')}")
+    submits = [e for e in events if e.get("event") == "submit"]
+    if submits and submits[-1].get("backend") == "local":
+        return _extend_local(store, next(e for e in reversed(submits) if e.get("time_seconds")), args.tasks)
     queued = sorted({e.array_job for e in slurm.queue(chain_jobs(events))})
     after = [f"--dependency=afterany:{':'.join(queued)}"] if queued else []
     job = slurm.submit(str(script), [f"--array=1-{args.tasks}%1", *after])
@@ -245,6 +272,40 @@ def run_extend(args: argparse.Namespace) -> int:
         f"{' after ' + ', '.join(queued) if queued else ''}"
     )
     return 0
+
+
+def _extend_local(store: Any, last: dict[str, Any], tasks: int) -> int:
+    """Extend a local run (item 22): add the tasks to its chain while that runs on this host, else run
+    them here and now, as ``submit --backend local`` does."""
+    from .local import run_local_chain, running_chain
+
+    registry = store.registry
+    with registry.locked():  # the runner decides to stop under the same lock: the tasks are never lost
+        running = running_chain(store.run_dir)
+        if running is not None:
+            registry.record("submit", job=str(running["job"]), tasks=tasks, extend=True, backend="local")
+    if running is not None:
+        print(f"added {tasks} task(s) to local chain {running['job']} (pid {running['pid']}) for {store.run_dir}")
+        return 0
+    job = str(int(time.time()))
+    fields = {k: last.get(k) for k in ("time_seconds", "signal", "lead", "script", "command")}
+    registry.record("submit", job=job, tasks=tasks, extend=True, backend="local", **fields)
+    print(f"local chain {job}: {tasks} more task(s) for {store.run_dir}", flush=True)
+    run_local_chain(
+        store.run_dir / "chain.sbatch",
+        store.run_dir,
+        tasks=tasks,
+        time_seconds=int(last["time_seconds"]),
+        signal_name=last.get("signal"),
+        signal_lead=int(last.get("lead") or 0),
+        job_id=job,
+    )
+    status = registry.status()
+    print(
+        f"local chain {job}: {'run ' + status['event'] if status else 'tasks used up, run unfinished'}; "
+        f"hpcckpt status {_q(store.run_dir)}"
+    )
+    return 1 if status is not None and status["event"] == "failed" else 0
 
 
 def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
@@ -334,6 +395,24 @@ def open_run(text: str) -> Any:
             f"{EVENTS} in it); expected the --run-dir of a chain or a Run"
         )
     return CheckpointStore(run_dir, keep_last=None, create=False)
+
+
+def _max_tasks(args: argparse.Namespace, tasks: int) -> int:
+    """The cap on the chain's tasks in all (item 28): --max-tasks, else --tasks x (1 + --auto-extend)
+    for the older flag, else 4 x --tasks: a chain whose length was guessed short still finishes, one
+    that stops progressing is stopped by the breaker, and none runs on unbounded."""
+    if args.max_tasks is None:
+        return tasks * (1 + args.auto_extend) if args.auto_extend else DEFAULT_MAX_TASKS_FACTOR * tasks
+    if args.max_tasks < tasks:
+        raise UsageError(
+            f"Invalid --max-tasks {args.max_tasks}: expected a whole number >= --tasks ({tasks}); "
+            f"--max-tasks {tasks} turns auto-extension off"
+        )
+    return int(args.max_tasks)
+
+
+def _extension_note(tasks: int, max_tasks: int) -> str:
+    return f", extended while unfinished and progressing up to {max_tasks}" if max_tasks > tasks else ""
 
 
 def _check_command(command: tuple[str, ...]) -> None:
@@ -481,10 +560,14 @@ def _check_writable(run_dir: Path) -> None:
         raise UsageError(f"Invalid --run-dir {str(run_dir)!r}: {existing} is not a writable directory")
 
 
-def _queue(jobs: list[str], events: list[dict[str, Any]]) -> tuple[Any, str | None]:
+def _queue(jobs: list[str], events: list[dict[str, Any]], run_dir: Path | None = None) -> tuple[Any, str | None]:
     from . import slurm
 
     backends = {e.get("backend") for e in events if e.get("event") == "submit"}
+    if jobs and backends == {"local"} and run_dir is not None:
+        from .local import local_queue
+
+        return local_queue(run_dir, events), None  # the local chain running for it on this host, if any
     if not jobs or backends == {"local"}:
         return None, None
     try:

@@ -118,31 +118,71 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
-_GROUP = re.compile(r"([^,\[]*)(?:\[([^\]]*)\])?(?:,|$)")
-
-
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list: ``gpu[01-03,07],cpu1`` -> gpu01 gpu02 gpu03 gpu07 cpu1."""
+    """Slurm's compressed host list: ``gpu[01-03,07],cpu1`` -> gpu01 gpu02 gpu03 gpu07 cpu1.
+
+    Every form Slurm writes (issue 11, item 24): brackets anywhere in a name (``node[1-2]-ib``), several
+    bracket groups as a product (``rack[1-2]-n[01-02]`` -> rack1-n01 rack1-n02 rack2-n01 rack2-n02), zero
+    padding from the low bound (``n[098-101]``), blanks and empty items ignored, duplicates kept, in
+    order: what ``scontrol show hostnames`` prints (tested against it on the test cluster). A pure parser,
+    not a library: python-hostlist does this too but is GPL-2+, which this BSD-3 package cannot depend on."""
     hosts: list[str] = []
-    text = nodelist.strip()
-    position = 0
-    while position < len(text):
-        match = _GROUP.match(text, position)
-        if match is None or match.end() == position:
-            raise UsageError(f"Invalid node list {nodelist!r}: expected e.g. gpu[01-04],cpu1")
-        prefix, ranges = match.group(1), match.group(2)
-        position = match.end()
-        if ranges is None:
-            if prefix:
-                hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            first, _, last = part.partition("-")
-            if not first.isdigit() or (last and not last.isdigit()):
-                raise UsageError(f"Invalid node list {nodelist!r}: bad range {part!r}")
-            for number in range(int(first), int(last or first) + 1):
-                hosts.append(f"{prefix}{number:0{len(first)}d}")
+    for item in _split_top_level(nodelist):
+        names = [""]
+        for literal, ranges in _segments(item, nodelist):
+            numbers = [literal] if ranges is None else _expand_ranges(ranges, nodelist)
+            names = [name + number for name in names for number in numbers]
+        hosts.extend(names)
     return hosts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """The comma-separated items outside brackets, stripped, empty ones dropped."""
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for char in nodelist:
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise UsageError(f"Invalid node list {nodelist!r}: unbalanced brackets; expected e.g. gpu[01-04],cpu1")
+        current.append(char)
+    if depth:
+        raise UsageError(f"Invalid node list {nodelist!r}: unbalanced brackets; expected e.g. gpu[01-04],cpu1")
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+_SEGMENT = re.compile(r"([^\[\]]+)|\[([^\[\]]*)\]")
+
+
+def _segments(item: str, nodelist: str) -> list[tuple[str, str | None]]:
+    """``rack[1-2]-n`` -> ("rack", None), ("", "1-2"), ("-n", None)."""
+    segments: list[tuple[str, str | None]] = []
+    position = 0
+    while position < len(item):
+        match = _SEGMENT.match(item, position)
+        if match is None:
+            raise UsageError(f"Invalid node list {nodelist!r}: bad item {item!r}; expected e.g. gpu[01-04],cpu1")
+        segments.append((match.group(1), None) if match.group(1) is not None else ("", match.group(2)))
+        position = match.end()
+    return segments
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    """``01-03,7`` -> 01 02 03 7: each number as wide as its range's low bound (Slurm's rule)."""
+    numbers: list[str] = []
+    for part in ranges.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or (dash and int(last) < int(first)):
+            raise UsageError(
+                f"Invalid node list {nodelist!r}: bad range {part!r}; expected N or LOW-HIGH with LOW <= HIGH"
+            )
+        numbers.extend(f"{number:0{len(first)}d}" for number in range(int(first), int(last or first) + 1))
+    return numbers
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import HpcckptError
@@ -18,8 +18,56 @@ class SlurmError(HpcckptError):
     """A Slurm command failed, timed out or is missing."""
 
 
-def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, env: Mapping[str, str] | None = None) -> str:
-    """Run a Slurm command and return its stdout; :class:`SlurmError` naming the command on any failure."""
+# Answers of a busy or restarting controller (issue 11, item 25): asking again a moment later works.
+# Anything else ("Invalid job id specified", a bad option) is definite and is not retried.
+TRANSIENT = (
+    "socket timed out",
+    "unable to contact slurm controller",
+    "connection refused",
+    "slurm temporarily unable",
+    "zero bytes were transmitted or received",
+    "resource temporarily unavailable",
+    "transport endpoint is not connected",
+)
+# Of those, the ones where the controller surely did not act: the only ones after which a command that
+# changes something (sbatch) is sent again. After a timed out sbatch the job may well exist: a second
+# array of the same chain would run its tasks alongside the first's.
+NOT_REACHED = ("unable to contact slurm controller", "connection refused")
+RETRIES = 3  # attempts after the first: 1 + 2 + 4 s of backoff, then the error
+BACKOFF = 1.0
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    retries: int = RETRIES,
+    idempotent: bool = True,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """Run a Slurm command and return its stdout; :class:`SlurmError` naming the command on any failure.
+
+    A transient failure (:data:`TRANSIENT`, or no answer within ``timeout``) is retried ``retries`` times
+    with doubling backoff; a command that is not ``idempotent`` only when the controller was not reached."""
+    for attempt in range(retries + 1):
+        try:
+            return _run_once(argv, timeout=timeout, env=env)
+        except _TransientError as error:
+            retry = attempt < retries and (idempotent or error.not_reached)
+            if not retry:
+                raise SlurmError(f"{error} (after {attempt + 1} attempt(s))") from None
+            sleep(BACKOFF * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _TransientError(SlurmError):
+    def __init__(self, message: str, not_reached: bool) -> None:
+        super().__init__(message)
+        self.not_reached = not_reached
+
+
+def _run_once(argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None) -> str:
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"{argv[0]} is not on PATH (inside some containers Slurm's commands are missing)")
     try:
@@ -33,11 +81,15 @@ def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, env: Mapping[s
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
-        raise SlurmError(f"{' '.join(argv)} did not answer within {timeout:g} s") from None
+        raise _TransientError(f"{' '.join(argv)} did not answer within {timeout:g} s", not_reached=False) from None
     except OSError as error:
         raise SlurmError(f"{' '.join(argv)} could not run: {error.strerror or error}") from None
     if result.returncode != 0:
-        raise SlurmError(f"{' '.join(argv)} failed (exit {result.returncode}): {result.stderr.strip()}")
+        message = f"{' '.join(argv)} failed (exit {result.returncode}): {result.stderr.strip()}"
+        lowered = result.stderr.lower()
+        if any(text in lowered for text in TRANSIENT):
+            raise _TransientError(message, not_reached=any(text in lowered for text in NOT_REACHED))
+        raise SlurmError(message)
     return result.stdout
 
 
@@ -69,7 +121,7 @@ def parse_scontrol_fields(text: str) -> dict[str, str]:
 def job_end_time(job_id: str, *, timeout: float = 10.0) -> float | None:
     """The job's real end time from squeue, else from scontrol; None when neither knows it."""
     try:
-        lines = run(["squeue", "-h", "-j", job_id, "-o", "%e"], timeout=timeout).splitlines()
+        lines = run(["squeue", "-h", "-j", job_id, "-o", "%e"], timeout=timeout, retries=1).splitlines()
         if lines:
             end = parse_end_time(lines[0])
             if end is not None:
@@ -77,7 +129,7 @@ def job_end_time(job_id: str, *, timeout: float = 10.0) -> float | None:
     except SlurmError:
         pass
     try:
-        output = run(["scontrol", "show", "job", "-o", job_id], timeout=timeout)
+        output = run(["scontrol", "show", "job", "-o", job_id], timeout=timeout, retries=1)
     except SlurmError:
         return None
     return parse_end_time(parse_scontrol_fields(output.splitlines()[0] if output else "").get("EndTime", ""))
@@ -136,7 +188,7 @@ def parse_partitions(output: str) -> list[str]:
 
 
 def submit(script: str, args: Sequence[str] = ()) -> str:
-    return parse_sbatch_parsable(run(["sbatch", "--parsable", *args, script], timeout=60))
+    return parse_sbatch_parsable(run(["sbatch", "--parsable", *args, script], timeout=60, idempotent=False))
 
 
 def cancel(job_ids: Sequence[str], *, pending_only: bool = False) -> None:

@@ -13,7 +13,9 @@ from .checkpoint import Checkpoint
 from .slurm import QueueEntry
 from .tasks import chain_jobs
 
-State = Literal["pending", "running", "complete", "failed", "stalled"]
+# "unknown": the queue could not be read (squeue failed even after retries) and no task is known to run;
+# never read as "stalled", which would tell the user to extend a chain that may be queued (item 25).
+State = Literal["pending", "running", "complete", "failed", "stalled", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class RunStatus:
     warnings: list[str] = field(default_factory=list)
     reason: str | None = None
     log_tail: str | None = None
+    # Item 28: tasks the ETA needs at the current rate, and what auto-extension may still add (the
+    # chain's --max-tasks less the tasks submitted); None when unknown or the chain has no cap.
+    tasks_needed: int | None = None
+    max_tasks: int | None = None
+    extension_left: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +86,8 @@ def summarize(
         state = "pending"
     elif queue is None and _task_open(events):
         state = "running"
+    elif queue is None and jobs:
+        state = "unknown"
     else:
         state = "stalled"
     latest = checkpoints[-1] if checkpoints else None
@@ -104,13 +113,21 @@ def summarize(
             "by the signal may be killed mid-save; resubmit with a longer --signal lead"
         )
     task_seconds = next((e.get("time_seconds") for e in reversed(submits) if e.get("time_seconds")), None)
-    if eta is not None and left is not None and task_seconds and state in ("running", "pending"):
+    needed = None
+    if eta is not None and task_seconds and state not in ("complete", "failed"):
         needed = math.ceil(eta / (0.9 * float(task_seconds)))
-        if needed > left:
+    max_tasks = next((int(e["max_tasks"]) for e in reversed(submits) if e.get("max_tasks") is not None), None)
+    extension_left = None
+    if max_tasks is not None:
+        extension_left = max(0, max_tasks - sum(int(e.get("tasks") or 0) for e in submits))
+    if needed is not None and left is not None and state in ("running", "pending") and task_seconds:
+        short = needed - left - (extension_left or 0)
+        if short > 0:
             warnings.append(
                 f"at the current rate ({rate:.3g} steps/s) the run needs about {needed} more task(s) of "
-                f"{task_seconds / 60:g} min, but only {left} are queued: `hpcckpt extend {run_dir} --tasks "
-                f"{needed - left}`"
+                f"{task_seconds / 60:g} min, but only {left} are queued"
+                f"{f' and auto-extension adds at most {extension_left}' if extension_left else ''}: "
+                f"`hpcckpt extend {run_dir} --tasks {short}`"
             )
     if state == "stalled" and total is not None:
         warnings.append(f"no task is queued and the run is not complete: `hpcckpt extend {run_dir} --tasks N`")
@@ -142,6 +159,9 @@ def summarize(
         warnings=warnings,
         reason=failed.get("reason") if failed else None,
         log_tail=_tail(failed.get("log")) if failed else None,
+        tasks_needed=needed,
+        max_tasks=max_tasks,
+        extension_left=extension_left,
     )
 
 
@@ -233,6 +253,17 @@ def format_status(status: RunStatus) -> str:
         f"tasks    {status.tasks_used} used, {left} queued ({status.tasks_running} running)"
         f"{'; jobs ' + ', '.join(status.jobs) if status.jobs else ''}"
     )
+    if status.tasks_needed is not None or status.max_tasks is not None:
+        parts = []
+        if status.tasks_needed is not None:
+            parts.append(f"the ETA needs about {status.tasks_needed} more task(s), {left} queued")
+        if status.max_tasks is not None:
+            parts.append(
+                f"auto-extension may add {status.extension_left} more (--max-tasks {status.max_tasks})"
+                if status.extension_left
+                else f"auto-extension used up (--max-tasks {status.max_tasks})"
+            )
+        lines.append(f"         {'; '.join(parts)}")
     if status.eta_seconds is not None:
         lines.append(
             f"eta      {duration(status.eta_seconds)} of training at {status.steps_per_second:.3g} steps/s "

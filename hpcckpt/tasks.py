@@ -8,11 +8,13 @@ After: it records whether the task made progress (a new checkpoint), and
 - cancels the chain's pending tasks once training is complete, so no allocation is wasted;
 - marks the run failed after ``max_failures`` consecutive tasks without progress (the crash-loop
   breaker), and cancels the rest; ``hpcckpt status`` says why, with the last task's error log;
-- with ``--auto-extend N``, submits the chain script again when the last task of an array ends with the
-  run unfinished, at most N times.
+- auto-extension (item 28): when the last task of the chain's newest array ends with the run unfinished
+  and that task made progress, submits the chain script again as a new array of ``--tasks`` tasks, up to
+  the ``max_tasks`` that ``hpcckpt submit`` recorded (``--max-tasks``, by default 4 x ``--tasks``).
+  Chains without that record keep the older ``--auto-extend N`` (the script again, at most N times).
 
 On the local backend (``HPCCKPT_BACKEND=local``) nothing is cancelled or submitted: the local runner
-reads the same registry and stops launching tasks.
+reads the same registry, stops launching tasks, and extends itself with :func:`extension_size`.
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def task_end(
     if _breaker_tripped(events, max_failures):
         _fail(registry, slurm, environ, max_failures, events, cancel)
         return
+    if environ.get("HPCCKPT_BACKEND") != "local" and _capped(events):
+        if _last_task_of_array(slurm) and cancel:
+            _auto_extend(run_dir, registry, slurm, events)
+        return
     if auto_extend and _last_task_of_array(slurm) and environ.get("HPCCKPT_BACKEND") != "local":
         used = sum(1 for e in events if e.get("event") == "submit" and e.get("auto"))
         if used < auto_extend:
@@ -131,6 +137,64 @@ def task_end(
             _say(f"run {run_dir} is unfinished after the last task; auto-extend {used + 1}/{auto_extend}: job {job}")
         else:
             _say(f"run {run_dir} is unfinished and auto-extend is used up ({used}/{auto_extend})")
+
+
+def extension_size(events: list[dict[str, Any]]) -> int:
+    """How many tasks auto-extension adds now (item 28): the chain's ``--tasks`` again, within what its
+    ``--max-tasks`` cap leaves of the tasks submitted so far, when the last task made progress (a new
+    checkpoint) and the run is neither complete nor failed; else 0. A chain submitted without a cap
+    (rendered and submitted by hand, or by an earlier hpcckpt) is not extended here. The breaker still
+    ends a run that stops progressing: it is checked before this, and a task without progress is never
+    extended."""
+    submits = [e for e in events if e.get("event") == "submit"]
+    capped = [e for e in submits if e.get("max_tasks") is not None]
+    if not capped or _status_of(events) is not None:
+        return 0
+    last_end = next((e for e in reversed(events) if e.get("event") == "task-end"), None)
+    if last_end is None or not last_end.get("progress"):
+        return 0
+    submitted = sum(int(e.get("tasks") or 0) for e in submits)
+    return max(0, min(int(capped[0].get("tasks") or 1), int(capped[-1]["max_tasks"]) - submitted))
+
+
+def _capped(events: list[dict[str, Any]]) -> bool:
+    return any(e.get("event") == "submit" and e.get("max_tasks") is not None for e in events)
+
+
+def _status_of(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for event in reversed(events):
+        if event.get("event") in ("complete", "failed", "reopen"):
+            return None if event["event"] == "reopen" else event
+    return None
+
+
+def _auto_extend(run_dir: Path, registry: Registry, slurm: SlurmEnv, events: list[dict[str, Any]]) -> None:
+    """The last task of the chain's newest array ended with the run unfinished: submit the next array
+    (the same script, ``--array=1-K%1``, after this task), or say why not."""
+    jobs = chain_jobs(events)
+    if jobs and slurm.array_job_id != jobs[-1]:
+        return  # a newer array (hpcckpt extend) is queued after this one: it continues the run
+    more = extension_size(events)
+    submitted = sum(int(e.get("tasks") or 0) for e in events if e.get("event") == "submit")
+    cap = next(e["max_tasks"] for e in reversed(events) if e.get("event") == "submit" and e.get("max_tasks"))
+    if not more:
+        last_end: dict[str, Any] = next((e for e in reversed(events) if e.get("event") == "task-end"), {})
+        why = "its last task made no progress" if not last_end.get("progress") else f"--max-tasks {cap} is reached"
+        _say(
+            f"run {run_dir} is unfinished after {submitted} task(s) and is not extended: {why}. "
+            f"`hpcckpt extend {run_dir} --tasks N` continues it"
+        )
+        return
+    from . import slurm as slurm_commands
+
+    after = [f"--dependency=afterany:{slurm.array_job_id}"] if slurm.array_job_id else []
+    try:
+        job = slurm_commands.submit(str(run_dir / SCRIPT), [f"--array=1-{more}%1", *after])
+    except slurm_commands.SlurmError as error:
+        _say(f"run {run_dir} is unfinished and auto-extension could not submit: {error}")
+        return
+    registry.record("submit", job=job, tasks=more, auto=True, backend="slurm", script=str(run_dir / SCRIPT))
+    _say(f"run {run_dir} is unfinished and progressing: {more} more task(s) as job {job} ({submitted + more}/{cap})")
 
 
 def chain_jobs(events: list[dict[str, Any]]) -> list[str]:

@@ -128,7 +128,8 @@ def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
         ("node1", ["node1"]),
         ("node[1-2]", ["node1", "node2"]),
         ("gpu[01-03,07],cpu1", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu1"]),
-        ("a[8-10]b", None),
+        ("a[8-10]b", ["a8b", "a9b", "a10b"]),
+        ("a[8-]b", None),
     ],
 )
 def test_node_lists_expand_like_scontrol_show_hostnames(nodelist: str, hosts: list[str] | None) -> None:
