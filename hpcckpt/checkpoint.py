@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptCheckpointError
-from .fileio import format_digest, new_digest
+from .errors import CorruptCheckpointError, StoreError
+from .fileio import format_digest, new_digest, read_nofollow
 
 MANIFEST = "manifest.json"
 # A checkpoint's directory and file names: no separators, no leading dot, so none can lead elsewhere.
@@ -132,7 +132,9 @@ def read_manifest(directory: Path) -> Checkpoint:
     """Read and check ``directory/manifest.json``; :class:`CorruptCheckpointError` when it is unusable."""
     path = directory / MANIFEST
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_nofollow(path))
+    except StoreError as refused:  # a symbolic link: never read through
+        raise CorruptCheckpointError(str(refused)) from None
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing: the directory is not a committed checkpoint") from None
     except (OSError, ValueError) as error:

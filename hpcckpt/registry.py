@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from .checkpoint import PLAIN_NAME, Checkpoint, read_manifest
 from .errors import CorruptCheckpointError, StoreError, UsageError
-from .fileio import write_atomic
+from .fileio import link_refused, open_nofollow, read_nofollow, write_atomic
 
 INDEX = "registry.json"
 EVENTS = "events.jsonl"
@@ -40,7 +40,13 @@ CHECKPOINTS = "checkpoints"
 INDEX_VERSION = 1
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+# A temporary directory before its writer holds the lock on its owner file: judged by host and pid only.
+CLAIM_PREFIX = ".claim-"
 OWNER = ".owner"  # inside a temporary checkpoint: locked by its writer for as long as it writes
+PROBE_PREFIX = ".bandwidth-probe-"  # budget.measure_write_bandwidth's file, locked while it is written
+# A probe file named by hpcckpt before its probes were locked (``.bandwidth-probe-<pid>``): a probe takes
+# seconds, so one older than this is a leftover.
+LEGACY_PROBE_STALE_SECONDS = 3600.0
 # Where a writer's liveness cannot be checked (no fcntl locks), another host's temporary directory counts
 # as abandoned after this long.
 FOREIGN_TMP_STALE_SECONDS = 6 * 3600
@@ -88,6 +94,9 @@ class Registry:
     def locked(self) -> Iterator[None]:
         import filelock
 
+        if os.path.islink(self._lock.lock_file):
+            # Refused, not waited for: a soft lock would take a link for a marker held by someone else.
+            raise link_refused(self._lock.lock_file)
         try:
             self._lock.acquire()
         except filelock.Timeout:
@@ -96,6 +105,8 @@ class Registry:
                 "it. If none does (a crash on a filesystem without fcntl locks), delete that file"
             ) from None
         except OSError as error:
+            if os.path.islink(self._lock.lock_file):  # filelock opens it with O_NOFOLLOW: ELOOP
+                raise link_refused(self._lock.lock_file) from None
             raise LockUnavailableError(f"cannot lock {self._lock.lock_file}: {error.strerror or error}") from None
         try:
             yield
@@ -134,7 +145,7 @@ class Registry:
     def events(self) -> list[dict[str, Any]]:
         """Every event, oldest first. A line torn by a crash is skipped."""
         try:
-            text = self.events_path.read_text()
+            text = read_nofollow(self.events_path).decode(errors="replace")
         except FileNotFoundError:
             return []
         events = []
@@ -165,6 +176,9 @@ class Registry:
         log afterwards (a full disk, a refused entry) is only warned about; the files are the truth.
         """
         with self.locked():
+            for path in (self.index_path, self.events_path):
+                if os.path.islink(path):  # refused before anything is committed, not warned about after
+                    raise link_refused(path)
             checkpoint = publish()
             doomed: list[Checkpoint] = []
             trashed: list[Path] = []
@@ -199,18 +213,27 @@ class Registry:
         return entry
 
     def clean_temporaries(self) -> list[Path]:
-        """Remove ``.tmp-*`` directories whose writer is gone, leftover ``.trash-*`` ones, and temporary
-        index files of killed processes."""
+        """Remove ``.tmp-*`` and ``.claim-*`` directories whose writer is gone, leftover ``.trash-*`` ones,
+        bandwidth probe files of killed processes, and temporary index files of killed processes."""
         removed = []
         try:
-            children = list(self.checkpoint_dir.iterdir())
+            entries = list(os.scandir(self.checkpoint_dir))
         except FileNotFoundError:
             return []
-        for child in children:
-            if child.name.startswith(TRASH_PREFIX) or (
-                child.name.startswith(TMP_PREFIX) and not self._writer_alive(child)
+        for entry in entries:
+            child = Path(entry.path)
+            if entry.is_symlink():
+                continue  # never hpcckpt's own: not followed, not judged
+            if (
+                child.name.startswith(TRASH_PREFIX)
+                or (child.name.startswith(TMP_PREFIX) and not self._writer_alive(child))
+                or (child.name.startswith(CLAIM_PREFIX) and not self._writer_alive_by_name(child))
             ):
                 shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+            elif child.name.startswith(PROBE_PREFIX) and not self._prober_alive(child):
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
                 removed.append(child)
         with contextlib.suppress(OSError):
             for leftover in self.run_dir.glob(f".{INDEX}.*.tmp"):
@@ -232,10 +255,12 @@ class Registry:
             # release the lock its writer holds.
             return True
         try:
-            fd = os.open(tmp / OWNER, os.O_RDWR)
+            fd = os.open(tmp / OWNER, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             return self._writer_alive_by_name(tmp)  # killed before locking, or a writer without locks
-        except OSError:
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a link is no writer's lock (and its target is not ours to lock)
+                return self._writer_alive_by_name(tmp)
             return True
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -249,14 +274,51 @@ class Registry:
             os.close(fd)  # releases our lock, if we got it
 
     def _writer_alive_by_name(self, tmp: Path) -> bool:
-        # .tmp-<step>-<host>-<pid>-<token>; hosts may contain '-', so split from the right.
-        parts = tmp.name[len(TMP_PREFIX) :].split("-")
+        # .tmp-<step>-<host>-<pid>-<token> (or .claim-...); hosts may contain '-', so split from the right.
+        parts = tmp.name.partition("-")[2].split("-")
         try:
             host, pid = "-".join(parts[1:-2]), int(parts[-2])
         except (IndexError, ValueError):
             return False
+        return self._alive_by_name(tmp, host, pid)
+
+    def _prober_alive(self, probe: Path) -> bool:
+        """Whether the process measuring bandwidth with ``probe`` still runs: it holds a lock on it."""
+        import fcntl
+
+        host, _, pid_text = probe.name[len(PROBE_PREFIX) :].rpartition("-")
         try:
-            age = time.time() - tmp.stat().st_mtime
+            pid = int(pid_text)
+        except ValueError:
+            host = ""
+        if not host:  # named by an hpcckpt whose probes were not locked: by age only
+            try:
+                return time.time() - probe.lstat().st_mtime < LEGACY_PROBE_STALE_SECONDS
+            except FileNotFoundError:
+                return True  # gone already: nothing to remove
+        if host == self.host and pid == os.getpid():
+            return True  # this process's own: testing (and closing) would release the lock it holds
+        try:
+            fd = os.open(probe, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return True  # gone already, or not ours to judge (another user's)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            return self._alive_by_name(probe, host, pid)
+        else:
+            # Free: its prober is gone, or created it a moment ago and is about to lock it. On this host
+            # the pid tells; a prober on another host tolerates losing its file (it only measures).
+            return host == self.host and self._alive_by_name(probe, host, pid)
+        finally:
+            os.close(fd)
+
+    def _alive_by_name(self, path: Path, host: str, pid: int) -> bool:
+        """Liveness from the host and pid a temporary's name gives, where no lock tells."""
+        try:
+            age = time.time() - path.lstat().st_mtime
         except FileNotFoundError:
             return False
         if host != self.host:
@@ -297,7 +359,7 @@ class Registry:
         if not fresh and cache is not None and cache[0] == signature:
             return list(cache[2])
         try:
-            raw = self.index_path.read_bytes()
+            raw = read_nofollow(self.index_path)  # a link there raises StoreError: never read through
         except OSError:
             return None
         if cache is not None and cache[1] == raw:
@@ -381,19 +443,21 @@ class Registry:
         describe is durable by itself, and its manifest says the same; run-state events pass durable."""
         now = time.time()
         lines = "".join(json.dumps({"time": now, **e}, separators=(",", ":")) + "\n" for e in events)
-        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             size = os.fstat(fd).st_size
-            if size:  # a crash may have torn the last line: start ours on a fresh one
-                with open(self.events_path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        lines = "\n" + lines
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a crash tore the last line: start on a fresh one
+                lines = "\n" + lines
             os.write(fd, lines.encode())
             if durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def probe_name() -> str:
+    """This process's bandwidth probe file name, inside ``checkpoints/``."""
+    return f"{PROBE_PREFIX}{host_identity()}-{os.getpid()}"
 
 
 def host_identity() -> str:

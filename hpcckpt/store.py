@@ -35,9 +35,9 @@ from typing import Any
 from ._version import __version__
 from .checkpoint import MANIFEST, Checkpoint, FileRecord, combined_checksum
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
-from .fileio import SyncedWriter, fsync_dir, write_atomic
+from .fileio import SyncedWriter, fsync_dir, open_nofollow, write_atomic
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, file_records, verify_file
-from .registry import CHECKPOINTS, OWNER, LockMode, Registry, warn
+from .registry import CHECKPOINTS, CLAIM_PREFIX, OWNER, LockMode, Registry, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .slurmenv import read_slurm_env
 from .state import RestoreOptions, TrainState
@@ -159,8 +159,7 @@ class CheckpointStore:
         tmp = self.registry.checkpoint_dir / self.registry.temporary_name(step, secrets.token_hex(4))
         owner = _Owner(None)
         try:
-            tmp.mkdir()
-            owner = _Owner.take(tmp)
+            owner = _Owner.create(tmp)
             files = tuple(self.format.write(payload, tmp))
             checkpoint = self._describe(tmp, files, step, epoch, metrics, tag, metadata, self.format.name, started)
             return tmp, checkpoint, owner
@@ -598,13 +597,34 @@ class _Owner:
         self.fd = fd
 
     @classmethod
-    def take(cls, directory: Path) -> _Owner:
+    def create(cls, tmp: Path) -> _Owner:
+        """Make the temporary directory ``tmp`` with this process's lock on its ``.owner`` already held.
+
+        Ownership is atomic (issue 11: a cleaner that probed between the owner file's creation and its
+        locking took the writer for dead and deleted its directory): the directory is made under a private
+        name (``.claim-...``, which cleaners judge by host and pid only, never by its lock), the owner file
+        created and locked there, and only then is it renamed to ``tmp``. Where locks do not work, the owner
+        file is removed before the rename and cleaners fall back to host, pid and age.
+        """
         import fcntl
 
-        fd = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
-        # Without a lock service, cleaners fall back to host, pid and age (Registry._writer_alive).
-        with contextlib.suppress(OSError):
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        claim = tmp.with_name(CLAIM_PREFIX + tmp.name.partition("-")[2])
+        claim.mkdir()
+        fd: int | None = None
+        try:
+            fd = open_nofollow(claim / OWNER, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                fd = None
+                os.unlink(claim / OWNER)  # an unlocked owner file would read as a dead writer's
+            os.rename(claim, tmp)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(claim, ignore_errors=True)
+            raise
         return cls(fd)
 
     def release(self) -> None:
