@@ -10,8 +10,13 @@ Files in the run directory::
 The files are the truth: a checkpoint directory with a final name and a valid manifest is committed
 (the rename is the commit point), whether or not the index lists it yet. Readers compare the index with
 the directory listing and reconcile when they differ, so a writer killed between its rename and its
-index update still leaves its checkpoint visible. Checkpoints are ordered by the time they were saved:
-the latest is the newest, also after a deliberate rewind to an earlier step.
+index update still leaves its checkpoint visible.
+
+Checkpoints are ordered by their commit sequence number (``seq``), assigned under the lock when each one
+is committed and kept in its manifest (so a rebuilt index has it too): the latest is the last committed,
+also after a deliberate rewind to an earlier step, whatever the clocks of the saving hosts say (issue 11:
+one node an hour ahead made every later task resume from its old checkpoint). Checkpoints written before
+hpcckpt numbered commits have no ``seq``: they come first, by step, then time saved.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ class Registry:
         # The parsed index and the bytes it was parsed from, and each entry's JSON text with the checksum
         # and time it describes: parsing or encoding a thousand entries costs milliseconds.
         self._index_cache: tuple[tuple[int, ...], bytes, list[Checkpoint]] | None = None
-        self._encoded: dict[str, tuple[str, float, str]] = {}
+        self._encoded: dict[str, tuple[str, float, int | None, str]] = {}
         # The index and directory signatures when they last agreed, and directories already warned about.
         self._agreed: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._ignored: set[str] = set()
@@ -166,11 +171,12 @@ class Registry:
     # -- writing ------------------------------------------------------------------------------------------
     def commit(
         self,
-        publish: Callable[[], Checkpoint],
+        publish: Callable[[int], Checkpoint],
         select_deletions: Callable[[list[Checkpoint]], list[Checkpoint]],
     ) -> tuple[Checkpoint, list[Checkpoint]]:
-        """Under the lock: ``publish()`` renames a written checkpoint into place (the commit point) and
-        returns it; then it is recorded and retention applied. Returns it and what retention deleted.
+        """Under the lock: ``publish(seq)`` writes the manifest with its commit sequence number ``seq`` and
+        renames a written checkpoint into place (the commit point), and returns it; then it is recorded and
+        retention applied. Returns it and what retention deleted.
 
         Once ``publish`` has returned the checkpoint is committed: a failure to update the index or the
         log afterwards (a full disk, a refused entry) is only warned about; the files are the truth.
@@ -179,12 +185,12 @@ class Registry:
             for path in (self.index_path, self.events_path):
                 if os.path.islink(path):  # refused before anything is committed, not warned about after
                     raise link_refused(path)
-            checkpoint = publish()
+            before = self._reconciled()
+            checkpoint = publish(1 + max((c.seq for c in before if c.seq is not None), default=0))
             doomed: list[Checkpoint] = []
             trashed: list[Path] = []
             try:
-                entries = [c for c in self._reconciled(committing=checkpoint.name) if c.name != checkpoint.name]
-                entries = _ordered([*entries, checkpoint])
+                entries = _ordered([*(c for c in before if c.name != checkpoint.name), checkpoint])
                 doomed = [c for c in select_deletions(entries) if c.name != checkpoint.name]
                 doomed_names = {c.name for c in doomed}
                 # The index drops the doomed first; a crash before they are moved away leaves them on disk,
@@ -427,12 +433,12 @@ class Registry:
         encoded = {}
         for c in entries:
             known = self._encoded.get(c.name)
-            if known is None or known[0] != c.checksum or known[1] != c.created:
-                known = (c.checksum, c.created, json.dumps(c.summary(), separators=(",", ":")))
+            if known is None or known[0] != c.checksum or known[1] != c.created or known[2] != c.seq:
+                known = (c.checksum, c.created, c.seq, json.dumps(c.summary(), separators=(",", ":")))
             encoded[c.name] = known
         self._encoded = encoded
         header = f'"hpcckpt_registry":{INDEX_VERSION},"updated":{time.time()}'
-        text = f'{{{header},"checkpoints":[{",".join(e[2] for e in encoded.values())}]}}'.encode()
+        text = f'{{{header},"checkpoints":[{",".join(e[3] for e in encoded.values())}]}}'.encode()
         # Atomic but not fsynced: the index is a cache of the manifests (each checkpoint is durable on its
         # own), so after a power loss it is at worst stale or unreadable, and then rebuilt.
         write_atomic(self.index_path, text, durable=False)
@@ -481,7 +487,15 @@ def _signature(path: Path) -> tuple[int, ...]:
 
 
 def _ordered(entries: list[Checkpoint]) -> list[Checkpoint]:
-    return sorted(entries, key=lambda c: (c.created, c.step, c.name))
+    return sorted(entries, key=order_key)
+
+
+def order_key(checkpoint: Checkpoint) -> tuple[int, float, float, str]:
+    """Oldest first: by commit sequence number; checkpoints without one (written before hpcckpt numbered
+    commits) before all others, by step, then time saved. Never by a host's clock alone."""
+    if checkpoint.seq is None:
+        return (0, checkpoint.step, checkpoint.created, checkpoint.name)
+    return (1, checkpoint.seq, 0.0, checkpoint.name)
 
 
 def _make_lock(run_dir: Path, mode: LockMode, timeout: float) -> Any:

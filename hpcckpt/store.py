@@ -3,11 +3,12 @@
 Commit protocol of :meth:`CheckpointStore.save` (a crash at any instant leaves the previous or the new
 checkpoint as the latest, never a partial one):
 
-1. write the files into ``checkpoints/.tmp-<step>-<host>-<pid>-<token>/``, fsyncing each;
-2. write ``manifest.json`` there (files, sizes, checksums, step, epoch, metrics, versions, Slurm ids,
-   user metadata) and fsync the directory;
+1. write the files into ``checkpoints/.tmp-<step>-<host>-<pid>-<token>/``, fsyncing each (the directory
+   appears under that name with its writer's lock already held: see :class:`_Owner`);
+2. under the registry lock, take the next commit sequence number and write ``manifest.json`` there (it,
+   files, sizes, checksums, step, epoch, metrics, versions, Slurm ids, user metadata), durably;
 3. rename the directory to its final name ``step_<step>`` and fsync ``checkpoints/`` -- the commit point;
-4. record it in the registry under the lock; only then apply retention.
+4. record it in the registry, still under the lock; only then apply retention.
 
 A failed save (disk full, quota) removes its temporary directory and raises :class:`StoreError`; the
 previous checkpoints are untouched. Loading always uses ``torch.load(weights_only=True)`` unless the caller
@@ -121,7 +122,9 @@ class CheckpointStore:
             payload, step, epoch, clean_metrics, tag, {**self.metadata, **(metadata or {})}, previous
         )
         try:
-            checkpoint, _ = self.registry.commit(lambda: self._rename_into_place(tmp, draft), self._select_deletions)
+            checkpoint, _ = self.registry.commit(
+                lambda seq: self._rename_into_place(tmp, draft, seq), self._select_deletions
+            )
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(_save_failure(self.registry.checkpoint_dir, step, error, previous)) from error
@@ -151,9 +154,9 @@ class CheckpointStore:
         metadata: Mapping[str, Any],
         previous: Checkpoint | None = None,
     ) -> tuple[Path, Checkpoint, _Owner]:
-        """Steps 1-2 of the commit protocol: the files and manifest, durable in a temporary directory that
-        this process holds a lock on while it writes. Returns the directory, the checkpoint's record under
-        its intended final name, and the lock (release it once the directory is renamed or removed)."""
+        """Step 1 of the commit protocol: the files, durable in a temporary directory that this process holds
+        a lock on while it writes. Returns the directory, the checkpoint's record under its intended final
+        name, and the lock (release it once the directory is renamed or removed)."""
         started = time.perf_counter()
         self.registry.clean_temporaries()
         tmp = self.registry.checkpoint_dir / self.registry.temporary_name(step, secrets.token_hex(4))
@@ -184,7 +187,7 @@ class CheckpointStore:
         format_name: str,
         started: float,
     ) -> Checkpoint:
-        """Step 2: the checkpoint's record, written durably as ``tmp``'s manifest."""
+        """Step 2: the checkpoint's record (written as ``tmp``'s manifest at the commit, with its number)."""
         slurm = read_slurm_env(os.environ)
         checkpoint = Checkpoint(
             name=self._final_path(step).name,
@@ -206,7 +209,6 @@ class CheckpointStore:
             versions=_versions(),
             metadata=metadata,
         )
-        write_atomic(tmp / MANIFEST, _json(checkpoint.manifest()))
         return checkpoint
 
     def _commit_directory(
@@ -223,7 +225,9 @@ class CheckpointStore:
         try:
             files = tuple(file_records(tmp))
             draft = self._describe(tmp, files, step, epoch, metrics, None, self.metadata, format_name, started)
-            checkpoint, _ = self.registry.commit(lambda: self._rename_into_place(tmp, draft), self._select_deletions)
+            checkpoint, _ = self.registry.commit(
+                lambda seq: self._rename_into_place(tmp, draft, seq), self._select_deletions
+            )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -247,14 +251,14 @@ class CheckpointStore:
             raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: " + "; ".join(problems))
         return None
 
-    def _rename_into_place(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
-        """Step 3, under the registry lock: rename ``tmp`` to a free final name. The commit point."""
+    def _rename_into_place(self, tmp: Path, checkpoint: Checkpoint, seq: int) -> Checkpoint:
+        """Step 3, under the registry lock: write the manifest durably, with the commit sequence number
+        ``seq`` the registry assigned, and rename ``tmp`` to a free final name. The commit point."""
         suffix = 0
         while True:
             final = checkpoint.path if suffix == 0 else checkpoint.path.with_name(f"{checkpoint.path.name}.{suffix}")
-            named = _with(checkpoint, name=final.name, path=final)
-            if suffix:  # the manifest names its directory
-                write_atomic(tmp / MANIFEST, _json(named.manifest()))
+            named = _with(checkpoint, name=final.name, path=final, seq=seq)
+            write_atomic(tmp / MANIFEST, _json(named.manifest()))  # it names its directory and its number
             try:
                 # A rename onto an existing non-empty directory fails: a second save of one step takes the
                 # next suffix instead of replacing the first.
