@@ -275,18 +275,16 @@ class Registry:
                 return True  # the lock is held: the writer is alive, wherever it runs
             return self._writer_alive_by_name(tmp)
         else:
-            return False
+            # Unlocked: its writer is gone. Unless the name says a live process on this host: an hpcckpt
+            # older than the atomic ownership (store._Owner.create) locked its owner file after creating it.
+            named = _host_and_pid(tmp)
+            return named is not None and named[0] == self.host and self._alive_by_name(tmp, *named)
         finally:
             os.close(fd)  # releases our lock, if we got it
 
     def _writer_alive_by_name(self, tmp: Path) -> bool:
-        # .tmp-<step>-<host>-<pid>-<token> (or .claim-...); hosts may contain '-', so split from the right.
-        parts = tmp.name.partition("-")[2].split("-")
-        try:
-            host, pid = "-".join(parts[1:-2]), int(parts[-2])
-        except (IndexError, ValueError):
-            return False
-        return self._alive_by_name(tmp, host, pid)
+        named = _host_and_pid(tmp)
+        return named is not None and self._alive_by_name(tmp, *named)
 
     def _prober_alive(self, probe: Path) -> bool:
         """Whether the process measuring bandwidth with ``probe`` still runs: it holds a lock on it."""
@@ -476,6 +474,15 @@ def host_identity() -> str:
     except OSError:
         return name
     return name if namespace == init else f"{name}.ns{namespace}"
+
+
+def _host_and_pid(tmp: Path) -> tuple[str, int] | None:
+    """The writer's host and pid from ``.tmp-<step>-<host>-<pid>-<token>`` (or ``.claim-...``)."""
+    parts = tmp.name.partition("-")[2].split("-")  # hosts may contain '-': split from the right
+    try:
+        return "-".join(parts[1:-2]), int(parts[-2])
+    except (IndexError, ValueError):
+        return None
 
 
 def _signature(path: Path) -> tuple[int, ...]:

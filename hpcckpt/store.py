@@ -519,7 +519,7 @@ def _prepare_run_dir(run_dir: Path, *, create: bool) -> None:
     try:
         (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
         probe = run_dir / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
+        os.close(open_nofollow(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         probe.unlink()
     except OSError as error:
         raise StoreError(f"run directory {run_dir} is not writable: {error.strerror or error}") from None
