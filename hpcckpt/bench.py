@@ -306,7 +306,7 @@ def _registry_latency(directory: Path, history: int, samples: int = 200) -> tupl
     for step in range(history, history + samples):
         tmp, draft, owner = store._write(tiny, step, 0, {"loss": 0.0}, None, {})
         start = time.perf_counter()
-        store.registry.commit(lambda t=tmp, d=draft: store._rename_into_place(t, d), store._select_deletions)  # type: ignore[misc]
+        store.registry.commit(lambda seq, t=tmp, d=draft: store._rename_into_place(t, d, seq), store._select_deletions)  # type: ignore[misc]
         owner.release()
         commit_ms.append((time.perf_counter() - start) * 1e3)
         start = time.perf_counter()

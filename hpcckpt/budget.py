@@ -12,6 +12,7 @@ The deadline is the job's real end time (:func:`find_deadline`), never a fractio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -121,16 +122,37 @@ def find_deadline(
 
 
 def measure_write_bandwidth(directory: os.PathLike[str] | str, nbytes: int = 16 << 20) -> float:
-    """Bytes per second of a synced write into ``directory`` (the filesystem checkpoints go to)."""
-    path = os.path.join(directory, f".bandwidth-probe-{os.getpid()}")
+    """Bytes per second of a synced write into ``directory`` (the filesystem checkpoints go to).
+
+    The probe file (``.bandwidth-probe-<host>-<pid>``, up to ``nbytes``) is created exclusively, never
+    through a link, and locked while it is written: a process killed during the probe leaves it behind, and
+    the store's cleanup (:meth:`Registry.clean_temporaries`) removes it once its lock is free (issue 11).
+    """
+    import fcntl
+
+    from .fileio import link_refused, open_nofollow
+    from .registry import probe_name
+
+    path = os.path.join(directory, probe_name())
     data = os.urandom(1 << 20)
     start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # This host and pid's own name: a leftover of an earlier process with our pid (pids are reused,
+        # in containers soon). A link there is refused, never followed nor removed.
+        if os.path.islink(path):
+            raise link_refused(path) from None
+        os.unlink(path)
+        fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with contextlib.suppress(OSError):  # without a lock service the cleaner goes by host, pid and age
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for _ in range(max(1, nbytes >> 20)):
             os.write(fd, data)
         os.fsync(fd)
     finally:
-        os.close(fd)
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # a cleaner that took it for a dead one's: harmless
+            os.unlink(path)
+        os.close(fd)  # after the unlink: while the lock is held, no cleaner takes the file for a leftover
     return nbytes / max(time.perf_counter() - start, 1e-6)

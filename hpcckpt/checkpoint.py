@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptCheckpointError
-from .fileio import format_digest, new_digest
+from .errors import CorruptCheckpointError, StoreError
+from .fileio import format_digest, new_digest, read_nofollow
 
 MANIFEST = "manifest.json"
 # A checkpoint's directory and file names: no separators, no leading dot, so none can lead elsewhere.
@@ -55,6 +55,10 @@ class Checkpoint:
     save_seconds: float | None = None
     versions: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # The commit sequence number, assigned under the registry lock: the order of checkpoints (issue 11: a
+    # saving node's skewed clock must not decide which is the latest). None for checkpoints written by
+    # hpcckpt before it numbered commits.
+    seq: int | None = None
 
     def __hash__(self) -> int:
         return hash(self.path)
@@ -63,6 +67,7 @@ class Checkpoint:
         """The record as the index and ``hpcckpt ls --json`` show it."""
         return {
             "name": self.name,
+            "seq": self.seq,
             "step": self.step,
             "epoch": self.epoch,
             "metrics": dict(self.metrics),
@@ -96,6 +101,11 @@ class Checkpoint:
                         "checkpoint; refused"
                     )
             task = data.get("array_task_id")
+            seq = data.get("seq")
+            if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
+                raise CorruptCheckpointError(
+                    f"{path / MANIFEST}: field 'seq' is {seq!r}; expected a whole number >= 1 (the commit order)"
+                )
             return cls(
                 name=str(data["name"]),
                 path=path,
@@ -115,6 +125,7 @@ class Checkpoint:
                 save_seconds=data.get("save_seconds"),
                 versions=dict(data.get("versions") or {}),
                 metadata=dict(data.get("metadata") or {}),
+                seq=seq,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptCheckpointError(f"{path / MANIFEST}: malformed entry ({error!r})") from None
@@ -132,7 +143,9 @@ def read_manifest(directory: Path) -> Checkpoint:
     """Read and check ``directory/manifest.json``; :class:`CorruptCheckpointError` when it is unusable."""
     path = directory / MANIFEST
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_nofollow(path))
+    except StoreError as refused:  # a symbolic link: never read through
+        raise CorruptCheckpointError(str(refused)) from None
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing: the directory is not a committed checkpoint") from None
     except (OSError, ValueError) as error:

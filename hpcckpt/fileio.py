@@ -4,17 +4,25 @@ What is promised: a file written through :func:`write_atomic` or :class:`SyncedW
 into place is complete and on stable storage once the call returns (fsync of the file, then of its
 directory). Temporary files are created next to their destination, never in ``$TMPDIR``: a rename across
 filesystems is not atomic and fails on Slurm nodes whose ``$TMPDIR`` is node-local (Lightning #20270).
+
+Nothing in a run directory is followed through a symbolic link (issue 11: a symlinked ``events.jsonl``
+made every event append land in the link's target, outside the run directory): files are opened with
+``O_NOFOLLOW`` (:func:`open_nofollow`), temporary files are created with ``O_EXCL``, and a link where a
+file of hpcckpt's is expected is a :class:`~hpcckpt.errors.StoreError` naming it, its target untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import secrets
 import sys
-import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from .errors import StoreError
 
 # Dirty pages are handed to the disk every this many bytes while a large file is written, so that the
 # final fsync waits mostly for the tail instead of the whole file (plain torch.save leaves it all to the end).
@@ -32,14 +40,43 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def link_refused(path: os.PathLike[str] | str) -> StoreError:
+    return StoreError(
+        f"{path} is a symbolic link, refused: hpcckpt never follows a link inside a run directory (it may lead "
+        "outside it); expected a plain file there (remove the link; nothing is lost, or restore the file itself)"
+    )
+
+
+def open_nofollow(path: os.PathLike[str] | str, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` itself (its target is never opened) with a
+    :class:`StoreError` naming it. Links in the directories above are followed as usual."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as error:
+        # O_NOFOLLOW answers ELOOP for a link; O_CREAT | O_EXCL answers EEXIST for one, dangling or not.
+        if error.errno in (errno.ELOOP, errno.EEXIST) and os.path.islink(path):
+            raise link_refused(path) from None
+        raise
+
+
+def read_nofollow(path: os.PathLike[str] | str) -> bytes:
+    """The whole content of the plain file ``path``; a symbolic link there raises :class:`StoreError`."""
+    with open(open_nofollow(path, os.O_RDONLY), "rb") as f:
+        return f.read()
+
+
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` by ``data`` so that readers see the old or the new content, never a mix.
 
-    With ``durable`` (the default) the new content also survives a power loss once this returns.
+    With ``durable`` (the default) the new content also survives a power loss once this returns. A
+    symbolic link at ``path`` is refused (:class:`StoreError`), never replaced nor written through.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    if os.path.islink(path):
+        raise link_refused(path)
+    # A fresh random name, created exclusively: nothing planted under it (a link) is ever written through.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             f.write(data)
             if durable:
                 f.flush()

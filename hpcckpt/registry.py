@@ -10,8 +10,13 @@ Files in the run directory::
 The files are the truth: a checkpoint directory with a final name and a valid manifest is committed
 (the rename is the commit point), whether or not the index lists it yet. Readers compare the index with
 the directory listing and reconcile when they differ, so a writer killed between its rename and its
-index update still leaves its checkpoint visible. Checkpoints are ordered by the time they were saved:
-the latest is the newest, also after a deliberate rewind to an earlier step.
+index update still leaves its checkpoint visible.
+
+Checkpoints are ordered by their commit sequence number (``seq``), assigned under the lock when each one
+is committed and kept in its manifest (so a rebuilt index has it too): the latest is the last committed,
+also after a deliberate rewind to an earlier step, whatever the clocks of the saving hosts say (issue 11:
+one node an hour ahead made every later task resume from its old checkpoint). Checkpoints written before
+hpcckpt numbered commits have no ``seq``: they come first, by step, then time saved.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any, Literal
 
 from .checkpoint import PLAIN_NAME, Checkpoint, read_manifest
 from .errors import CorruptCheckpointError, StoreError, UsageError
-from .fileio import write_atomic
+from .fileio import link_refused, open_nofollow, read_nofollow, write_atomic
 
 INDEX = "registry.json"
 EVENTS = "events.jsonl"
@@ -40,7 +45,13 @@ CHECKPOINTS = "checkpoints"
 INDEX_VERSION = 1
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+# A temporary directory before its writer holds the lock on its owner file: judged by host and pid only.
+CLAIM_PREFIX = ".claim-"
 OWNER = ".owner"  # inside a temporary checkpoint: locked by its writer for as long as it writes
+PROBE_PREFIX = ".bandwidth-probe-"  # budget.measure_write_bandwidth's file, locked while it is written
+# A probe file named by hpcckpt before its probes were locked (``.bandwidth-probe-<pid>``): a probe takes
+# seconds, so one older than this is a leftover.
+LEGACY_PROBE_STALE_SECONDS = 3600.0
 # Where a writer's liveness cannot be checked (no fcntl locks), another host's temporary directory counts
 # as abandoned after this long.
 FOREIGN_TMP_STALE_SECONDS = 6 * 3600
@@ -77,7 +88,7 @@ class Registry:
         # The parsed index and the bytes it was parsed from, and each entry's JSON text with the checksum
         # and time it describes: parsing or encoding a thousand entries costs milliseconds.
         self._index_cache: tuple[tuple[int, ...], bytes, list[Checkpoint]] | None = None
-        self._encoded: dict[str, tuple[str, float, str]] = {}
+        self._encoded: dict[str, tuple[str, float, int | None, str]] = {}
         # The index and directory signatures when they last agreed, and directories already warned about.
         self._agreed: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._ignored: set[str] = set()
@@ -88,6 +99,9 @@ class Registry:
     def locked(self) -> Iterator[None]:
         import filelock
 
+        if os.path.islink(self._lock.lock_file):
+            # Refused, not waited for: a soft lock would take a link for a marker held by someone else.
+            raise link_refused(self._lock.lock_file)
         try:
             self._lock.acquire()
         except filelock.Timeout:
@@ -96,6 +110,8 @@ class Registry:
                 "it. If none does (a crash on a filesystem without fcntl locks), delete that file"
             ) from None
         except OSError as error:
+            if os.path.islink(self._lock.lock_file):  # filelock opens it with O_NOFOLLOW: ELOOP
+                raise link_refused(self._lock.lock_file) from None
             raise LockUnavailableError(f"cannot lock {self._lock.lock_file}: {error.strerror or error}") from None
         try:
             yield
@@ -134,7 +150,7 @@ class Registry:
     def events(self) -> list[dict[str, Any]]:
         """Every event, oldest first. A line torn by a crash is skipped."""
         try:
-            text = self.events_path.read_text()
+            text = read_nofollow(self.events_path).decode(errors="replace")
         except FileNotFoundError:
             return []
         events = []
@@ -155,22 +171,26 @@ class Registry:
     # -- writing ------------------------------------------------------------------------------------------
     def commit(
         self,
-        publish: Callable[[], Checkpoint],
+        publish: Callable[[int], Checkpoint],
         select_deletions: Callable[[list[Checkpoint]], list[Checkpoint]],
     ) -> tuple[Checkpoint, list[Checkpoint]]:
-        """Under the lock: ``publish()`` renames a written checkpoint into place (the commit point) and
-        returns it; then it is recorded and retention applied. Returns it and what retention deleted.
+        """Under the lock: ``publish(seq)`` writes the manifest with its commit sequence number ``seq`` and
+        renames a written checkpoint into place (the commit point), and returns it; then it is recorded and
+        retention applied. Returns it and what retention deleted.
 
         Once ``publish`` has returned the checkpoint is committed: a failure to update the index or the
         log afterwards (a full disk, a refused entry) is only warned about; the files are the truth.
         """
         with self.locked():
-            checkpoint = publish()
+            for path in (self.index_path, self.events_path):
+                if os.path.islink(path):  # refused before anything is committed, not warned about after
+                    raise link_refused(path)
+            before = self._reconciled()
+            checkpoint = publish(1 + max((c.seq for c in before if c.seq is not None), default=0))
             doomed: list[Checkpoint] = []
             trashed: list[Path] = []
             try:
-                entries = [c for c in self._reconciled(committing=checkpoint.name) if c.name != checkpoint.name]
-                entries = _ordered([*entries, checkpoint])
+                entries = _ordered([*(c for c in before if c.name != checkpoint.name), checkpoint])
                 doomed = [c for c in select_deletions(entries) if c.name != checkpoint.name]
                 doomed_names = {c.name for c in doomed}
                 # The index drops the doomed first; a crash before they are moved away leaves them on disk,
@@ -199,18 +219,27 @@ class Registry:
         return entry
 
     def clean_temporaries(self) -> list[Path]:
-        """Remove ``.tmp-*`` directories whose writer is gone, leftover ``.trash-*`` ones, and temporary
-        index files of killed processes."""
+        """Remove ``.tmp-*`` and ``.claim-*`` directories whose writer is gone, leftover ``.trash-*`` ones,
+        bandwidth probe files of killed processes, and temporary index files of killed processes."""
         removed = []
         try:
-            children = list(self.checkpoint_dir.iterdir())
+            entries = list(os.scandir(self.checkpoint_dir))
         except FileNotFoundError:
             return []
-        for child in children:
-            if child.name.startswith(TRASH_PREFIX) or (
-                child.name.startswith(TMP_PREFIX) and not self._writer_alive(child)
+        for entry in entries:
+            child = Path(entry.path)
+            if entry.is_symlink():
+                continue  # never hpcckpt's own: not followed, not judged
+            if (
+                child.name.startswith(TRASH_PREFIX)
+                or (child.name.startswith(TMP_PREFIX) and not self._writer_alive(child))
+                or (child.name.startswith(CLAIM_PREFIX) and not self._writer_alive_by_name(child))
             ):
                 shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+            elif child.name.startswith(PROBE_PREFIX) and not self._prober_alive(child):
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
                 removed.append(child)
         with contextlib.suppress(OSError):
             for leftover in self.run_dir.glob(f".{INDEX}.*.tmp"):
@@ -232,10 +261,12 @@ class Registry:
             # release the lock its writer holds.
             return True
         try:
-            fd = os.open(tmp / OWNER, os.O_RDWR)
+            fd = os.open(tmp / OWNER, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
             return self._writer_alive_by_name(tmp)  # killed before locking, or a writer without locks
-        except OSError:
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a link is no writer's lock (and its target is not ours to lock)
+                return self._writer_alive_by_name(tmp)
             return True
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -244,19 +275,54 @@ class Registry:
                 return True  # the lock is held: the writer is alive, wherever it runs
             return self._writer_alive_by_name(tmp)
         else:
-            return False
+            # Unlocked: its writer is gone. Unless the name says a live process on this host: an hpcckpt
+            # older than the atomic ownership (store._Owner.create) locked its owner file after creating it.
+            named = _host_and_pid(tmp)
+            return named is not None and named[0] == self.host and self._alive_by_name(tmp, *named)
         finally:
             os.close(fd)  # releases our lock, if we got it
 
     def _writer_alive_by_name(self, tmp: Path) -> bool:
-        # .tmp-<step>-<host>-<pid>-<token>; hosts may contain '-', so split from the right.
-        parts = tmp.name[len(TMP_PREFIX) :].split("-")
+        named = _host_and_pid(tmp)
+        return named is not None and self._alive_by_name(tmp, *named)
+
+    def _prober_alive(self, probe: Path) -> bool:
+        """Whether the process measuring bandwidth with ``probe`` still runs: it holds a lock on it."""
+        import fcntl
+
+        host, _, pid_text = probe.name[len(PROBE_PREFIX) :].rpartition("-")
         try:
-            host, pid = "-".join(parts[1:-2]), int(parts[-2])
-        except (IndexError, ValueError):
-            return False
+            pid = int(pid_text)
+        except ValueError:
+            host = ""
+        if not host:  # named by an hpcckpt whose probes were not locked: by age only
+            try:
+                return time.time() - probe.lstat().st_mtime < LEGACY_PROBE_STALE_SECONDS
+            except FileNotFoundError:
+                return True  # gone already: nothing to remove
+        if host == self.host and pid == os.getpid():
+            return True  # this process's own: testing (and closing) would release the lock it holds
         try:
-            age = time.time() - tmp.stat().st_mtime
+            fd = os.open(probe, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return True  # gone already, or not ours to judge (another user's)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            return self._alive_by_name(probe, host, pid)
+        else:
+            # Free: its prober is gone, or created it a moment ago and is about to lock it. On this host
+            # the pid tells; a prober on another host tolerates losing its file (it only measures).
+            return host == self.host and self._alive_by_name(probe, host, pid)
+        finally:
+            os.close(fd)
+
+    def _alive_by_name(self, path: Path, host: str, pid: int) -> bool:
+        """Liveness from the host and pid a temporary's name gives, where no lock tells."""
+        try:
+            age = time.time() - path.lstat().st_mtime
         except FileNotFoundError:
             return False
         if host != self.host:
@@ -297,7 +363,7 @@ class Registry:
         if not fresh and cache is not None and cache[0] == signature:
             return list(cache[2])
         try:
-            raw = self.index_path.read_bytes()
+            raw = read_nofollow(self.index_path)  # a link there raises StoreError: never read through
         except OSError:
             return None
         if cache is not None and cache[1] == raw:
@@ -365,12 +431,12 @@ class Registry:
         encoded = {}
         for c in entries:
             known = self._encoded.get(c.name)
-            if known is None or known[0] != c.checksum or known[1] != c.created:
-                known = (c.checksum, c.created, json.dumps(c.summary(), separators=(",", ":")))
+            if known is None or known[0] != c.checksum or known[1] != c.created or known[2] != c.seq:
+                known = (c.checksum, c.created, c.seq, json.dumps(c.summary(), separators=(",", ":")))
             encoded[c.name] = known
         self._encoded = encoded
         header = f'"hpcckpt_registry":{INDEX_VERSION},"updated":{time.time()}'
-        text = f'{{{header},"checkpoints":[{",".join(e[2] for e in encoded.values())}]}}'.encode()
+        text = f'{{{header},"checkpoints":[{",".join(e[3] for e in encoded.values())}]}}'.encode()
         # Atomic but not fsynced: the index is a cache of the manifests (each checkpoint is durable on its
         # own), so after a power loss it is at worst stale or unreadable, and then rebuilt.
         write_atomic(self.index_path, text, durable=False)
@@ -381,19 +447,21 @@ class Registry:
         describe is durable by itself, and its manifest says the same; run-state events pass durable."""
         now = time.time()
         lines = "".join(json.dumps({"time": now, **e}, separators=(",", ":")) + "\n" for e in events)
-        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = open_nofollow(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             size = os.fstat(fd).st_size
-            if size:  # a crash may have torn the last line: start ours on a fresh one
-                with open(self.events_path, "rb") as f:
-                    f.seek(size - 1)
-                    if f.read(1) != b"\n":
-                        lines = "\n" + lines
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a crash tore the last line: start on a fresh one
+                lines = "\n" + lines
             os.write(fd, lines.encode())
             if durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def probe_name() -> str:
+    """This process's bandwidth probe file name, inside ``checkpoints/``."""
+    return f"{PROBE_PREFIX}{host_identity()}-{os.getpid()}"
 
 
 def host_identity() -> str:
@@ -408,6 +476,15 @@ def host_identity() -> str:
     return name if namespace == init else f"{name}.ns{namespace}"
 
 
+def _host_and_pid(tmp: Path) -> tuple[str, int] | None:
+    """The writer's host and pid from ``.tmp-<step>-<host>-<pid>-<token>`` (or ``.claim-...``)."""
+    parts = tmp.name.partition("-")[2].split("-")  # hosts may contain '-': split from the right
+    try:
+        return "-".join(parts[1:-2]), int(parts[-2])
+    except (IndexError, ValueError):
+        return None
+
+
 def _signature(path: Path) -> tuple[int, ...]:
     try:
         st = os.stat(path)
@@ -417,7 +494,15 @@ def _signature(path: Path) -> tuple[int, ...]:
 
 
 def _ordered(entries: list[Checkpoint]) -> list[Checkpoint]:
-    return sorted(entries, key=lambda c: (c.created, c.step, c.name))
+    return sorted(entries, key=order_key)
+
+
+def order_key(checkpoint: Checkpoint) -> tuple[int, float, float, str]:
+    """Oldest first: by commit sequence number; checkpoints without one (written before hpcckpt numbered
+    commits) before all others, by step, then time saved. Never by a host's clock alone."""
+    if checkpoint.seq is None:
+        return (0, checkpoint.step, checkpoint.created, checkpoint.name)
+    return (1, checkpoint.seq, 0.0, checkpoint.name)
 
 
 def _make_lock(run_dir: Path, mode: LockMode, timeout: float) -> Any:

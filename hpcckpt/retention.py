@@ -1,6 +1,7 @@
 """Which checkpoints a store may delete: a pure function of the committed ones and the policy.
 
-Never deleted: the newest checkpoint (the one the next task resumes from; Ray #27790 deleted it), the best
+Checkpoints come ordered oldest first, in the registry's commit order (``Registry.checkpoints``). Never
+deleted: the newest checkpoint (the one the next task resumes from; Ray #27790 deleted it), the best
 by the ``keep_best`` metric, and tagged checkpoints.
 """
 
@@ -56,10 +57,15 @@ def check_keep_last(keep_last: int | None) -> int | None:
 
 
 def ranked(checkpoints: Sequence[Checkpoint], metric: str, mode: Mode) -> list[Checkpoint]:
-    """Checkpoints that recorded ``metric`` (a number, not NaN), best first; ties go to the newer."""
-    scored = [c for c in checkpoints if metric in c.metrics and not math.isnan(c.metrics[metric])]
+    """Checkpoints that recorded ``metric`` (a number, not NaN), best first; ties go to the newer, in the
+    order of ``checkpoints`` (oldest first: the registry's commit order, not the saving hosts' clocks)."""
     sign = 1.0 if mode == "min" else -1.0
-    return sorted(scored, key=lambda c: (sign * c.metrics[metric], -c.step, -c.created))
+    scored = [
+        (sign * c.metrics[metric], -position, c)
+        for position, c in enumerate(checkpoints)
+        if metric in c.metrics and not math.isnan(c.metrics[metric])
+    ]
+    return [c for *_, c in sorted(scored, key=lambda item: item[:2])]
 
 
 def to_delete(checkpoints: Sequence[Checkpoint], keep_last: int | None, keep_best: KeepBest | None) -> list[Checkpoint]:

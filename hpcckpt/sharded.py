@@ -182,8 +182,7 @@ def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -
         try:
             store.registry.clean_temporaries()
             tmp = store.registry.checkpoint_dir / store.registry.temporary_name(step, secrets.token_hex(4))
-            tmp.mkdir()
-            owner = _Owner.take(tmp)
+            owner = _Owner.create(tmp)
             prepared = str(tmp)
         except (OSError, HpcckptError) as error:
             prepared = f"error: cannot make a temporary directory in {store.registry.checkpoint_dir}: {error}"

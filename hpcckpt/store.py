@@ -3,11 +3,12 @@
 Commit protocol of :meth:`CheckpointStore.save` (a crash at any instant leaves the previous or the new
 checkpoint as the latest, never a partial one):
 
-1. write the files into ``checkpoints/.tmp-<step>-<host>-<pid>-<token>/``, fsyncing each;
-2. write ``manifest.json`` there (files, sizes, checksums, step, epoch, metrics, versions, Slurm ids,
-   user metadata) and fsync the directory;
+1. write the files into ``checkpoints/.tmp-<step>-<host>-<pid>-<token>/``, fsyncing each (the directory
+   appears under that name with its writer's lock already held: see :class:`_Owner`);
+2. under the registry lock, take the next commit sequence number and write ``manifest.json`` there (it,
+   files, sizes, checksums, step, epoch, metrics, versions, Slurm ids, user metadata), durably;
 3. rename the directory to its final name ``step_<step>`` and fsync ``checkpoints/`` -- the commit point;
-4. record it in the registry under the lock; only then apply retention.
+4. record it in the registry, still under the lock; only then apply retention.
 
 A failed save (disk full, quota) removes its temporary directory and raises :class:`StoreError`; the
 previous checkpoints are untouched. Loading always uses ``torch.load(weights_only=True)`` unless the caller
@@ -35,9 +36,9 @@ from typing import Any
 from ._version import __version__
 from .checkpoint import MANIFEST, Checkpoint, FileRecord, combined_checksum
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
-from .fileio import SyncedWriter, fsync_dir, write_atomic
+from .fileio import SyncedWriter, fsync_dir, open_nofollow, write_atomic
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, file_records, verify_file
-from .registry import CHECKPOINTS, OWNER, LockMode, Registry, warn
+from .registry import CHECKPOINTS, CLAIM_PREFIX, OWNER, LockMode, Registry, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .slurmenv import read_slurm_env
 from .state import RestoreOptions, TrainState
@@ -121,7 +122,9 @@ class CheckpointStore:
             payload, step, epoch, clean_metrics, tag, {**self.metadata, **(metadata or {})}, previous
         )
         try:
-            checkpoint, _ = self.registry.commit(lambda: self._rename_into_place(tmp, draft), self._select_deletions)
+            checkpoint, _ = self.registry.commit(
+                lambda seq: self._rename_into_place(tmp, draft, seq), self._select_deletions
+            )
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(_save_failure(self.registry.checkpoint_dir, step, error, previous)) from error
@@ -151,16 +154,15 @@ class CheckpointStore:
         metadata: Mapping[str, Any],
         previous: Checkpoint | None = None,
     ) -> tuple[Path, Checkpoint, _Owner]:
-        """Steps 1-2 of the commit protocol: the files and manifest, durable in a temporary directory that
-        this process holds a lock on while it writes. Returns the directory, the checkpoint's record under
-        its intended final name, and the lock (release it once the directory is renamed or removed)."""
+        """Step 1 of the commit protocol: the files, durable in a temporary directory that this process holds
+        a lock on while it writes. Returns the directory, the checkpoint's record under its intended final
+        name, and the lock (release it once the directory is renamed or removed)."""
         started = time.perf_counter()
         self.registry.clean_temporaries()
         tmp = self.registry.checkpoint_dir / self.registry.temporary_name(step, secrets.token_hex(4))
         owner = _Owner(None)
         try:
-            tmp.mkdir()
-            owner = _Owner.take(tmp)
+            owner = _Owner.create(tmp)
             files = tuple(self.format.write(payload, tmp))
             checkpoint = self._describe(tmp, files, step, epoch, metrics, tag, metadata, self.format.name, started)
             return tmp, checkpoint, owner
@@ -185,7 +187,7 @@ class CheckpointStore:
         format_name: str,
         started: float,
     ) -> Checkpoint:
-        """Step 2: the checkpoint's record, written durably as ``tmp``'s manifest."""
+        """Step 2: the checkpoint's record (written as ``tmp``'s manifest at the commit, with its number)."""
         slurm = read_slurm_env(os.environ)
         checkpoint = Checkpoint(
             name=self._final_path(step).name,
@@ -207,7 +209,6 @@ class CheckpointStore:
             versions=_versions(),
             metadata=metadata,
         )
-        write_atomic(tmp / MANIFEST, _json(checkpoint.manifest()))
         return checkpoint
 
     def _commit_directory(
@@ -224,7 +225,9 @@ class CheckpointStore:
         try:
             files = tuple(file_records(tmp))
             draft = self._describe(tmp, files, step, epoch, metrics, None, self.metadata, format_name, started)
-            checkpoint, _ = self.registry.commit(lambda: self._rename_into_place(tmp, draft), self._select_deletions)
+            checkpoint, _ = self.registry.commit(
+                lambda seq: self._rename_into_place(tmp, draft, seq), self._select_deletions
+            )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -248,14 +251,14 @@ class CheckpointStore:
             raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: " + "; ".join(problems))
         return None
 
-    def _rename_into_place(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
-        """Step 3, under the registry lock: rename ``tmp`` to a free final name. The commit point."""
+    def _rename_into_place(self, tmp: Path, checkpoint: Checkpoint, seq: int) -> Checkpoint:
+        """Step 3, under the registry lock: write the manifest durably, with the commit sequence number
+        ``seq`` the registry assigned, and rename ``tmp`` to a free final name. The commit point."""
         suffix = 0
         while True:
             final = checkpoint.path if suffix == 0 else checkpoint.path.with_name(f"{checkpoint.path.name}.{suffix}")
-            named = _with(checkpoint, name=final.name, path=final)
-            if suffix:  # the manifest names its directory
-                write_atomic(tmp / MANIFEST, _json(named.manifest()))
+            named = _with(checkpoint, name=final.name, path=final, seq=seq)
+            write_atomic(tmp / MANIFEST, _json(named.manifest()))  # it names its directory and its number
             try:
                 # A rename onto an existing non-empty directory fails: a second save of one step takes the
                 # next suffix instead of replacing the first.
@@ -516,7 +519,7 @@ def _prepare_run_dir(run_dir: Path, *, create: bool) -> None:
     try:
         (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
         probe = run_dir / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
+        os.close(open_nofollow(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         probe.unlink()
     except OSError as error:
         raise StoreError(f"run directory {run_dir} is not writable: {error.strerror or error}") from None
@@ -598,13 +601,34 @@ class _Owner:
         self.fd = fd
 
     @classmethod
-    def take(cls, directory: Path) -> _Owner:
+    def create(cls, tmp: Path) -> _Owner:
+        """Make the temporary directory ``tmp`` with this process's lock on its ``.owner`` already held.
+
+        Ownership is atomic (issue 11: a cleaner that probed between the owner file's creation and its
+        locking took the writer for dead and deleted its directory): the directory is made under a private
+        name (``.claim-...``, which cleaners judge by host and pid only, never by its lock), the owner file
+        created and locked there, and only then is it renamed to ``tmp``. Where locks do not work, the owner
+        file is removed before the rename and cleaners fall back to host, pid and age.
+        """
         import fcntl
 
-        fd = os.open(directory / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
-        # Without a lock service, cleaners fall back to host, pid and age (Registry._writer_alive).
-        with contextlib.suppress(OSError):
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        claim = tmp.with_name(CLAIM_PREFIX + tmp.name.partition("-")[2])
+        claim.mkdir()
+        fd: int | None = None
+        try:
+            fd = open_nofollow(claim / OWNER, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                fd = None
+                os.unlink(claim / OWNER)  # an unlocked owner file would read as a dead writer's
+            os.rename(claim, tmp)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(claim, ignore_errors=True)
+            raise
         return cls(fd)
 
     def release(self) -> None:

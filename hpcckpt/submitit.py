@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HpcckptError, UsageError
-from .fileio import write_atomic
+from .fileio import read_nofollow, write_atomic
 from .registry import Registry
 from .signals import SignalRecorder, parse_signal
 from .tasks import task_begin, task_end
@@ -417,7 +417,7 @@ def stored_result(run_dir: str | os.PathLike[str]) -> Any:
     if status.get("event") == "failed":
         raise HpcckptError(f"run {run_dir} is marked failed: {status.get('reason')}")
     try:
-        data = (run_dir / RESULT_FILE).read_bytes()
+        data = read_nofollow(run_dir / RESULT_FILE)  # a link there raises StoreError: never read through
     except FileNotFoundError:
         registry = Registry(run_dir)
         failure = next((e for e in reversed(registry.events()) if e.get("event") == "result-error"), None)

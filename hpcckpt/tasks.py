@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import Checkpoint
 from .registry import Registry
 from .slurmenv import SlurmEnv, read_slurm_env
 from .store import CheckpointStore
@@ -79,6 +80,7 @@ def task_begin(
         latest=latest.name if latest else None,
         latest_step=latest.step if latest else None,
         latest_created=latest.created if latest else None,
+        latest_seq=latest.seq if latest else None,
     )
     return True
 
@@ -263,11 +265,24 @@ def _last_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((e for e in reversed(events) if e.get("event") == "task-begin"), None)
 
 
-def _progressed(begin: dict[str, Any], latest: Any) -> bool:
+def _progressed(begin: dict[str, Any], latest: Checkpoint | None) -> bool:
+    """Whether ``latest`` was committed after the task began: in the registry's commit order, never by
+    the saving host's clock (issue 11: a checkpoint stamped an hour ahead hid every later one)."""
     if latest is None:
         return False
-    before = begin.get("latest_created")
-    return before is None or latest.created > float(before)
+    if begin.get("latest") is None and begin.get("latest_created") is None:
+        return True  # nothing was saved when the task began
+    before_seq = begin.get("latest_seq")
+    if latest.seq is not None:
+        # A numbered commit ranks after every unnumbered one (written before hpcckpt numbered them).
+        return before_seq is None or latest.seq > int(before_seq)
+    if before_seq is not None:
+        return False
+    # Only checkpoints of an hpcckpt that did not number commits: their order, by step then time saved.
+    before = (begin.get("latest_step"), begin.get("latest_created"))
+    if before[0] is None or before[1] is None:
+        return latest.name != begin.get("latest")
+    return (latest.step, latest.created) > (int(before[0]), float(before[1]))
 
 
 def _last_task_of_array(slurm: SlurmEnv) -> bool:
