@@ -137,15 +137,20 @@ def _translate(error: Any, directory: Path, files: Collection[str]) -> BaseExcep
             return type(cause)(f"{directory}: {cause}")
     if not directory.exists():
         return FileNotFoundError(errno.ENOENT, "deleted while loading", str(directory))
-    text = "; ".join(
-        f"rank {rank}: {type(c).__name__}{f': {c}' if str(c) else ''}"
-        for rank, (c, _) in sorted(error.failures.items())
-    )
+    text = failures(error)
     step = error.args[0] if error.args else "?"
     if step == "read":
         shards = ", ".join(sorted(f for f in files if f != METADATA))
         return CorruptCheckpointError(f"{directory}: its shards ({shards}) cannot be read ({text})")
     return StoreError(f"{directory}: loading the sharded checkpoint failed in DCP's {step!r} step: {text}")
+
+
+def failures(error: Any) -> str:
+    """What went wrong on each rank, from DCP's ``CheckpointException``."""
+    return "; ".join(
+        f"rank {rank}: {type(cause).__name__}{f': {cause}' if str(cause) else ''}"
+        for rank, (cause, _) in sorted(error.failures.items())
+    )
 
 
 @functools.cache

@@ -184,8 +184,11 @@ def load_full_into(state: TrainState, content: Mapping[str, Any], options: Resto
 # -- the collective save and restore ------------------------------------------------------------------------
 def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -> Checkpoint:
     """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from . import dcpread
 
     rank, size = world()
     started = time.perf_counter()
@@ -217,6 +220,8 @@ def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -
             )
     except Exception as error:  # another rank's failure surfaces here too, as a failed collective
         failure = f"rank {rank}: {type(error).__name__}: {error}"
+    except CheckpointException as error:  # DCP's, a BaseException: a failed write (disk full) on some rank
+        failure = dcpread.failures(error)
     try:
         failures = [f for f in _gather(failure) if f]
     except Exception as error:  # a rank died: the group is broken

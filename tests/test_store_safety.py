@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,38 @@ def test_a_pickled_value_in_a_torch_checkpoint_is_refused_by_load_restore_and_ex
     exported = hpcckpt("export", str(store.run_dir), "--out", str(tmp_path / "out.pt"))
     assert exported.returncode == 1 and "unsafe_allow_pickle=True" in exported.stderr
     assert not marker.exists()
+
+
+DCP_SAVE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import torch
+from hpcckpt import CheckpointStore, StoreError, TrainState
+store = CheckpointStore(sys.argv[1], keep_last=None, format="dcp")
+state = TrainState(model=torch.nn.Linear(4, 4))
+state.step = 1
+store.save(state)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
+state = TrainState(model=torch.nn.Linear(512, 512))
+state.step = 2
+try:
+    store.save(state)
+except StoreError as error:
+    print(error)
+"""
+
+
+def test_a_failed_sharded_write_is_a_store_error_and_commits_nothing(tmp_path: Path) -> None:
+    """DCP reports a failed write as CheckpointException, a BaseException: it must not escape as one."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", DCP_SAVE_UNDER_A_FILE_SIZE_LIMIT, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("sharded save of step 2 failed, nothing committed: rank 0: ")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000000001"]
+    assert CheckpointStore(run_dir, create=False).load()["step"] == 1
