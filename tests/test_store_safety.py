@@ -247,3 +247,25 @@ def test_a_failed_sharded_write_is_a_store_error_and_commits_nothing(tmp_path: P
     assert result.stdout.startswith("sharded save of step 2 failed, nothing committed: rank 0: ")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000000001"]
     assert CheckpointStore(run_dir, create=False).load()["step"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("damage", ["crafted .metadata", "truncated shard"])
+def test_two_ranks_fall_back_together_and_run_nothing(tmp_path: Path, damage: str) -> None:
+    """Every rank of a process group skips the damaged checkpoint and resumes from the same older one."""
+    from test_distributed import Ranks
+
+    run_dir = tmp_path / "run"
+    first = Ranks(run_dir, 2, "--steps", "20", "--save-every", "10ba").end()
+    assert [r["step"] for r in first] == [20, 20]
+    store = CheckpointStore(run_dir, create=False, keep_last=None)
+    assert [c.step for c in store.list()] == [10, 20]
+    marker = tmp_path / "payload-ran"
+    newest = _crafted_metadata(store, marker) if damage == "crafted .metadata" else _truncated_shard(store)
+    store.registry.record("reopen", why="test: train on")
+    ranks = Ranks(run_dir, 2, "--steps", "30")
+    second = ranks.end()
+    assert [(r["resumed"], r["step"]) for r in second] == [(10, 30), (10, 30)]
+    assert f"checkpoint {newest.name} is corrupt, trying an older one" in ranks.stderr
+    assert not marker.exists()
