@@ -7,9 +7,10 @@ verifies) could therefore run any code in whoever loads it: ``hpcckpt export``, 
 ``Run``. Here:
 
 - ``.metadata`` is read by :class:`_MetadataUnpickler`, which admits only the classes DCP's metadata is
-  made of (found by reading the metadata that torch 2.6 to 2.13 write); anything else, a file a shard
-  entry names outside the checkpoint's own files, or an object that is not DCP's ``Metadata`` is a
-  :class:`CorruptCheckpointError`, so a load falls back to the previous valid checkpoint;
+  made of (found by reading the metadata that torch 2.13 writes) and sets state only on their instances;
+  anything else, a file a shard entry names outside the checkpoint's own files, or an object that is not
+  DCP's ``Metadata`` is a :class:`CorruptCheckpointError`, so a load falls back to the previous valid
+  checkpoint (``unsafe_allow_pickle=True`` reads it with plain pickle, for a writer the caller trusts);
 - the non-tensor values go through ``torch.load(weights_only=True)`` first (unless the caller asked for
   ``unsafe_allow_pickle``), like a ``torch`` checkpoint's ``state.pt``;
 - DCP reports failures as ``CheckpointException``, a ``BaseException``: :func:`guarded` turns it into the
@@ -26,13 +27,13 @@ import os
 import pickle
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import CorruptCheckpointError, HpcckptError, StoreError
 
 METADATA = ".metadata"
 
-# Every global that a DCP .metadata written by torch 2.6 to 2.13 refers to; torch's dtypes, layouts and
+# Every global that a DCP .metadata written by torch 2.13 refers to (read from real ones); torch's dtypes, layouts and
 # memory formats are admitted by type (see _MetadataUnpickler.find_class).
 _ALLOWED: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.metadata": frozenset(
@@ -56,7 +57,26 @@ _ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+# Python's own unpickler, in Python: its BUILD step can be checked (the C one's cannot), as torch's
+# weights_only unpickler does. Metadata is small (kilobytes per thousand tensors), so speed does not matter.
+_PythonUnpickler: Any = getattr(pickle, "_Unpickler")  # noqa: B009 - private by name, public in practice
+
+
+class _MetadataUnpickler(_PythonUnpickler):  # type: ignore[misc]
+    """Admits only the globals in ``_ALLOWED`` (and torch's dtypes, layouts and memory formats), and sets
+    state only on instances of the admitted classes: a BUILD on a class itself would change that class for
+    the whole process."""
+
+    dispatch: ClassVar[dict[int, Any]] = dict(_PythonUnpickler.dispatch)
+
+    def load_build(self) -> None:
+        target = self.stack[-2]  # BUILD pops the state, then sets it on the object below
+        if isinstance(target, type) or type(target).__name__ not in _ALLOWED.get(type(target).__module__, ()):
+            raise pickle.UnpicklingError(f"refused to set the state of {type(target).__name__} {target!r:.60}")
+        _PythonUnpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
@@ -69,9 +89,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name}: not part of DCP's metadata")
 
 
-def read_metadata(directory: Path, files: Collection[str]) -> Any:
+def read_metadata(directory: Path, files: Collection[str], *, trusted: bool = False) -> Any:
     """DCP's ``Metadata`` of the checkpoint in ``directory``, whose data files are ``files`` (its
-    manifest's); :class:`CorruptCheckpointError` for anything else."""
+    manifest's); :class:`CorruptCheckpointError` for anything else. ``trusted``: the caller passed
+    ``unsafe_allow_pickle=True``, so plain pickle reads it."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
 
@@ -86,7 +107,7 @@ def read_metadata(directory: Path, files: Collection[str]) -> Any:
         raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
     try:
         with os.fdopen(fd, "rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
+            metadata = pickle.load(stream) if trusted else _MetadataUnpickler(stream).load()  # noqa: S301
     except Exception as error:  # a refused global, a torn or garbled pickle: all mean the same here
         raise CorruptCheckpointError(
             f"{path}: not DCP metadata ({type(error).__name__}: {error}); refused without running it"
@@ -103,10 +124,10 @@ def read_metadata(directory: Path, files: Collection[str]) -> Any:
     return metadata
 
 
-def reader(directory: Path, files: Collection[str]) -> Any:
-    """A ``FileSystemReader`` for ``directory`` that never unpickles its metadata unrestrictedly: it is
-    read here, through :func:`read_metadata`, before DCP is involved."""
-    return _reader_class()(str(directory), read_metadata(directory, files))
+def reader(directory: Path, files: Collection[str], *, trusted: bool = False) -> Any:
+    """A ``FileSystemReader`` for ``directory`` that never unpickles its metadata unrestrictedly (unless
+    ``trusted``): it is read here, through :func:`read_metadata`, before DCP is involved."""
+    return _reader_class()(str(directory), read_metadata(directory, files, trusted=trusted))
 
 
 def planner(base: str, *, weights_only: bool, **kwargs: Any) -> Any:

@@ -117,7 +117,7 @@ class DcpFormat:
         state: dict[str, Any] = {}
         files = [f.name for f in checkpoint.files]
         try:
-            storage_reader = dcpread.reader(checkpoint.path, files)
+            storage_reader = dcpread.reader(checkpoint.path, files, trusted=not weights_only)
             with single_process_quietly(), dcpread.guarded(checkpoint.path, files):
                 _load_state_dict(
                     state,

@@ -269,3 +269,34 @@ def test_two_ranks_fall_back_together_and_run_nothing(tmp_path: Path, damage: st
     assert [(r["resumed"], r["step"]) for r in second] == [(10, 30), (10, 30)]
     assert f"checkpoint {newest.name} is corrupt, trying an older one" in ranks.stderr
     assert not marker.exists()
+
+
+def test_metadata_that_would_change_an_admitted_class_is_refused(tmp_path: Path) -> None:
+    """Only admitted classes are named, but a pickle can set attributes on a class itself (BUILD with slot
+    state), which would change it for the whole process: refused."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    store = _dcp_run(tmp_path / "run")
+    newest = store.list()[-1].path
+    module = Metadata.__module__.encode()
+    # PROTO 4; GLOBAL Metadata; state (None, {"planted": "yes"}); BUILD; STOP
+    crafted = b"\x80\x04c" + module + b"\nMetadata\nN}\x8c\x07planted\x8c\x03yess\x86b."
+    _rewrite(newest, ".metadata", crafted)
+    with pytest.raises(CorruptCheckpointError, match=r"refused to set the state of type <class '.*\.Metadata'>"):
+        store.load(2)
+    assert not hasattr(Metadata, "planted")
+    with pytest.warns(HpcckptWarning, match=f"checkpoint {newest.name} is corrupt, trying an older one"):
+        assert store.load()["step"] == 1
+
+
+def test_unsafe_allow_pickle_reads_crafted_metadata_as_asked(tmp_path: Path) -> None:
+    """The caller who passes unsafe_allow_pickle=True by name trusts the writer: plain pickle, as DCP does."""
+    store = _dcp_run(tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    _crafted_metadata(store, marker)
+    with pytest.raises(CorruptCheckpointError):
+        store.load(2)
+    assert not marker.exists()
+    with pytest.raises(StoreError):  # it is not DCP metadata after all
+        store.load(2, unsafe_allow_pickle=True)
+    assert marker.exists()
