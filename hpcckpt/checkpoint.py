@@ -90,8 +90,10 @@ class Checkpoint:
         return {"hpcckpt_manifest": MANIFEST_VERSION, **self.summary()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], path: Path) -> Checkpoint:
-        """Build from a manifest or an index entry; ``path`` is where the directory is."""
+    def from_dict(cls, data: Mapping[str, Any], path: Path, *, source: str | None = None) -> Checkpoint:
+        """Build from a manifest or an index entry; ``path`` is where the directory is, ``source`` names
+        what was read in errors (by default the manifest)."""
+        check_fields(data, source or str(path / MANIFEST))
         try:
             files = tuple(FileRecord(str(f["name"]), int(f["size"]), str(f["digest"])) for f in data["files"])
             for record in files:
@@ -129,6 +131,71 @@ class Checkpoint:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptCheckpointError(f"{path / MANIFEST}: malformed entry ({error!r})") from None
+
+
+# What each field of a manifest or index entry must be, checked when read (issue 11, item 13): a manifest
+# written by hand or by another tool gives an error naming the file and the field, not a traceback in
+# `hpcckpt ls` later. (JSON types; a bool is not a number here.)
+_WHOLE, _NUMBER, _TEXT, _OBJECT = "a whole number >= 0", "a number", "a string", "an object"
+_FIELDS: dict[str, tuple[str, bool]] = {  # field: (expected, may be null or absent)
+    "name": (_TEXT, False),
+    "step": (_WHOLE, False),
+    "epoch": (_WHOLE, False),
+    "size": (_WHOLE, False),
+    "created": (_NUMBER, False),
+    "checksum": (_TEXT, False),
+    "format": (_TEXT, False),
+    "files": ("a list of {name, size, digest}", False),
+    "metrics": ("an object of numbers", True),
+    "tag": (_TEXT, True),
+    "host": (_TEXT, True),
+    "job_id": (_TEXT, True),
+    "array_job_id": (_TEXT, True),
+    "array_task_id": (_WHOLE, True),
+    "save_seconds": (_NUMBER, True),
+    "versions": (_OBJECT, True),
+    "metadata": (_OBJECT, True),
+}
+
+
+def field_ok(expected: str, value: Any) -> bool:
+    """Whether ``value`` (parsed JSON) is of the ``expected`` kind (one of the descriptions above)."""
+    if expected == _WHOLE:
+        return type(value) is int and value >= 0
+    if expected == _NUMBER:
+        return type(value) in (int, float)
+    if expected == _TEXT:
+        return isinstance(value, str)
+    if expected == _OBJECT:
+        return isinstance(value, dict)
+    if expected == "an object of numbers":
+        return isinstance(value, dict) and all(type(v) in (int, float) for v in value.values())
+    return isinstance(value, list) and all(
+        isinstance(f, dict)
+        and isinstance(f.get("name"), str)
+        and field_ok(_WHOLE, f.get("size"))
+        and isinstance(f.get("digest"), str)
+        for f in value
+    )
+
+
+def check_fields(data: Mapping[str, Any], source: str) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``source`` and the first field of ``data`` that is not
+    of its kind."""
+    if not isinstance(data, Mapping):
+        raise CorruptCheckpointError(f"{source}: holds {_shown(data)}; expected an object")
+    for name, (expected, optional) in _FIELDS.items():
+        if name not in data or data[name] is None:
+            if not optional:
+                raise CorruptCheckpointError(f"{source}: field {name!r} is missing; expected {expected}")
+        elif not field_ok(expected, data[name]):
+            null = " or null" if optional else ""
+            raise CorruptCheckpointError(f"{source}: field {name!r} is {_shown(data[name])}; expected {expected}{null}")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def combined_checksum(files: tuple[FileRecord, ...]) -> str:

@@ -17,6 +17,7 @@ import errno
 import functools
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 from types import TracebackType
@@ -65,11 +66,13 @@ def read_nofollow(path: os.PathLike[str] | str) -> bytes:
         return f.read()
 
 
-def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, durable: bool = True, private: bool = False) -> None:
     """Replace ``path`` by ``data`` so that readers see the old or the new content, never a mix.
 
     With ``durable`` (the default) the new content also survives a power loss once this returns. A
-    symbolic link at ``path`` is refused (:class:`StoreError`), never replaced nor written through.
+    symbolic link at ``path`` is refused (:class:`StoreError`), never replaced nor written through. With
+    ``private`` the file is writable by its owner only, whatever the umask (group-writable umasks are common
+    on clusters; a file that others could have written must not be unpickled).
     """
     if os.path.islink(path):
         raise link_refused(path)
@@ -77,6 +80,8 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+            if private:
+                os.fchmod(f.fileno(), stat.S_IMODE(os.fstat(f.fileno()).st_mode) & ~0o022)
             f.write(data)
             if durable:
                 f.flush()

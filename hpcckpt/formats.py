@@ -108,21 +108,24 @@ class DcpFormat:
         return file_records(directory)
 
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
-        """The whole state in this process, every shard gathered (the export and ``load`` path)."""
-        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-        from torch.distributed.checkpoint.filesystem import FileSystemReader
+        """The whole state in this process, every shard gathered (the export and ``load`` path). Nothing in
+        the files runs code: see :mod:`hpcckpt.dcpread`."""
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+        from . import dcpread
+
         state: dict[str, Any] = {}
+        files = [f.name for f in checkpoint.files]
         try:
-            with single_process_quietly():
+            storage_reader = dcpread.reader(checkpoint.path, files, trusted=not weights_only)
+            with single_process_quietly(), dcpread.guarded(checkpoint.path, files):
                 _load_state_dict(
                     state,
-                    storage_reader=FileSystemReader(str(checkpoint.path)),
-                    planner=_EmptyStateDictLoadPlanner(),  # type: ignore[no-untyped-call]
+                    storage_reader=storage_reader,
+                    planner=dcpread.planner("empty", weights_only=weights_only),
                     no_dist=True,
                 )
-        except FileNotFoundError:
+        except (FileNotFoundError, StoreError):
             raise
         except Exception as error:
             raise StoreError(f"{checkpoint.path}: reading the sharded checkpoint failed: {error}") from error

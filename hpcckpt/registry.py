@@ -148,17 +148,18 @@ class Registry:
         return self.checkpoint_dir / name
 
     def events(self) -> list[dict[str, Any]]:
-        """Every event, oldest first. A line torn by a crash is skipped."""
+        """Every event, oldest first. A line torn by a crash is skipped; a field of the wrong kind is
+        dropped from its event with a warning naming the line and the field (see :func:`checked_event`)."""
         try:
             text = read_nofollow(self.events_path).decode(errors="replace")
         except FileNotFoundError:
             return []
         events = []
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
                 if isinstance(event, dict):
-                    events.append(event)
+                    events.append(checked_event(event, f"{self.events_path}, line {number}"))
         return events
 
     def status(self) -> dict[str, Any] | None:
@@ -373,7 +374,10 @@ class Registry:
             data = json.loads(raw)
             if not isinstance(data, dict) or data.get("hpcckpt_registry") != INDEX_VERSION:
                 return None
-            entries = [Checkpoint.from_dict(e, self.resolve(str(e["name"]))) for e in data["checkpoints"]]
+            entries = [
+                Checkpoint.from_dict(e, self.resolve(str(e["name"])), source=f"{self.index_path}: entry {e['name']!r}")
+                for e in data["checkpoints"]
+            ]
         except StoreError as refused:
             warn(f"{refused}; rebuilding the index from the manifests")
             self._refused_index = raw
@@ -462,6 +466,46 @@ class Registry:
 def probe_name() -> str:
     """This process's bandwidth probe file name, inside ``checkpoints/``."""
     return f"{PROBE_PREFIX}{host_identity()}-{os.getpid()}"
+
+
+# The kind of every event field that hpcckpt's readers (status, the breaker, results) use, checked when
+# read (issue 11, item 13); null is accepted for each. Other fields are left as they are.
+_EVENT_FIELDS: dict[str, str] = {
+    **dict.fromkeys(("time", "lead", "time_seconds", "time_left", "latest_created", "deadline"), "a number"),
+    **dict.fromkeys(
+        ("step", "steps_done", "steps_lost", "resumed_step", "total_steps", "latest_step", "tasks", "status"),
+        "a whole number",
+    ),
+    **dict.fromkeys(("saved", "killed", "progress", "auto", "extend"), "true or false"),
+    **dict.fromkeys(("event", "host", "reason", "cause", "log", "checkpoint", "error"), "a string"),
+    "job": "a string or a whole number",
+    "jobs": "a list of strings",
+}
+_EVENT_KINDS: dict[str, Callable[[Any], bool]] = {
+    "a number": lambda v: type(v) in (int, float),
+    "a whole number": lambda v: type(v) is int,
+    "true or false": lambda v: type(v) is bool,
+    "a string": lambda v: isinstance(v, str),
+    "a string or a whole number": lambda v: isinstance(v, str) or type(v) is int,
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(j, str) for j in v),
+}
+
+
+def checked_event(event: dict[str, Any], where: str) -> dict[str, Any]:
+    """``event`` without the fields that are not of their kind, each warned about naming ``where`` (the file
+    and line), the field, its value and the accepted form: the rest of the log stays usable."""
+    bad = [
+        name
+        for name, value in event.items()
+        if value is not None and name in _EVENT_FIELDS and not _EVENT_KINDS[_EVENT_FIELDS[name]](value)
+    ]
+    for name in bad:
+        shown = json.dumps(event[name], default=str)
+        warn(
+            f"{where}: field {name!r} is {shown if len(shown) <= 60 else shown[:57] + '...'}; expected "
+            f"{_EVENT_FIELDS[name]} or null; ignoring that field"
+        )
+    return {k: v for k, v in event.items() if k not in bad} if bad else event
 
 
 def host_identity() -> str:

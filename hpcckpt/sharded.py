@@ -23,17 +23,18 @@ process with :meth:`CheckpointStore.load` and exports to one ``torch.load``-able
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .distributed import broadcast_object, world
-from .errors import HpcckptError, StoreError
+from .errors import CorruptCheckpointError, HpcckptError, StoreError
 from .formats import DCP_FORMAT as NAME
 from .formats import single_process_quietly
 from .state import RestoreOptions, TrainState, capture_rng, restore_rng
@@ -76,9 +77,9 @@ def payload(state: TrainState, step: int, epoch: int) -> dict[str, Any]:
 def load_into(state: TrainState, checkpoint: Checkpoint, options: RestoreOptions) -> None:
     """Every rank: load ``checkpoint`` into ``state`` (collective when a process group is running)."""
     import torch
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    from . import dcpread
 
     rank, size = world()
     single = size == 1
@@ -90,15 +91,31 @@ def load_into(state: TrainState, checkpoint: Checkpoint, options: RestoreOptions
     for key in ("optimizer", "scheduler", "scaler"):
         if not getattr(options, key):
             target.pop(key, None)
-    reader = FileSystemReader(str(checkpoint.path))
+    # The metadata is read (restricted, see dcpread) by every rank before DCP; the ranks agree on the
+    # outcome, so a refused checkpoint is refused by all of them together and none waits alone.
+    files = [f.name for f in checkpoint.files]
+    reader: Any = None
+    refused: str | None = None
     try:
-        partial = DefaultLoadPlanner(allow_partial_load=not options.strict)
-        with single_process_quietly():
+        reader = dcpread.reader(checkpoint.path, files)
+    except CorruptCheckpointError as error:
+        refused = str(error)
+    except FileNotFoundError:
+        refused = "deleted"
+    problems = [p for p in _gather(refused) if p]
+    if problems:
+        if problems[0] == "deleted":
+            raise FileNotFoundError(errno.ENOENT, "deleted while loading", str(checkpoint.path))
+        raise CorruptCheckpointError(problems[0])
+    try:
+        partial = dcpread.planner("default", weights_only=True, allow_partial_load=not options.strict)
+        with single_process_quietly(), dcpread.guarded(checkpoint.path, files):
             dcp_load(target, storage_reader=reader, planner=partial, no_dist=single)
             # Per-rank values: present only when this rank existed at save time.
             mine = {PER_RANK: dict(per_rank)}
-            dcp_load(mine, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=single)
-    except FileNotFoundError:
+            anything = dcpread.planner("default", weights_only=True, allow_partial_load=True)
+            dcp_load(mine, storage_reader=reader, planner=anything, no_dist=single)
+    except (FileNotFoundError, HpcckptError):
         raise
     except Exception as error:
         raise StoreError(f"{checkpoint.path}: loading the sharded checkpoint failed: {error}") from error
@@ -167,8 +184,11 @@ def load_full_into(state: TrainState, content: Mapping[str, Any], options: Resto
 # -- the collective save and restore ------------------------------------------------------------------------
 def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -> Checkpoint:
     """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from . import dcpread
 
     rank, size = world()
     started = time.perf_counter()
@@ -199,6 +219,8 @@ def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -
             )
     except Exception as error:  # another rank's failure surfaces here too, as a failed collective
         failure = f"rank {rank}: {type(error).__name__}: {error}"
+    except CheckpointException as error:  # DCP's, a BaseException: a failed write (disk full) on some rank
+        failure = dcpread.failures(error)
     try:
         failures = [f for f in _gather(failure) if f]
     except Exception as error:  # a rank died: the group is broken
@@ -232,13 +254,14 @@ def _gather(value: str | None) -> list[str | None]:
     return values
 
 
-def choose(store: CheckpointStore, ref: Any = None) -> Checkpoint | None:
-    """The checkpoint every rank restores: rank 0's choice (the newest that verifies, or ``ref``)."""
+def choose(store: CheckpointStore, ref: Any = None, skip: Collection[str] = ()) -> Checkpoint | None:
+    """The checkpoint every rank restores: rank 0's choice (the newest that verifies and is not named in
+    ``skip``, or ``ref``)."""
     rank, _ = world()
     chosen: Checkpoint | str | None = None
     if rank == 0:
         try:
-            chosen = store.get(ref) if ref is not None else store.newest_valid()
+            chosen = store.get(ref) if ref is not None else store.newest_valid(skip)
         except HpcckptError as error:  # told to every rank, which raise it together (none waits alone)
             chosen = f"{type(error).__name__}: {error}"
     chosen = broadcast_object(chosen)

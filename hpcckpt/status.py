@@ -189,7 +189,7 @@ def _history(events: Sequence[dict[str, Any]]) -> list[TaskRecord]:
     for r in records:
         stop, start, end = r.get("stop") or {}, r.get("start") or {}, r.get("end") or {}
         reason = stop.get("reason") or ("crashed" if "crash" in r else "killed" if end.get("killed") else None)
-        seconds = stop["time"] - start["time"] if stop and start else None
+        seconds = stop["time"] - start["time"] if "time" in stop and "time" in start else None
         result.append(
             TaskRecord(
                 job=str(r.get("job")),

@@ -29,7 +29,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -236,10 +236,13 @@ class CheckpointStore:
         owner.forget(checkpoint.path)
         return checkpoint
 
-    def newest_valid(self) -> Checkpoint | None:
-        """The newest checkpoint whose files verify (a corrupt newer one is warned about and skipped)."""
+    def newest_valid(self, skip: Collection[str] = ()) -> Checkpoint | None:
+        """The newest checkpoint whose files verify (a corrupt newer one is warned about and skipped), of
+        those not named in ``skip`` (found corrupt when read)."""
         problems = []
         for checkpoint in reversed(self.list()):
+            if checkpoint.name in skip:
+                continue
             try:
                 return self.verify(checkpoint)
             except CheckpointNotFoundError:
@@ -426,11 +429,23 @@ class CheckpointStore:
             # Every rank restores the checkpoint rank 0 chose, whatever each one sees on a shared filesystem.
             from . import sharded
 
-            chosen = sharded.choose(self, ckpt)
-            if chosen is None:
-                return None
-            if chosen.format == DCP_FORMAT:
-                sharded.load_into(state, chosen, options or RestoreOptions())
+            skip: list[str] = []  # found corrupt when read: the same on every rank (DCP's errors are collective)
+            while True:
+                chosen = sharded.choose(self, ckpt, skip)
+                if chosen is None:
+                    if skip:
+                        raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: {skip}")
+                    return None
+                if chosen.format != DCP_FORMAT:
+                    break
+                try:
+                    sharded.load_into(state, chosen, options or RestoreOptions())
+                except CorruptCheckpointError as error:
+                    if ckpt is not None:
+                        raise
+                    warn(f"checkpoint {chosen.name} is corrupt, trying an older one: {error}")
+                    skip.append(chosen.name)
+                    continue
                 return chosen
             if world()[1] > 1:
                 checkpoint, payload = self.load_checkpoint(chosen, map_location, mmap=False)

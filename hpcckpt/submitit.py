@@ -28,11 +28,13 @@ allocations in a row without a new checkpoint mark the run failed and nothing mo
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
 import pickle
 import signal as signal_module
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HpcckptError, UsageError
-from .fileio import read_nofollow, write_atomic
+from .fileio import write_atomic
 from .registry import Registry
 from .signals import SignalRecorder, parse_signal
 from .tasks import task_begin, task_end
@@ -417,7 +419,7 @@ def stored_result(run_dir: str | os.PathLike[str]) -> Any:
     if status.get("event") == "failed":
         raise HpcckptError(f"run {run_dir} is marked failed: {status.get('reason')}")
     try:
-        data = read_nofollow(run_dir / RESULT_FILE)  # a link there raises StoreError: never read through
+        data = _read_own_file(run_dir / RESULT_FILE)
     except FileNotFoundError:
         registry = Registry(run_dir)
         failure = next((e for e in reversed(registry.events()) if e.get("event") == "result-error"), None)
@@ -427,7 +429,41 @@ def stored_result(run_dir: str | os.PathLike[str]) -> Any:
             f"was not stored ({why}); the final checkpoint {status.get('checkpoint')} is there "
             f"(hpcckpt export {run_dir} --out FILE)"
         ) from None
-    return pickle.loads(data)  # noqa: S301 - written by this run's own job, as submitit's result pickles are
+    return pickle.loads(data)  # noqa: S301 - written by this user's own job (checked), as submitit's are
+
+
+def _read_own_file(path: Path) -> bytes:
+    """The content of ``path`` if the current user owns it and no one else can write it: unpickling it runs
+    whatever it holds, so it must be what this user's own job wrote (issue 11, item 4). The checks are made
+    on the opened file (not followed through a link), so it cannot be swapped in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise HpcckptError(
+                f"refusing to unpickle {path}: it is a symbolic link; hpcckpt reads only the result file that "
+                "the run's own job wrote there. Remove the link; the final checkpoint is still usable"
+            ) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        me = os.getuid()
+        problem = None
+        if not stat.S_ISREG(info.st_mode):
+            problem, fix = "not a regular file", f"remove it (`rm {path}`)"
+        elif info.st_uid != me:
+            problem = f"owned by uid {info.st_uid}, not by you (uid {me})"
+            fix = f"if you trust its owner, read it yourself with pickle.load(open({str(path)!r}, 'rb'))"
+        elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = f"writable by {'group and others' if info.st_mode & stat.S_IWOTH else 'its group'} (mode "
+            problem += f"{stat.S_IMODE(info.st_mode):o})"
+            fix = f"if no one else has written it, `chmod go-w {path}`"
+        if problem is not None:
+            raise HpcckptError(
+                f"refusing to unpickle {path}: it is {problem}, and unpickling runs the code a file holds; "
+                f"hpcckpt reads only a result file owned by you and writable by no one else. To use it: {fix}"
+            )
+        return f.read()
 
 
 def _is_complete(registry: Registry) -> bool:
@@ -440,7 +476,8 @@ def _store_result(registry: Registry, value: Any) -> None:
 
     buffer = io.BytesIO()
     cloudpickle.dump(value, buffer)
-    write_atomic(registry.run_dir / RESULT_FILE, buffer.getvalue())
+    # Writable by its owner only, whatever the umask, so that _read_own_file accepts it (item 4).
+    write_atomic(registry.run_dir / RESULT_FILE, buffer.getvalue(), private=True)
     registry.record("result", type=type(value).__qualname__, bytes=buffer.tell())
 
 
