@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HpcckptError, UsageError
+from .errors import HpcckptError, StoreError, UsageError
 from .fileio import write_atomic
 from .registry import Registry
 from .signals import SignalRecorder, parse_signal
@@ -440,7 +440,7 @@ def _read_own_file(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise HpcckptError(
+            raise StoreError(
                 f"refusing to unpickle {path}: it is a symbolic link; hpcckpt reads only the result file that "
                 "the run's own job wrote there. Remove the link; the final checkpoint is still usable"
             ) from None
