@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -82,6 +83,11 @@ def test_wheel_in_a_fresh_venv_finds_its_templates(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     # No pip of its own: ensurepip would also bring an old setuptools that shadows the one torch requires.
     venv.create(env_dir, with_pip=False, system_site_packages=True)
+    # When the tests themselves run in a virtual environment (CI makes a fresh one), "system" site packages
+    # are the base interpreter's, which lack torch: lend this environment's too. A .pth file adds the
+    # directories only; the .pth files inside them (this checkout's editable install) are not run.
+    lent = env_dir / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (lent / "lent-site-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     bin_dir = env_dir / "bin"
     pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python")]
     installed = _run([*pip, "install", "--no-index", str(wheel)])
