@@ -8,8 +8,8 @@ line per task from Slurm's times and the run's events:
   first step follows at once);
 - ``stop``: seconds from the start to Run's stop event (the last save done);
 - ``unused after save``: scheduled end - stop event (allocation left when training stopped);
-- ``unused after exit``: scheduled end - the task-end event (written after the training process exited;
-  this is the allocation no one used);
+- ``unused after exit``: scheduled end - the training process's exit (``task-end --exited-at``; else the
+  task-end event's time, a little later): the allocation no one used;
 - the stop's reason/cause, the task's exit status (143 = ended by the time limit's TERM).
 
     export SLURM_CONF=...   # printed by `bash tests/cluster/slurm-lab start DIR`
@@ -130,7 +130,9 @@ def report(job: str, times: dict[str, tuple[float | None, float | None, str]], l
                 "first_step_after_start_s": since_start(first.get("time")),
                 "stop_after_start_s": since_start(stop.get("time")),
                 "unused_after_save_s": before_end(stop.get("time")),
-                "unused_after_exit_s": before_end(ended["time"]),
+                # The chain script passes the training process's exit time; older ones did not: task-end's.
+                "unused_after_exit_s": before_end(ended.get("exited") or ended["time"]),
+                "teardown_set_aside_s": first.get("teardown"),
                 "reason": stop.get("reason"),
                 "cause": stop.get("cause"),
                 "saved": stop.get("saved"),
