@@ -255,7 +255,7 @@ def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Pa
         str(WORKER),
         str(run_dir),
         "--steps",
-        "250",
+        "500",  # ~10 s of steps: more than the first task trains, now that it trains past the warning
         "--step-sleep",
         "0.02",
         "--workers",
