@@ -1,10 +1,13 @@
 """The wall-time budget of a task: may it run one more step and still save before the job ends?
 
-Rule: run the next step only if ``now + predicted step + predicted save + margin <= deadline``. Step and
-save times are predicted from what was observed, leaning to the safe side (the slowest recent step, the
-slowest save); the margin follows the predicted save (``margin_fraction`` of it) with a floor, so a
-model that saves in milliseconds trains until seconds before the end, and one whose save takes minutes
-stops minutes early.
+Rule: run the next step only if ``now + predicted step + predicted save + teardown + margin <= deadline``.
+Step and save times are predicted from what was observed, leaning to the safe side (the slowest recent
+step, the slowest save); the margin follows the predicted save (``margin_fraction`` of it) with a floor, so
+a model that saves in milliseconds trains until seconds before the end, and one whose save takes minutes
+stops minutes early. ``teardown`` is the time from the last save to the end of the task (the interpreter's
+exit, DataLoader workers, the chain's ``task-end``), measured by earlier tasks of the run
+(:func:`measured_teardown`): without it, the time limit's SIGTERM came during the exit and a task that had
+saved was reported killed, ``exit 143`` (issue 11, item 23).
 
 The deadline is the job's real end time (:func:`find_deadline`), never a fraction of its time limit
 (submitit #1656 misread jobs shorter than 10 minutes that way).
@@ -16,14 +19,29 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import UsageError
 from .slurmenv import SlurmEnv
 
 DEFAULT_MARGIN_FLOOR = 0.5
 DEFAULT_MARGIN_FRACTION = 0.5
+# Teardown before any task of the run measured one. Chain tasks on the 2-core test cluster took 0.6 s
+# without DataLoader workers and 1.7-2.9 s with one (interpreter exit, worker shutdown and `hpcckpt
+# task-end`'s start: from the stop event to the task-end event). The first task only; later ones measure.
+DEFAULT_TEARDOWN = 2.0
+TEARDOWN_HISTORY = 5  # tasks whose teardown counts (the slowest of them)
+
+# Slurm's time-limit warning (`--signal=SIG@LEAD`): slurmctld checks every running job every 30 s
+# (PERIODIC_TIMEOUT) and sends the signal at the first check where `lead + 30 + now >= end`. So it comes
+# at or after end - lead - 30, and no later than end - lead (the check before did not send it), or, in a
+# job shorter than lead + 30 s, no later than the first check after the job started (start + 30). Slurm
+# documents "up to 60 s early"; 22.05 on the test cluster kept to the 30 s rule (notes/slurm-lab.md).
+SLURM_WARNING_CHECK = 30.0
+WARNING_EARLY_SLACK = 2.0  # EndTime is whole seconds; the controller's and the node's clocks differ
+WARNING_LATE_SLACK = 10.0  # a loaded controller's check runs late; delivery through slurmd and the batch shell
 
 
 @dataclass
@@ -36,6 +54,7 @@ class Budget:
     margin_floor: float = DEFAULT_MARGIN_FLOOR
     margin_fraction: float = DEFAULT_MARGIN_FRACTION
     save_guess: float = 0.0  # before any save was seen: from earlier tasks, or size over bandwidth
+    teardown: float = 0.0  # from the last save to the end of the task: see measured_teardown
     window: int = 50
     _steps: deque[float] = field(default_factory=deque, repr=False)
     _saves: list[float] = field(default_factory=list, repr=False)
@@ -46,6 +65,8 @@ class Budget:
                 f"Invalid margin: floor={self.margin_floor!r}, fraction={self.margin_fraction!r}; "
                 "expected numbers >= 0 (seconds, and a fraction of the predicted save time)"
             )
+        if self.teardown < 0:
+            raise UsageError(f"Invalid teardown={self.teardown!r}: expected seconds >= 0")
         self._steps = deque(maxlen=self.window)
 
     def observe_step(self, seconds: float) -> None:
@@ -73,9 +94,9 @@ class Budget:
         return None if self.deadline is None else self.deadline - self.clock()
 
     def room_for_step(self, steps: int = 1) -> bool:
-        """True when ``steps`` more steps and a save still fit before the deadline."""
+        """True when ``steps`` more steps, a save and the task's teardown still fit before the deadline."""
         left = self.remaining()
-        return left is None or steps * self.predicted_step + self.predicted_save + self.margin <= left
+        return left is None or steps * self.predicted_step + self.predicted_save + self.teardown + self.margin <= left
 
     def room_for_save(self, within: float | None = None) -> bool:
         """True when a save fits before the deadline (and within ``within`` seconds, when given)."""
@@ -119,6 +140,44 @@ def find_deadline(
                 f"Invalid HPCCKPT_DEADLINE={raw!r}: expected Unix time in seconds, e.g. 1795300000"
             ) from None
     return Deadline(None, "none (no Slurm end time, no HPCCKPT_DEADLINE): no budget")
+
+
+def measured_teardown(events: Sequence[Mapping[str, Any]]) -> float | None:
+    """The slowest teardown of the run's last tasks: seconds from a task's ``stop`` event (its last save
+    done) to the training process's exit, which its ``task-end`` event records (``exited``; else the
+    event's own time, a little later); None when no task of the run has both (the first task, or a run
+    outside a chain)."""
+    measured: list[float] = []
+    stop: Mapping[str, Any] | None = None
+    for event in events:
+        kind = event.get("event")
+        if kind == "task-begin":
+            stop = None
+        elif kind == "stop":
+            stop = event
+        elif kind == "task-end" and stop is not None:
+            exited = event.get("exited")
+            seconds = _number(event.get("time") if exited is None else exited) - _number(stop.get("time"))
+            if seconds == seconds and 0 <= seconds < 600:  # a number, and not a stop of another day
+                measured.append(seconds)
+            stop = None
+    return max(measured[-TEARDOWN_HISTORY:]) if measured else None
+
+
+def is_time_limit_warning(at: float, deadline: float | None, lead: float, started: float) -> bool:
+    """True when a warning signal received at ``at`` (Unix time) can only be the time limit's: the job's
+    end (``deadline``) and the ``--signal`` lead are known and ``at`` falls where Slurm sends it (see
+    SLURM_WARNING_CHECK). ``started`` is when the job started (or later: when this process started).
+    Anything else (a user's ``scancel --signal``, a preemption, an unknown deadline or lead) is not."""
+    if deadline is None or lead <= 0:
+        return False
+    earliest = deadline - lead - SLURM_WARNING_CHECK - WARNING_EARLY_SLACK
+    latest = max(deadline - lead, started + SLURM_WARNING_CHECK) + WARNING_LATE_SLACK
+    return earliest <= at <= latest
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else float("nan")
 
 
 def measure_write_bandwidth(directory: os.PathLike[str] | str, nbytes: int = 16 << 20) -> float:

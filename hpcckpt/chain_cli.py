@@ -314,6 +314,12 @@ def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
     if end:
         parser.add_argument("--status", type=int, required=True, help="the training command's exit status")
         parser.add_argument("--auto-extend", type=_int("--auto-extend"), default=0)
+        parser.add_argument(
+            "--exited-at",
+            type=_exited_at,
+            default=None,
+            help="Unix time the training command exited (the chain script's `date +%%s.%%N`): measures teardown",
+        )
 
 
 def run_task_begin(args: argparse.Namespace) -> int:
@@ -325,8 +331,26 @@ def run_task_begin(args: argparse.Namespace) -> int:
 def run_task_end(args: argparse.Namespace) -> int:
     from .tasks import task_end
 
-    task_end(_task_run_dir(args), os.environ, args.status, args.max_failures, args.auto_extend)
+    task_end(
+        _task_run_dir(args), os.environ, args.status, args.max_failures, args.auto_extend, exited_at=args.exited_at
+    )
     return 0
+
+
+def _exited_at(text: str) -> float | None:
+    """``--exited-at``: Unix seconds; empty (no ``date`` on the node) means unknown, not an error, so that the
+    task is still recorded."""
+    if not text.strip():
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid {text!r}: expected Unix time in seconds, e.g. 1795300000.25"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: expected Unix time in seconds > 0")
+    return value
 
 
 # -- helpers --------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@ in the registry); a signal arrived (save if it fits, then leave); the budget has
 and a save (save, leave); a save is due by ``save_every``. A process leaving on a budget or signal stop
 has lost no step: the next task starts from the step after the last one done.
 
+The time limit's own warning signal does not stop the loop: when the job's end and the ``--signal`` lead
+are known and the warning came when Slurm sends it (:func:`hpcckpt.budget.is_time_limit_warning`), the
+budget already knows when to stop, so training goes on until it says so (issue 11, item 27: leaving at the
+warning left 35-41 s of every 1-minute task unused). Any other warning (a user's ``scancel --signal``, a
+preemption, no known deadline) and any SIGTERM stop at the next step.
+
 Exit status: the script ends normally (0) after completion, a budget stop and a signal stop, saved or
 not, so the array goes on to its next task; an exception in the training code propagates (non-zero).
 """
@@ -40,7 +46,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from .budget import Budget, Deadline, find_deadline, measure_write_bandwidth
+from .budget import (
+    DEFAULT_TEARDOWN,
+    Budget,
+    Deadline,
+    find_deadline,
+    is_time_limit_warning,
+    measure_write_bandwidth,
+    measured_teardown,
+)
 from .checkpoint import Checkpoint
 from .distributed import Agreement, broadcast_object, world
 from .errors import HpcckptError, UsageError
@@ -137,6 +151,8 @@ class Run:
         self.budget = Budget(None, clock=clock, margin_floor=self.margin_floor)
         self._metrics: dict[str, float] = {}
         self._signals = SignalRecorder((self.warning, signal_module.SIGTERM), clock=clock)
+        self._started_at = clock()
+        self._deferred: set[int] = set()  # ids of the time limit's warnings, left to the budget
         self._last_save_time = 0.0
         self._stopping = False
         self._saved_at: int | None = None
@@ -159,10 +175,20 @@ class Run:
         self._saved_at = self.state.step
         # Rank 0's deadline and save estimate for every rank: they stop at the same step anyway, but
         # their logs and records then agree too.
-        deadline, guess = broadcast_object(
-            (self._deadline or find_deadline(self.environ, slurm), self._first_save_guess()) if self.rank == 0 else None
+        deadline, guess, teardown = broadcast_object(
+            (
+                self._deadline or find_deadline(self.environ, slurm),
+                self._first_save_guess(),
+                self._teardown_guess(slurm.in_job),
+            )
+            if self.rank == 0
+            else None
         )
-        self.budget = Budget(deadline.at, clock=self.clock, margin_floor=self.margin_floor, save_guess=guess)
+        self.budget = Budget(
+            deadline.at, clock=self.clock, margin_floor=self.margin_floor, save_guess=guess, teardown=teardown
+        )
+        # The job started no later than this process (Slurm >= 23.02 says when): bounds the warning's window.
+        self._started_at = min(self._started_at, float(slurm.start_time or self._started_at))
         self._last_save_time = self.clock()
         self._signals.__enter__()
         left = self.budget.remaining()
@@ -176,6 +202,7 @@ class Run:
             deadline=deadline.at,
             deadline_source=deadline.source,
             signal=self.warning.name,
+            teardown=teardown,
             total_steps=self.total_steps,
             world_size=self.world_size,
         )
@@ -315,7 +342,7 @@ class Run:
         """At a step boundary: True to run the next step, False once the run stops (after saving)."""
         decision = self._agree(self._decide())
         if decision == "signal":
-            self._stop_for_signal(self._signals.received[0] if self._signals.received else None)
+            self._stop_for_signal(next(iter(self._acting_signals()), None))
             return False
         if decision == "budget":
             left = self.budget.remaining() or 0.0
@@ -327,7 +354,9 @@ class Run:
                 self.budget.margin,
             )
             self._save("budget")
-            self._finish("budget", None)
+            warned = self._signals.first(self.warning) if self._deferred else None
+            # Warned by the time limit and stopped by the budget: the time limit's stop, said as such.
+            self._finish("budget", "timeout" if warned else None, warned.signal.name if warned else None)
             return False
         if decision == "save":
             self._save("interval")
@@ -336,7 +365,7 @@ class Run:
     def _decide(self) -> Decision:
         """This process's view: a signal arrived, the budget has no room for another step, or go on.
         Ranks see their views agreed a step or more later, so they look further ahead."""
-        if self._signals.received:
+        if self._acting_signals():
             return "signal"
         ahead = 1 if self._agreement is None else 1 + self._agreement.lag
         if not self.budget.room_for_step(ahead):
@@ -352,12 +381,43 @@ class Run:
             return decision
         return self._agreement.decide(decision, self.state.step)
 
+    def _acting_signals(self) -> list[Received]:
+        """The signals that stop the loop: all but the time limit's warnings, which the budget handles."""
+        acting = []
+        for item in self._signals.received:
+            if id(item) in self._deferred:
+                continue
+            if item.signal == self.warning and self._leave_to_budget(item):
+                self._deferred.add(id(item))
+                left = self.budget.remaining() or 0.0
+                log.info(
+                    "hpcckpt: got %s %.0f s before the job's end, where the time limit's warning comes; "
+                    "training on until the budget says stop (%.0f s left)",
+                    item.signal.name,
+                    (self.budget.deadline or item.time) - item.time,
+                    left,
+                )
+                continue
+            acting.append(item)
+        return acting
+
+    def _leave_to_budget(self, item: Received) -> bool:
+        """The time limit's warning, in a task that has nothing to do after training but exit. Under
+        submitit the warning stays a stop: its checkpoint-and-requeue, which runs after the loop, needs the
+        lead (``signal_delay_s`` is how long submitit takes to requeue)."""
+        return "SUBMITIT_EXECUTOR" not in self.environ and self._is_time_limit_warning(item)
+
+    def _is_time_limit_warning(self, item: Received) -> bool:
+        lead = float(self.environ.get("HPCCKPT_SIGNAL_LEAD") or 0)
+        return is_time_limit_warning(item.time, self.budget.deadline, lead, self._started_at)
+
     def _stop_for_signal(self, first: Received | None) -> None:
         if first is None:  # another rank got the signal: stop as for the warning signal
             first = Received(self.warning, self.clock())
         cause = self._cause(first)
         saved = False
-        term_only = first.signal == signal_module.SIGTERM and self._signals.first(self.warning) is None
+        warned = any(item.signal == self.warning for item in self._acting_signals())
+        term_only = first.signal == signal_module.SIGTERM and not warned
         if self._agreement is not None:
             term_only = self._agreement.all_ranks(term_only, "any")
         if term_only:
@@ -387,12 +447,13 @@ class Run:
         if deadline is None:
             return "unknown"
         left = deadline - first.time
-        if first.signal == signal_module.SIGTERM and self._signals.first(self.warning) is None:
+        if first.signal == signal_module.SIGTERM:
             # Slurm's own SIGTERM at the time limit comes at the end time; one earlier is a preemption.
             return "timeout" if left <= TERM_AT_LIMIT else "preemption"
-        lead = float(self.environ.get("HPCCKPT_SIGNAL_LEAD") or 0)
-        window = (lead + 90.0) if lead else 600.0  # Slurm may send --signal up to 60 s early
-        return "timeout" if left <= window else "preemption"
+        if float(self.environ.get("HPCCKPT_SIGNAL_LEAD") or 0):
+            # The lead is known: the warning is the time limit's only where Slurm sends it.
+            return "timeout" if self._is_time_limit_warning(first) else "preemption"
+        return "timeout" if left <= 600.0 else "preemption"  # unknown lead: the last 10 minutes
 
     def _save(self, why: str) -> Checkpoint | None:
         if self._saved_at == self.state.step:
@@ -450,6 +511,15 @@ class Run:
         """Registry events are rank 0's: one record per task, not one per rank."""
         if self.rank == 0:
             self.store.registry.record(event, **fields)
+
+    def _teardown_guess(self, in_job: bool) -> float:
+        """Seconds from the last save to the task's end, as earlier tasks of the run took; else a default.
+        Outside a Slurm job (or the local backend's) the deadline is the caller's (``HPCCKPT_DEADLINE``,
+        ``deadline=``): the time by which the state must be saved, so nothing is set aside after it."""
+        if not in_job:
+            return 0.0
+        measured = measured_teardown(self.store.registry.events())
+        return DEFAULT_TEARDOWN if measured is None else measured
 
     def _first_save_guess(self) -> float:
         """Save time expected before this task has saved: earlier saves scaled by size, else size/bandwidth."""

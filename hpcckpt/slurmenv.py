@@ -25,9 +25,10 @@ _VARIABLES: Mapping[str, str] = {
     "localid": "SLURM_LOCALID",
     "ntasks": "SLURM_NTASKS",
     "end_time": "SLURM_JOB_END_TIME",  # Unix seconds; set by Slurm >= 23.02 only
+    "start_time": "SLURM_JOB_START_TIME",  # Unix seconds; set by Slurm >= 23.02 only
 }
 _INTEGER_FIELDS = frozenset(
-    {"array_task_id", "array_task_max", "restart_count", "procid", "localid", "ntasks", "end_time"}
+    {"array_task_id", "array_task_max", "restart_count", "procid", "localid", "ntasks", "end_time", "start_time"}
 )
 
 
@@ -46,6 +47,7 @@ class SlurmEnv:
     localid: int | None = None
     ntasks: int | None = None
     end_time: int | None = None
+    start_time: int | None = None
 
     @property
     def in_job(self) -> bool:

@@ -32,6 +32,8 @@ class TaskRecord:
     time_left: float | None
     steps_lost: int | None
     exit_status: int | None
+    # "SIGTERM" when the signal ended the process after training had saved and stopped: a clean stop
+    ended_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ def _history(events: Sequence[dict[str, Any]]) -> list[TaskRecord]:
                 time_left=stop.get("time_left"),
                 steps_lost=stop.get("steps_lost"),
                 exit_status=end.get("status"),
+                ended_by=end.get("ended_by") if isinstance(end.get("ended_by"), str) else None,
             )
         )
     return result
@@ -291,7 +294,9 @@ def format_status(status: RunStatus) -> str:
                 extra.append(f"{t.steps_lost} lost")
             if t.time_left is not None:
                 extra.append(f"{duration(t.time_left)} unused")
-            if t.exit_status not in (None, 0):
+            if t.ended_by:
+                extra.append(f"{t.ended_by} after the save (clean)")
+            elif t.exit_status not in (None, 0):
                 extra.append(f"exit {t.exit_status}")
             lines.append(
                 f"  {t.job:<14} {t.host or '-':<10} from {t.resumed_step if t.resumed_step is not None else '-':>7} "

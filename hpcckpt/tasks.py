@@ -4,7 +4,9 @@ Before: a fast guard (no torch import). When the run is complete or failed it ca
 chain and tells the script to leave with status 0. It also notices a previous task that never ended
 (killed at its time limit, a node failure) and counts it.
 
-After: it records whether the task made progress (a new checkpoint), and
+After: it records whether the task made progress (a new checkpoint) and whether it ended cleanly: exit 0,
+or training saved and stopped and a signal then ended the process during its teardown (the time limit's
+SIGTERM during the interpreter's exit gave ``exit 143`` for tasks that had saved: issue 11, item 23), and
 - cancels the chain's pending tasks once training is complete, so no allocation is wasted;
 - marks the run failed after ``max_failures`` consecutive tasks without progress (the crash-loop
   breaker), and cancels the rest; ``hpcckpt status`` says why, with the last task's error log;
@@ -20,6 +22,7 @@ reads the same registry, stops launching tasks, and extends itself with :func:`e
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -94,15 +97,18 @@ def task_end(
     *,
     log: str | None = None,
     cancel: bool = True,
+    exited_at: float | None = None,
 ) -> None:
     """Record how the task ended; cancel, fail or extend the chain as the registry says. ``log`` is the
-    task's error log, by default the chain script's ``logs/ARRAY_TASK.err``."""
+    task's error log, by default the chain script's ``logs/ARRAY_TASK.err``; ``exited_at`` is when the
+    training command exited (the teardown the next tasks set aside is measured up to it)."""
     store = CheckpointStore(run_dir, keep_last=None)
     registry = store.registry
     slurm = read_slurm_env(environ)
     events = registry.events()
     begin = _last_begin(events)
     latest = store.latest()
+    ended_by = _signal_after_save(events, exit_status)
     registry.record(
         "task-end",
         job=slurm.job_label,
@@ -110,8 +116,13 @@ def task_end(
         killed=False,
         progress=_progressed(begin, latest) if begin else latest is not None,
         latest_step=latest.step if latest else None,
+        clean=exit_status == 0 or ended_by is not None,
+        ended_by=ended_by,
+        exited=exited_at,
         log=log or _log_path(run_dir, slurm, "err"),
     )
+    if ended_by is not None:
+        _say(f"the training saved and stopped, then {ended_by} ended it (exit {exit_status}): a clean stop")
     events = registry.events()
     status = registry.status()
     if status is not None:
@@ -259,6 +270,28 @@ def unfinished_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
         if event.get("event") == "task-begin":
             return dict(event)
     return None
+
+
+def _signal_after_save(events: list[dict[str, Any]], exit_status: int) -> str | None:
+    """The signal's name (``SIGTERM``) when it ended a task whose training had already stopped with its
+    state saved; None otherwise. ``exit_status`` is the shell's: 128 + the signal's number (or minus it)."""
+    number = exit_status - 128 if exit_status > 128 else -exit_status
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return None
+    if name not in ("SIGTERM", "SIGKILL"):  # the time limit's, or its SIGKILL KillWait seconds later
+        return None
+    stop = None
+    for event in reversed(events):
+        if event.get("event") == "task-begin":
+            break
+        if event.get("event") in ("stop", "crash"):
+            stop = event
+            break
+    if stop is None or stop.get("event") != "stop" or stop.get("saved") is not True:
+        return None
+    return name
 
 
 def _last_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
