@@ -36,6 +36,13 @@ def main() -> None:
     parser.add_argument("--pid-dir", default=None, help="write RANK.pid there once training starts")
     parser.add_argument("--agree-every", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
+    parser.add_argument(
+        "--deadline-in",
+        type=float,
+        default=None,
+        help="set HPCCKPT_DEADLINE this many seconds after the model is built (the slow start under load: "
+        "imports, the process group) so that the budget leaves the same training time however busy the machine",
+    )
     args = parser.parse_args()
 
     env = init_process_group("gloo")
@@ -60,6 +67,8 @@ def main() -> None:
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(7))
     y = x.sum(dim=1, keepdim=True).sin()
     state = TrainState(model=ddp, optimizer=optimizer)
+    if args.deadline_in is not None:
+        os.environ["HPCCKPT_DEADLINE"] = str(time.time() + args.deadline_in)
     with Run(
         args.run_dir, state, total_steps=args.steps, save_every=args.save_every, agree_every=args.agree_every
     ) as run:

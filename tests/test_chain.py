@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,6 +192,7 @@ def _events(run_dir: Path, kind: str) -> list[dict]:
 def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
     # Epoch mode: Run.batches keeps the DataLoader's place, so the chain can match the reference bitwise.
     args = ["--epochs", "60", "--step-sleep", "0.02", "--workers", "0"]
+    launched = time.time()
     reference = subprocess.run(
         [sys.executable, str(WORKER), str(tmp_path / "reference"), *args],
         capture_output=True,
@@ -198,6 +201,11 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
         check=False,
     )
     assert reference.returncode == 0, reference.stderr
+    # The tasks' length follows this machine's measured start-up (process start to the first step): about 5 s
+    # of 14.4 s of training per task, so the run needs three or four of its six tasks however busy the machine
+    # is (with a fixed 7 s, start-up under load left almost nothing and the six tasks did not suffice).
+    startup = _events(tmp_path / "reference", "start")[0]["time"] - launched
+    task = math.ceil(startup + 8)
     run_dir = tmp_path / "chain"
     result = hpcckpt(
         "submit",
@@ -208,7 +216,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
         "--tasks",
         "6",
         "--time",
-        "0:07",
+        f"{task // 60}:{task % 60:02d}",
         "--signal",
         "none",
         "--",

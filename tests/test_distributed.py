@@ -51,10 +51,13 @@ class Ranks:
     ) -> None:
         global _port
         _port += 1
-        extra = {"HPCCKPT_DEADLINE": str(time.time() + deadline_in)} if deadline_in else {}
+        # The deadline counts from when each rank has built its model, not from here: under load the imports
+        # and the process group took longer than a whole 10-s budget (issue 11, item 32).
+        extra: dict[str, str] = {}
+        deadline = ["--deadline-in", str(deadline_in)] if deadline_in else []
         self.pid_dir = run_dir.parent / f"{run_dir.name}-pids-{time.monotonic_ns()}"
         self.pid_dir.mkdir(parents=True)
-        worker = [str(WORKER), str(run_dir), "--pid-dir", str(self.pid_dir), *args]
+        worker = [str(WORKER), str(run_dir), "--pid-dir", str(self.pid_dir), *deadline, *args]
         self.processes: list[subprocess.Popen[str]] = []
         if torchrun:
             launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port)]
