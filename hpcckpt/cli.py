@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._version import __version__
+from .environment import check_environment
 from .errors import HpcckptError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -259,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:
+        check_environment(os.environ)  # every HPCCKPT_* variable, before any work (issue 11, item 10)
         return handler(args)
     except HpcckptError as error:
         print(f"hpcckpt {args.command}: error: {error}", file=sys.stderr)

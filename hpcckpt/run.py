@@ -28,6 +28,7 @@ not, so the array goes on to its next task; an exception in the training code pr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -43,14 +44,16 @@ from typing import Any, Literal
 from .budget import Budget, Deadline, find_deadline, measure_write_bandwidth
 from .checkpoint import Checkpoint
 from .distributed import Agreement, broadcast_object, world
+from .environment import check_environment
 from .errors import HpcckptError, UsageError
 from .formats import DCP_FORMAT
 from .retention import KeepBest
-from .signals import Received, SignalRecorder, warning_signal
+from .signals import Received, SignalRecorder, leave_recording, warning_signal
 from .slurmenv import read_slurm_env
 from .state import RestoreOptions, Stateful, TrainState
 from .store import CheckpointStore
 from .timespec import Interval
+from .workers import blocked_in_main_thread, shield, stop_signals
 
 StopReason = Literal["completed", "budget", "signal"]
 Decision = Literal["continue", "budget", "signal", "save"]  # "save": go on after an interval save
@@ -92,6 +95,7 @@ class Run:
         agree_every: int = 1,
     ) -> None:
         self.environ = os.environ if environ is None else environ
+        check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
         if run_dir is None:
             run_dir = self.environ.get("HPCCKPT_RUN_DIR") or None
             if run_dir is None:
@@ -137,6 +141,9 @@ class Run:
         self.budget = Budget(None, clock=clock, margin_floor=self.margin_floor)
         self._metrics: dict[str, float] = {}
         self._signals = SignalRecorder((self.warning, signal_module.SIGTERM), clock=clock)
+        # DataLoader workers must outlive a stop signal sent to every process of the job (issue 11, item 7).
+        self._stop_signals = stop_signals(self.warning)
+        shield(self.state.dataloader, self._stop_signals)
         self._last_save_time = 0.0
         self._stopping = False
         self._saved_at: int | None = None
@@ -192,7 +199,7 @@ class Run:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self._signals.__exit__(kind, error, tb)
+        leave_recording(self._signals)  # a signal after the loop must not kill the process (item 11)
         if kind is not None and self.stop_reason is None:
             # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
             self._record(
@@ -269,6 +276,7 @@ class Run:
 
     def _epoch_batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """The loader's batches for the current epoch, positioned after those already trained on."""
+        shield(loader, self._stop_signals)
         if isinstance(loader, Stateful) and self.state.dataloader is loader:
             yield from loader  # a stateful loader (torchdata's StatefulDataLoader) resumes itself
             return
@@ -315,7 +323,8 @@ class Run:
         """At a step boundary: True to run the next step, False once the run stops (after saving)."""
         decision = self._agree(self._decide())
         if decision == "signal":
-            self._stop_for_signal(self._signals.received[0] if self._signals.received else None)
+            with _worker_deaths_deferred():
+                self._stop_for_signal(self._signals.received[0] if self._signals.received else None)
             return False
         if decision == "budget":
             left = self.budget.remaining() or 0.0
@@ -326,8 +335,9 @@ class Run:
                 self.budget.predicted_save,
                 self.budget.margin,
             )
-            self._save("budget")
-            self._finish("budget", None)
+            with _worker_deaths_deferred():
+                self._save("budget")
+                self._finish("budget", None)
             return False
         if decision == "save":
             self._save("interval")
@@ -398,7 +408,8 @@ class Run:
         if self._saved_at == self.state.step:
             return None  # this step is already in a checkpoint
         started = self.clock()
-        checkpoint = self.store.save(self.state, metrics=dict(self._metrics) or None)
+        with _worker_deaths_deferred():
+            checkpoint = self.store.save(self.state, metrics=dict(self._metrics) or None)
         elapsed = checkpoint.save_seconds or (self.clock() - started)
         self.budget.observe_save(elapsed)
         self.last_checkpoint, self._saved_at, self._last_save_time = checkpoint, self.state.step, self.clock()
@@ -406,15 +417,16 @@ class Run:
         return checkpoint
 
     def _complete(self) -> None:
-        self._save("final")
-        self.completed = True
-        self._record(
-            "complete",
-            step=self.state.step,
-            epoch=self.state.epoch,
-            checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
-        )
-        self._finish("completed", None)
+        with _worker_deaths_deferred():
+            self._save("final")
+            self.completed = True
+            self._record(
+                "complete",
+                step=self.state.step,
+                epoch=self.state.epoch,
+                checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
+            )
+            self._finish("completed", None)
 
     def _finish(self, reason: StopReason, cause: Cause | None, signal_name: str | None = None) -> None:
         if self._agreement is not None:
@@ -470,6 +482,13 @@ class Run:
     def exit_code(self) -> int:
         """0 for every stop that is not a crash (the chain goes on); kept for scripts that sys.exit()."""
         return 0
+
+
+def _worker_deaths_deferred() -> contextlib.AbstractContextManager[None]:
+    """Hold SIGCHLD back while saving and recording a stop: PyTorch's SIGCHLD handler raises when a
+    DataLoader worker has died (one hpcckpt did not shield), and it must not do so in the middle of a
+    save. The error comes once the checkpoint is durable and the stop recorded."""
+    return blocked_in_main_thread((signal_module.SIGCHLD,))
 
 
 def _seconds(name: str, explicit: float | None, from_env: str | None, default: float) -> float:
