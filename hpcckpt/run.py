@@ -529,10 +529,19 @@ def _state_bytes(state: TrainState) -> int:
 
 def _ensure_log_handler(*, quiet: bool = False) -> None:
     """One line per event on stderr, unless the application configured logging itself; warnings only
-    when ``quiet`` (ranks other than 0)."""
+    when ``quiet`` (ranks other than 0). The logger keeps propagating: an application that configures
+    logging later (``logging.basicConfig`` after ``Run`` started) gets each record once, through its own
+    handlers, and this one steps aside (issue 11, item 26)."""
     if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _UntilConfigured(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.WARNING if quiet else logging.INFO)
-        log.propagate = False
+
+
+class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """hpcckpt's own stderr handler, used only while the root logger has no handler of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)

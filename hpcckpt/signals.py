@@ -8,9 +8,9 @@ Recorders nest: one installed while another is active starts with what the outer
 the same signals, and hands back what it received when it leaves (``hpcckpt.submitit`` watches the
 signals for a whole submitit job, ``Run`` for the training loop inside it).
 
-Forked processes (DataLoader workers) inherit the handler; it ignores signals in any process but the
-one that installed it, so a SIGTERM that Slurm sends to every process of the job neither kills the
-workers before the save (KempnerForge #177) nor makes them act on it.
+A forked process that still runs the inherited handler ignores the signal (it acts only in the process
+that installed it). DataLoader workers do not keep it (PyTorch installs its own SIGTERM handler, and
+spawned workers inherit none): ``hpcckpt.workers`` shields them (issue 11, item 7; KempnerForge #177).
 """
 
 from __future__ import annotations

@@ -130,3 +130,35 @@ def test_sigterm_to_the_whole_process_group_still_saves_and_resumes_bitwise(
         )
     else:
         assert CheckpointStore(run_dir, create=False).load()["step"] == reference["step"]
+
+
+class _Dispositions:
+    """A dataset whose items say how the worker that loads them treats the stop signals."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> tuple[int, int, bool]:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return int(signal.getsignal(signal.SIGUSR2)), int(signal.SIGTERM in blocked), os.getppid() > 0
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_hpcckpt_worker_init_fn_shields_a_loader_hpcckpt_does_not_see(
+    monkeypatch: pytest.MonkeyPatch, start_method: str
+) -> None:
+    from torch.utils.data import DataLoader
+
+    import hpcckpt
+
+    monkeypatch.setenv("HPCCKPT_SIGNAL", "USR2")  # the workers read the warning signal from the environment
+    loader = DataLoader(
+        _Dispositions(),
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context=start_method,
+        worker_init_fn=hpcckpt.worker_init_fn,
+    )
+    items = list(loader)
+    # The warning is ignored, SIGTERM is held for the thread that lets only the parent's through.
+    assert [(int(a), int(b)) for a, b, _ in items] == [(int(signal.SIG_IGN), 1)] * 2
