@@ -112,10 +112,12 @@ class _ShieldedStart:
         if loader.num_workers > 0 and _start_method(loader) != "fork":
             # multiprocessing starts its resource tracker with SIGINT and SIGTERM blocked, then UNBLOCKS
             # them in the calling thread: started inside the window below, it would let SIGTERM reach
-            # the spawned workers again. Started here, it is already running there.
+            # the spawned workers again. Started here, it is already running there. It ignores SIGTERM
+            # itself; started with the warning blocked, it outlives a warning sent to the job too.
             from multiprocessing import resource_tracker
 
-            resource_tracker.ensure_running()
+            with blocked_in_main_thread(self.signals):
+                resource_tracker.ensure_running()
         with blocked_in_main_thread(self.signals):
             return self.start(loader)
 

@@ -108,13 +108,16 @@ def test_sigterm_to_the_whole_process_group_still_saves_and_resumes_bitwise(
         if stops < 5:
             # Anywhere in a fifth of the training's time: worker starts, steps, saves, epoch ends.
             time.sleep(rng.uniform(0.0, training / 5))
-            job.signal_group(signal.SIGTERM)
+            # Mostly SIGTERM (preemption); sometimes the warning, which a --signal without B: sends to
+            # every process of the job step too.
+            job.signal_group(signal.SIGUSR1 if stops == 2 else signal.SIGTERM)
         status, end, err = job.end()
-        assert status == 0, f"exit {status} after SIGTERM to the process group:\n{err}"
+        assert status == 0, f"exit {status} after a signal to the process group:\n{err}"
+        assert "resource_tracker" not in err and "Traceback" not in err, err
         assert end is not None, err
         if end["completed"]:
             break
-        assert end["reason"] == "signal" and end["cause"] == "unknown", end
+        assert end["reason"] == "signal", end
         assert end["saved"] == end["step"] or end["step"] == 0, ("the stop saved the step it stopped at", end)
         stops += 1
     else:
