@@ -53,7 +53,7 @@ from .slurmenv import read_slurm_env
 from .state import RestoreOptions, Stateful, TrainState
 from .store import CheckpointStore
 from .timespec import Interval
-from .workers import blocked_in_main_thread, shield, stop_signals
+from .workers import child_exits_deferred, shield, stop_signals
 
 StopReason = Literal["completed", "budget", "signal"]
 Decision = Literal["continue", "budget", "signal", "save"]  # "save": go on after an interval save
@@ -485,10 +485,10 @@ class Run:
 
 
 def _worker_deaths_deferred() -> contextlib.AbstractContextManager[None]:
-    """Hold SIGCHLD back while saving and recording a stop: PyTorch's SIGCHLD handler raises when a
-    DataLoader worker has died (one hpcckpt did not shield), and it must not do so in the middle of a
-    save. The error comes once the checkpoint is durable and the stop recorded."""
-    return blocked_in_main_thread((signal_module.SIGCHLD,))
+    """While saving and recording a stop, PyTorch's SIGCHLD handler, which raises when a DataLoader
+    worker has died (one hpcckpt did not shield), waits: its error comes once the checkpoint is durable
+    and the stop recorded, never in the middle of a save."""
+    return child_exits_deferred()
 
 
 def _seconds(name: str, explicit: float | None, from_env: str | None, default: float) -> float:

@@ -29,6 +29,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 from .errors import UsageError
@@ -155,3 +156,27 @@ def blocked_in_main_thread(signals: tuple[signal.Signals, ...]) -> Iterator[None
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextlib.contextmanager
+def child_exits_deferred() -> Iterator[None]:
+    """Run the SIGCHLD handler (PyTorch's, which raises when a DataLoader worker has died) only once the
+    block has ended without an error, if a SIGCHLD came meanwhile. Swapping the handler, not blocking
+    the signal: another thread (a queue's feeder, the pin-memory thread) would take a blocked one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        arrived.append(signum)
+
+    previous = signal.signal(signal.SIGCHLD, record)
+    try:
+        yield
+    except BaseException:
+        signal.signal(signal.SIGCHLD, previous)
+        raise
+    signal.signal(signal.SIGCHLD, previous)
+    if arrived and callable(previous):
+        previous(signal.SIGCHLD, None)

@@ -165,3 +165,53 @@ def test_hpcckpt_worker_init_fn_shields_a_loader_hpcckpt_does_not_see(
     items = list(loader)
     # The warning is ignored, SIGTERM is held for the thread that lets only the parent's through.
     assert [(int(a), int(b)) for a, b, _ in items] == [(int(signal.SIG_IGN), 1)] * 2
+
+
+DEAD_WORKER_SCRIPT = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader
+from hpcckpt import CheckpointStore, Run, TrainState
+
+loader = DataLoader(list(range(100)), num_workers=1, multiprocessing_context="fork")  # not given to hpcckpt
+batches = iter(loader)
+next(batches)
+victim = batches._workers[0].pid
+
+
+class Model(torch.nn.Linear):
+    kill = False
+
+    def state_dict(self, *args, **kwargs):
+        if self.kill:  # the worker dies while the checkpoint is being written
+            self.kill = False
+            os.kill(victim, signal.SIGKILL)
+            while open(f"/proc/{victim}/stat").read().rsplit(") ", 1)[1][0] != "Z":
+                time.sleep(0.01)
+            time.sleep(0.3)  # long enough for PyTorch's SIGCHLD handler to run, unless it is held back
+        return super().state_dict(*args, **kwargs)
+
+
+model = Model(2, 2)
+try:
+    with Run(sys.argv[1], TrainState(model=model), total_steps=5) as run:
+        for step in run:
+            model.kill = step == 4  # the final save, after step 5
+except RuntimeError as error:
+    print("raised:", "killed by signal" in str(error))
+latest = CheckpointStore(sys.argv[1], create=False).latest()
+print("latest:", latest.step if latest else None, "completed:", run.completed)
+"""
+
+
+def test_a_worker_that_dies_during_the_save_cannot_interrupt_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", DEAD_WORKER_SCRIPT, str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # The checkpoint is durable and the run complete; PyTorch's error about the worker comes after.
+    assert result.stdout.splitlines() == ["raised: True", "latest: 5 completed: True"], result.stderr
