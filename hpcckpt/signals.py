@@ -149,11 +149,12 @@ def leave_recording(recorder: SignalRecorder) -> None:
     if not recorder.installed:
         recorder.__exit__(None, None, None)
         return
-    with _blocked(recorder.signals):  # none may meet the default action between the two swaps
-        recorder.__exit__(None, None, None)
-        for sig in recorder.signals:
-            if signal.getsignal(sig) in (signal.SIG_DFL, None):
-                signal.signal(sig, _record_late)
+    # What the recorder puts back is the late recorder wherever it would be the default action: the
+    # default action is never in place, not even between two swaps (another thread may take a signal).
+    for sig, previous in recorder._previous.items():
+        if previous in (signal.SIG_DFL, None):
+            recorder._previous[sig] = _record_late
+    recorder.__exit__(None, None, None)
     if not _late_report_registered:
         _register_late_report()
 
