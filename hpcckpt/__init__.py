@@ -31,6 +31,7 @@ from .submitit import Resumable as Resumable
 from .submitit import Unfinished as Unfinished
 from .submitit import submit_chain as submit_chain
 from .timespec import Interval as Interval
+from .workers import worker_init_fn as worker_init_fn
 
 __all__ = [
     "Budget",
@@ -59,4 +60,5 @@ __all__ = [
     "read_slurm_env",
     "submit_chain",
     "template_dir",
+    "worker_init_fn",
 ]

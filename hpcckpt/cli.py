@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._version import __version__
+from .environment import check_environment
 from .errors import HpcckptError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -262,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:
+        check_environment(os.environ)  # every HPCCKPT_* variable, before any work (issue 11, item 10)
         code = handler(args)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
         return code

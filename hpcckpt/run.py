@@ -34,6 +34,7 @@ not, so the array goes on to its next task; an exception in the training code pr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -57,14 +58,16 @@ from .budget import (
 )
 from .checkpoint import Checkpoint
 from .distributed import Agreement, broadcast_object, world
+from .environment import check_environment
 from .errors import HpcckptError, UsageError
 from .formats import DCP_FORMAT
 from .retention import KeepBest
-from .signals import Received, SignalRecorder, warning_signal
+from .signals import Received, SignalRecorder, leave_recording, warning_signal
 from .slurmenv import read_slurm_env
 from .state import RestoreOptions, Stateful, TrainState
 from .store import CheckpointStore
 from .timespec import Interval
+from .workers import child_exits_deferred, shield, stop_signals
 
 StopReason = Literal["completed", "budget", "signal"]
 Decision = Literal["continue", "budget", "signal", "save"]  # "save": go on after an interval save
@@ -106,6 +109,7 @@ class Run:
         agree_every: int = 1,
     ) -> None:
         self.environ = os.environ if environ is None else environ
+        check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
         if run_dir is None:
             run_dir = self.environ.get("HPCCKPT_RUN_DIR") or None
             if run_dir is None:
@@ -153,6 +157,9 @@ class Run:
         self._signals = SignalRecorder((self.warning, signal_module.SIGTERM), clock=clock)
         self._started_at = clock()
         self._deferred: set[int] = set()  # ids of the time limit's warnings, left to the budget
+        # DataLoader workers must outlive a stop signal sent to every process of the job (issue 11, item 7).
+        self._stop_signals = stop_signals(self.warning)
+        shield(self.state.dataloader, self._stop_signals)
         self._last_save_time = 0.0
         self._stopping = False
         self._saved_at: int | None = None
@@ -219,7 +226,7 @@ class Run:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self._signals.__exit__(kind, error, tb)
+        leave_recording(self._signals)  # a signal after the loop must not kill the process (item 11)
         if kind is not None and self.stop_reason is None:
             # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
             self._record(
@@ -296,6 +303,7 @@ class Run:
 
     def _epoch_batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """The loader's batches for the current epoch, positioned after those already trained on."""
+        shield(loader, self._stop_signals)
         if isinstance(loader, Stateful) and self.state.dataloader is loader:
             yield from loader  # a stateful loader (torchdata's StatefulDataLoader) resumes itself
             return
@@ -342,7 +350,8 @@ class Run:
         """At a step boundary: True to run the next step, False once the run stops (after saving)."""
         decision = self._agree(self._decide())
         if decision == "signal":
-            self._stop_for_signal(next(iter(self._acting_signals()), None))
+            with _worker_deaths_deferred():
+                self._stop_for_signal(next(iter(self._acting_signals()), None))
             return False
         if decision == "budget":
             left = self.budget.remaining() or 0.0
@@ -353,10 +362,11 @@ class Run:
                 self.budget.predicted_save,
                 self.budget.margin,
             )
-            self._save("budget")
-            warned = self._signals.first(self.warning) if self._deferred else None
-            # Warned by the time limit and stopped by the budget: the time limit's stop, said as such.
-            self._finish("budget", "timeout" if warned else None, warned.signal.name if warned else None)
+            with _worker_deaths_deferred():
+                self._save("budget")
+                warned = self._signals.first(self.warning) if self._deferred else None
+                # Warned by the time limit and stopped by the budget: the time limit's stop, said as such.
+                self._finish("budget", "timeout" if warned else None, warned.signal.name if warned else None)
             return False
         if decision == "save":
             self._save("interval")
@@ -459,7 +469,8 @@ class Run:
         if self._saved_at == self.state.step:
             return None  # this step is already in a checkpoint
         started = self.clock()
-        checkpoint = self.store.save(self.state, metrics=dict(self._metrics) or None)
+        with _worker_deaths_deferred():
+            checkpoint = self.store.save(self.state, metrics=dict(self._metrics) or None)
         elapsed = checkpoint.save_seconds or (self.clock() - started)
         self.budget.observe_save(elapsed)
         self.last_checkpoint, self._saved_at, self._last_save_time = checkpoint, self.state.step, self.clock()
@@ -467,15 +478,16 @@ class Run:
         return checkpoint
 
     def _complete(self) -> None:
-        self._save("final")
-        self.completed = True
-        self._record(
-            "complete",
-            step=self.state.step,
-            epoch=self.state.epoch,
-            checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
-        )
-        self._finish("completed", None)
+        with _worker_deaths_deferred():
+            self._save("final")
+            self.completed = True
+            self._record(
+                "complete",
+                step=self.state.step,
+                epoch=self.state.epoch,
+                checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
+            )
+            self._finish("completed", None)
 
     def _finish(self, reason: StopReason, cause: Cause | None, signal_name: str | None = None) -> None:
         if self._agreement is not None:
@@ -542,6 +554,13 @@ class Run:
         return 0
 
 
+def _worker_deaths_deferred() -> contextlib.AbstractContextManager[None]:
+    """While saving and recording a stop, PyTorch's SIGCHLD handler, which raises when a DataLoader
+    worker has died (one hpcckpt did not shield), waits: its error comes once the checkpoint is durable
+    and the stop recorded, never in the middle of a save."""
+    return child_exits_deferred()
+
+
 def _seconds(name: str, explicit: float | None, from_env: str | None, default: float) -> float:
     if explicit is not None:
         value: Any = explicit
@@ -580,10 +599,19 @@ def _state_bytes(state: TrainState) -> int:
 
 def _ensure_log_handler(*, quiet: bool = False) -> None:
     """One line per event on stderr, unless the application configured logging itself; warnings only
-    when ``quiet`` (ranks other than 0)."""
+    when ``quiet`` (ranks other than 0). The logger keeps propagating: an application that configures
+    logging later (``logging.basicConfig`` after ``Run`` started) gets each record once, through its own
+    handlers, and this one steps aside (issue 11, item 26)."""
     if not log.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _UntilConfigured(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.WARNING if quiet else logging.INFO)
-        log.propagate = False
+
+
+class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """hpcckpt's own stderr handler, used only while the root logger has no handler of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)

@@ -8,18 +8,21 @@ Recorders nest: one installed while another is active starts with what the outer
 the same signals, and hands back what it received when it leaves (``hpcckpt.submitit`` watches the
 signals for a whole submitit job, ``Run`` for the training loop inside it).
 
-Forked processes (DataLoader workers) inherit the handler; it ignores signals in any process but the
-one that installed it, so a SIGTERM that Slurm sends to every process of the job neither kills the
-workers before the save (KempnerForge #177) nor makes them act on it.
+A forked process that still runs the inherited handler ignores the signal (it acts only in the process
+that installed it). DataLoader workers do not keep it (PyTorch installs its own SIGTERM handler, and
+spawned workers inherit none): ``hpcckpt.workers`` shields them (issue 11, item 7; KempnerForge #177).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType, TracebackType
@@ -130,3 +133,53 @@ def _blocked(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
 def _recorder_of(handler: Any) -> SignalRecorder | None:
     owner = getattr(handler, "__self__", None)
     return owner if isinstance(owner, SignalRecorder) else None
+
+
+# -- after the loop: a recording handler until the process exits (issue 11, item 11) ----------------------
+# Slurm's warning can come after training ended (a short last task), and a second SIGTERM during teardown:
+# with the default action back in place either one killed a process whose run was complete or saved
+# (status -10/-15, 138 under the chain script). Where leaving a recorder would put back the default action,
+# this handler takes its place instead; it records, and the process says at exit what it ignored.
+_late: list[Received] = []
+
+
+def leave_recording(recorder: SignalRecorder) -> None:
+    """Leave ``recorder`` (its previous handlers come back), but keep recording, until the process exits,
+    each signal whose previous action was the default one (which ends the process)."""
+    if not recorder.installed:
+        recorder.__exit__(None, None, None)
+        return
+    # What the recorder puts back is the late recorder wherever it would be the default action: the
+    # default action is never in place, not even between two swaps (another thread may take a signal).
+    for sig, previous in recorder._previous.items():
+        if previous in (signal.SIG_DFL, None):
+            recorder._previous[sig] = _record_late
+    recorder.__exit__(None, None, None)
+    if not _late_report_registered:
+        _register_late_report()
+
+
+def late_signals() -> list[Received]:
+    """The signals that arrived after every recorder had left (ignored), in order."""
+    return list(_late)
+
+
+def _record_late(signum: int, frame: FrameType | None) -> None:
+    _late.append(Received(signal.Signals(signum), time.time()))
+
+
+_late_report_registered = False
+
+
+def _register_late_report() -> None:
+    global _late_report_registered
+    _late_report_registered = True
+    atexit.register(_report_late)
+
+
+def _report_late() -> None:
+    if not _late:
+        return
+    counts = Counter(item.signal.name for item in _late)
+    names = " and ".join(f"{name} ({count} times)" if count > 1 else name for name, count in counts.items())
+    logging.getLogger("hpcckpt").warning("hpcckpt: %s arrived after the run had stopped; ignored", names)

@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=0, help="extra state, to make saves take time")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--grace", type=float, default=None)
+    parser.add_argument("--start-method", default=None, help="the workers' multiprocessing start method")
+    parser.add_argument("--persistent", action="store_true", help="persistent_workers=True")
+    parser.add_argument("--loader-in-state", action="store_true", help="TrainState(dataloader=loader)")
+    parser.add_argument("--linger", action="store_true", help="after the loop, wait for a line on stdin")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -58,8 +62,17 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.9)
-    loader = DataLoader(NoisyData(), batch_size=8, shuffle=True, num_workers=args.workers)
-    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler)
+    loader = DataLoader(
+        NoisyData(),
+        batch_size=8,
+        shuffle=True,
+        num_workers=args.workers,
+        multiprocessing_context=args.start_method if args.workers else None,
+        persistent_workers=args.persistent,
+    )
+    state = TrainState(
+        model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader if args.loader_in_state else None
+    )
     if args.numel:
         state.extra["ballast"] = torch.zeros(args.numel)
 
@@ -91,6 +104,10 @@ def main() -> None:
                     run.report(loss=one_step(batch))
                 if not run.epoch_finished:
                     break
+    if args.linger:
+        # The loop has stopped: say so, then stay alive (teardown, evaluation) until the test says go.
+        print(json.dumps({"event": "after", "step": state.step}), flush=True)
+        sys.stdin.readline()
     print(
         json.dumps(
             {
