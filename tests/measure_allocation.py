@@ -75,6 +75,7 @@ def main() -> int:
     command = [sys.executable, str(WORKER), str(run_dir), "--epochs", str(args.epochs)]
     command += ["--step-sleep", str(args.step_sleep), "--workers", str(args.workers)]
     options = ["--backend", "slurm", "--run-dir", str(run_dir), "--tasks", str(args.tasks), "--time", "1"]
+    options += ["--max-tasks", str(args.tasks)]  # measure these tasks only, no auto-extension
     submitted = subprocess.run(
         ["hpcckpt", "submit", *options, "--signal", args.signal, "--", *command],
         capture_output=True,

@@ -30,6 +30,7 @@ def test_one_minute_tasks_train_on_after_the_warning_and_leave_only_save_teardow
     run_dir = tmp_path / "chain"
     args = ["--epochs", "400", "--step-sleep", "0.05", "--workers", "1"]  # more than three tasks of training
     options = ["--backend", "slurm", "--run-dir", str(run_dir), "--tasks", "3", "--time", "1", "--signal", "USR1@20"]
+    options += ["--max-tasks", "3"]  # three tasks to measure, no auto-extension (item 28)
     submitted = subprocess.run(
         ["hpcckpt", "submit", *options, "--", sys.executable, str(WORKER), str(run_dir), *args],
         capture_output=True,

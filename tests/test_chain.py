@@ -242,10 +242,31 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
     assert status["state"] == "complete" and status["step"] == 60 * 12
 
 
+def _startup_seconds(tmp_path: Path) -> float:
+    """How long the training worker takes here and now from launch to its first step (imports, Run's start)."""
+    probe = tmp_path / "startup-probe"
+    launched = time.time()
+    started = subprocess.run(
+        [sys.executable, str(WORKER), str(probe), "--steps", "1", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    return float(_events(probe, "start")[0]["time"]) - launched
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "chain"
+    # The warning must come after Run has started (a warning during the imports kills Python before it has
+    # a handler, a hazard of tasks shorter than the start-up plus the lead): the task's length follows the
+    # start-up measured now, which took more than the 4 s of a fixed 12-s task under load (item 32).
+    lead = 8
+    task = max(12, math.ceil(1.5 * _startup_seconds(tmp_path)) + 2 + lead)
+    steps = math.ceil(1.3 * task / 0.02)  # more than the first task trains: at least one resume
     result = hpcckpt(
         "submit",
         "--backend",
@@ -255,15 +276,15 @@ def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Pa
         "--tasks",
         "8",
         "--time",
-        "0:12",
+        f"{task // 60}:{task % 60:02d}",
         "--signal",
-        "USR1@8",
+        f"USR1@{lead}",
         "--",
         sys.executable,
         str(WORKER),
         str(run_dir),
         "--steps",
-        "500",  # ~10 s of steps: more than the first task trains, now that it trains past the warning
+        str(steps),
         "--step-sleep",
         "0.02",
         "--workers",
@@ -272,7 +293,7 @@ def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Pa
     )
     assert result.returncode == 0, result.stdout + result.stderr
     first = _events(run_dir, "stop")[0]
-    # 8 s before the end of a 12 s task: the time limit's warning, not a preemption; the budget knows when
+    # 8 s before the end of the task: the time limit's warning, not a preemption; the budget knows when
     # to stop, so the task trains on until it says so (issue 11, item 27), and then saves.
     assert (first["reason"], first["saved"], first["steps_lost"]) == ("budget", True, 0)
     assert (first["cause"], first["signal"]) == ("timeout", "SIGUSR1")

@@ -27,7 +27,9 @@ class Job:
     def __init__(self, run_dir: Path, *args: str, deadline_in: float | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
         if deadline_in is not None:
-            env["HPCCKPT_DEADLINE"] = str(time.time() + deadline_in)
+            # Counted from when the worker has built its model, not from here: under load the imports alone
+            # took the whole 2.5-3.5 s budget, and the budget then stopped before the first step (item 32).
+            args = (*args, "--deadline-in", str(deadline_in))
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._stderr = open(run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.stderr", "w+")  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -98,7 +100,7 @@ def test_interrupted_training_ends_bitwise_identical_to_an_uninterrupted_one(tmp
     for attempt in range(40):
         mode = plan[attempt % len(plan)] if len(interruptions) < len(plan) else "none"
         if mode == "budget":
-            job = Job(run_dir, *args, deadline_in=rng.uniform(2.5, 3.5))  # ~2 s of it go to starting
+            job = Job(run_dir, *args, deadline_in=rng.uniform(1.5, 2.5))
             job.wait_started()
         else:
             job = Job(run_dir, *args)
@@ -157,7 +159,6 @@ def test_signals_at_random_moments_before_during_and_after_saves(tmp_path: Path)
 
 @pytest.mark.slow
 def test_term_with_a_tiny_grace_window_leaves_at_once_with_the_last_checkpoint_intact(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
     args = (
         "--steps",
         "100000",
@@ -172,12 +173,21 @@ def test_term_with_a_tiny_grace_window_leaves_at_once_with_the_last_checkpoint_i
         "--grace",
         "0",
     )
-    job = Job(run_dir, *args)
-    job.wait_started()
-    time.sleep(1.0)
-    job.send(signal.SIGTERM)
-    end = job.end()
-    assert (end["reason"], end["cause"]) == ("signal", "unknown")
+    # A TERM that lands while the periodic save of the current step is being written (under load these
+    # 32-MiB saves take much of the time) stops at a step that is saved already: nothing to show there.
+    # Such a stop must still be a clean signal stop; the test then tries again at another moment.
+    for attempt in range(6):
+        run_dir = tmp_path / f"run{attempt}"
+        job = Job(run_dir, *args)
+        job.wait_started()
+        time.sleep(1.0 + 0.13 * attempt)
+        job.send(signal.SIGTERM)
+        end = job.end()
+        assert (end["reason"], end["cause"]) == ("signal", "unknown")
+        if end["step"] != end["saved"]:
+            break
+    else:
+        pytest.fail("every TERM came during the periodic save of the step it stopped at")
     assert end["step"] > end["saved"], "with no grace left, the stop step is not saved"
     assert "does not fit the 0.0 s left of the grace window" in job.stderr
     store = CheckpointStore(run_dir, create=False)

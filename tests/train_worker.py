@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -54,6 +55,13 @@ def main() -> None:
     parser.add_argument("--persistent", action="store_true", help="persistent_workers=True")
     parser.add_argument("--loader-in-state", action="store_true", help="TrainState(dataloader=loader)")
     parser.add_argument("--linger", action="store_true", help="after the loop, wait for a line on stdin")
+    parser.add_argument(
+        "--deadline-in",
+        type=float,
+        default=None,
+        help="set HPCCKPT_DEADLINE this many seconds after the model is built, so that a slow start under load "
+        "does not eat the budget",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -87,6 +95,8 @@ def main() -> None:
             time.sleep(args.step_sleep)
         return loss.item()
 
+    if args.deadline_in is not None:
+        os.environ["HPCCKPT_DEADLINE"] = str(time.time() + args.deadline_in)
     with Run(args.run_dir, state, total_steps=args.steps, save_every=args.save_every, grace=args.grace) as run:
         print(json.dumps({"event": "started", "step": state.step}), flush=True)
         if args.steps is not None:
