@@ -93,7 +93,7 @@ class SignalRecorder:
     def __enter__(self) -> SignalRecorder:
         # signal.signal works on the main thread only; elsewhere the loop still runs, without signals.
         if threading.current_thread() is threading.main_thread():
-            with _blocked(self.signals):  # none may land in a handler between the swap and the merge
+            with blocked(self.signals):  # none may land in a handler between the swap and the merge
                 for sig in self.signals:
                     self._previous[sig] = signal.signal(sig, self._handle)
                     outer = _recorder_of(self._previous[sig])
@@ -103,7 +103,7 @@ class SignalRecorder:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        with _blocked(tuple(self._previous)):
+        with blocked(tuple(self._previous)):
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous)
                 outer = _recorder_of(previous)
@@ -118,8 +118,8 @@ class SignalRecorder:
 
 
 @contextlib.contextmanager
-def _blocked(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
-    """Hold these signals back (they stay pending, then go to whichever handler is installed)."""
+def blocked(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Hold these signals back in this thread (they stay pending, then go to whichever handler is installed)."""
     if not signals:
         yield
         return

@@ -33,7 +33,7 @@ from types import FrameType
 from typing import Any
 
 from .errors import UsageError
-from .signals import DEFAULT_SIGNAL, parse_signal
+from .signals import DEFAULT_SIGNAL, blocked, parse_signal
 
 _STARTER = "_get_iterator"  # DataLoader.__iter__ starts its workers through this method (torch >= 1.7)
 
@@ -145,17 +145,11 @@ def shield(loader: Any, signals: tuple[signal.Signals, ...]) -> None:
         setattr(loader, _STARTER, _ShieldedStart(signals, loader))
 
 
-@contextlib.contextmanager
-def blocked_in_main_thread(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+def blocked_in_main_thread(signals: tuple[signal.Signals, ...]) -> contextlib.AbstractContextManager[None]:
     """Hold ``signals`` back in the main thread (a no-op in others); pending ones arrive on leaving."""
-    if not signals or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    return blocked(signals)
 
 
 @contextlib.contextmanager
