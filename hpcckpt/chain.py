@@ -246,6 +246,14 @@ def chain_spec(
     for name, text in texts:
         if text is not None and (not text or any(c in text for c in "\n\r\0")):
             raise UsageError(f"Invalid {name} {text!r}: expected a value on one line")
+    for line in setup:
+        # The site_setup block comes before the script's first command, where sbatch still reads #SBATCH
+        # lines: a setup line must not become a directive around the checks of --sbatch-arg (item 5).
+        if line.lstrip().upper().startswith("#SBATCH"):
+            raise UsageError(
+                f"Invalid --setup {line!r}: sbatch would read it as a directive; expected a shell command "
+                "(give Slurm options with hpcckpt's flags or --sbatch-arg)"
+            )
     run_path = Path(run_dir).expanduser().absolute()
     if any(c in str(run_path) for c in "\n\r\0%"):
         raise UsageError(

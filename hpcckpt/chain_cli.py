@@ -338,18 +338,14 @@ def run_task_end(args: argparse.Namespace) -> int:
 
 
 def _exited_at(text: str) -> float | None:
-    """``--exited-at``: Unix seconds; empty (no ``date`` on the node) means unknown, not an error, so that the
-    task is still recorded."""
-    if not text.strip():
-        return None
+    """``--exited-at``: Unix seconds. Anything else (empty where the node has no ``date``, ``1795300000.N``
+    from a ``date`` without ``%N``) means unknown, not an error: the task must still be recorded."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid {text!r}: expected Unix time in seconds, e.g. 1795300000.25"
-        ) from None
+        return None
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"invalid {text!r}: expected Unix time in seconds > 0")
+        return None
     return value
 
 

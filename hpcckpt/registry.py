@@ -473,7 +473,10 @@ def probe_name() -> str:
 _EVENT_FIELDS: dict[str, str] = {
     **dict.fromkeys(("time", "lead", "time_seconds", "time_left", "latest_created", "deadline"), "a number"),
     **dict.fromkeys(
-        ("step", "steps_done", "steps_lost", "resumed_step", "total_steps", "latest_step", "tasks", "status"),
+        (
+            *("step", "steps_done", "steps_lost", "resumed_step", "total_steps", "latest_step", "tasks"),
+            *("status", "max_tasks", "latest_seq"),
+        ),
         "a whole number",
     ),
     **dict.fromkeys(("saved", "killed", "progress", "auto", "extend"), "true or false"),

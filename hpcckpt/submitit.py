@@ -437,7 +437,8 @@ def _read_own_file(path: Path) -> bytes:
     whatever it holds, so it must be what this user's own job wrote (issue 11, item 4). The checks are made
     on the opened file (not followed through a link), so it cannot be swapped in between."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted there must not hang the reader before the regular-file check below.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise StoreError(

@@ -161,13 +161,24 @@ def extension_size(events: list[dict[str, Any]]) -> int:
     extended."""
     submits = [e for e in events if e.get("event") == "submit"]
     capped = [e for e in submits if e.get("max_tasks") is not None]
-    if not capped or _status_of(events) is not None:
+    if not capped or _status_of(events) is not None or _cancelled(events):
         return 0
     last_end = next((e for e in reversed(events) if e.get("event") == "task-end"), None)
     if last_end is None or not last_end.get("progress"):
         return 0
     submitted = sum(int(e.get("tasks") or 0) for e in submits)
     return max(0, min(int(capped[0].get("tasks") or 1), int(capped[-1]["max_tasks"]) - submitted))
+
+
+def _cancelled(events: list[dict[str, Any]]) -> bool:
+    """``hpcckpt cancel`` (or Ctrl-C on a local chain) came after the newest submission: the user stopped
+    the run, and auto-extension must not start it again (``hpcckpt extend`` submits anew and reopens it)."""
+    for event in reversed(events):
+        if event.get("event") == "cancel":
+            return True
+        if event.get("event") == "submit":
+            return False
+    return False
 
 
 def _capped(events: list[dict[str, Any]]) -> bool:
@@ -189,10 +200,13 @@ def _auto_extend(run_dir: Path, registry: Registry, slurm: SlurmEnv, events: lis
         return  # a newer array (hpcckpt extend) is queued after this one: it continues the run
     more = extension_size(events)
     submitted = sum(int(e.get("tasks") or 0) for e in events if e.get("event") == "submit")
-    cap = next(e["max_tasks"] for e in reversed(events) if e.get("event") == "submit" and e.get("max_tasks"))
+    cap = next(
+        e["max_tasks"] for e in reversed(events) if e.get("event") == "submit" and e.get("max_tasks") is not None
+    )
     if not more:
         last_end: dict[str, Any] = next((e for e in reversed(events) if e.get("event") == "task-end"), {})
         why = "its last task made no progress" if not last_end.get("progress") else f"--max-tasks {cap} is reached"
+        why = "it was cancelled (hpcckpt cancel)" if _cancelled(events) else why
         _say(
             f"run {run_dir} is unfinished after {submitted} task(s) and is not extended: {why}. "
             f"`hpcckpt extend {run_dir} --tasks N` continues it"

@@ -20,6 +20,7 @@ from slurm_cluster import SlurmCluster
 
 from hpcckpt.distributed import expand_nodelist
 from hpcckpt.errors import UsageError
+from hpcckpt.tasks import extension_size
 
 # --- item 24: node lists -------------------------------------------------------------------------------
 NODE_LISTS = {
@@ -422,3 +423,16 @@ def test_a_slurm_chain_of_two_tasks_that_needs_four_extends_itself_and_completes
     assert len(stops) >= 3 and all(s["saved"] and s["steps_lost"] == 0 for s in stops)
     for job in final["jobs"]:
         assert_chain_gone(slurm_cluster, job)
+
+
+def test_auto_extension_stops_once_the_run_is_cancelled() -> None:
+    # `hpcckpt cancel` during the last task: the task still saves and ends with progress, and its task-end
+    # must not submit a new array that the user's cancel never saw.
+    submitted = [{"event": "submit", "job": "7", "tasks": 2, "max_tasks": 8}]
+    progressed = [{"event": "task-end", "job": "7_2", "status": 0, "progress": True}]
+    assert extension_size([*submitted, *progressed]) == 2
+    cancelled = [*submitted, {"event": "cancel", "jobs": ["7"]}, *progressed]
+    assert extension_size(cancelled) == 0
+    # `hpcckpt extend` submits anew: the run goes on, and may extend again.
+    extended = [*cancelled, {"event": "submit", "job": "8", "tasks": 2}, *progressed]
+    assert extension_size(extended) == 2

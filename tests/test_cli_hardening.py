@@ -435,3 +435,24 @@ def test_a_venv_given_to_submit_is_active_for_the_training_command(tmp_path: Pat
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(record.read_text()) == [str(venv), "set up", str(venv / "bin" / "python")]
+
+
+@pytest.mark.parametrize("line", ["#SBATCH --array=1-50", "  #sbatch -t5", "#SBATCH"])
+def test_a_setup_line_that_sbatch_would_read_as_a_directive_is_refused(tmp_path: Path, line: str) -> None:
+    # The site_setup block comes before the first command, where sbatch still reads #SBATCH lines.
+    result, called = _submit(tmp_path, "--setup", line)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Invalid --setup {line!r}: sbatch would read it as a directive" in result.stderr
+    assert not called.exists()
+
+
+@pytest.mark.parametrize("exited_at", ["1795300000.N", "", "soon"])
+def test_task_end_records_the_task_when_the_exit_time_is_unreadable(tmp_path: Path, exited_at: str) -> None:
+    # A `date` without %N prints "1795300000.N": the task must still be recorded, its teardown unknown.
+    run = tmp_path / "run"
+    CheckpointStore(run)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    result = hpcckpt("task-end", "--run-dir", str(run), "--status", "0", "--exited-at", exited_at, env=env)
+    assert result.returncode == 0, result.stderr
+    [end] = [e for e in CheckpointStore(run, create=False).registry.events() if e["event"] == "task-end"]
+    assert (end["status"], end["exited"]) == (0, None)

@@ -107,3 +107,15 @@ def test_status_names_a_bad_event_field_and_shows_the_rest(run_dir: Path) -> Non
     assert re.search(r"node1 +from +0 to +300 +budget", status.stdout), status.stdout
     as_json = hpcckpt("status", str(run_dir), "--json")
     assert as_json.returncode == 0 and json.loads(as_json.stdout)["history"][0]["steps_done"] is None
+
+
+def test_status_names_a_bad_max_tasks_of_a_submission_and_shows_the_rest(run_dir: Path) -> None:
+    # The auto-extension cap is read as a whole number by status and task-end: a bad one crashed status.
+    events = run_dir / "events.jsonl"
+    submit = {"time": time.time(), "event": "submit", "job": "42", "tasks": 2, "max_tasks": "lots"}
+    events.write_text(events.read_text() + json.dumps(submit) + "\n")
+    status = hpcckpt("status", str(run_dir))
+    assert status.returncode == 0, status.stderr
+    assert "Traceback" not in status.stderr
+    assert "field 'max_tasks' is \"lots\"; expected a whole number or null" in status.stderr
+    assert "step     300" in status.stdout

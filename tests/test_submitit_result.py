@@ -82,3 +82,13 @@ def test_the_result_a_job_stores_is_read_back_under_a_group_writable_umask(tmp_p
         os.umask(previous)
     assert oct((tmp_path / "run" / RESULT_FILE).stat().st_mode & 0o777) == oct(0o644)
     assert stored_result(tmp_path / "run") == {"loss": 0.25}
+
+
+@pytest.mark.timeout(30)
+def test_a_named_pipe_at_the_result_is_refused_without_hanging(tmp_path: Path) -> None:
+    # A FIFO used to block the open() before the regular-file check could refuse it: the reader hung.
+    run_dir = tmp_path / "run"
+    _complete_run(run_dir)
+    os.mkfifo(run_dir / RESULT_FILE, 0o600)
+    with pytest.raises(HpcckptError, match=rf"refusing to unpickle {run_dir / RESULT_FILE}: it is not a regular file"):
+        stored_result(run_dir)
