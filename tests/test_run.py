@@ -100,7 +100,7 @@ def test_interrupted_training_ends_bitwise_identical_to_an_uninterrupted_one(tmp
     for attempt in range(40):
         mode = plan[attempt % len(plan)] if len(interruptions) < len(plan) else "none"
         if mode == "budget":
-            job = Job(run_dir, *args, deadline_in=rng.uniform(1.5, 2.5))
+            job = Job(run_dir, *args, deadline_in=rng.uniform(1.0, 1.6))  # from the built model
             job.wait_started()
         else:
             job = Job(run_dir, *args)
