@@ -27,7 +27,7 @@ from typing import Any
 import submitit
 
 from hpcckpt import Run, TrainState
-from hpcckpt.submitit import Resumable, submit_chain
+from hpcckpt.integrations.submitit import Resumable, submit_chain
 
 
 def train(total_steps: int, step_sleep: float) -> dict[str, Any]:

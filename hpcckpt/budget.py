@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
-from .slurmenv import SlurmEnv
+from .slurm.env import SlurmEnv
 
 DEFAULT_MARGIN_FLOOR = 0.5
 DEFAULT_MARGIN_FRACTION = 0.5
@@ -125,7 +125,7 @@ def find_deadline(
         return Deadline(float(slurm.end_time), "SLURM_JOB_END_TIME")
     if slurm.job_id is not None:
         if query_end_time is None:
-            from .slurm import job_end_time
+            from .slurm.commands import job_end_time
 
             query_end_time = job_end_time
         end = query_end_time(slurm.job_id)
@@ -189,8 +189,8 @@ def measure_write_bandwidth(directory: os.PathLike[str] | str, nbytes: int = 16 
     """
     import fcntl
 
-    from .fileio import link_refused, open_nofollow
-    from .registry import probe_name
+    from .store.fileio import link_refused, open_nofollow
+    from .store.registry import probe_name
 
     path = os.path.join(directory, probe_name())
     data = os.urandom(1 << 20)

@@ -56,16 +56,16 @@ from .budget import (
     measure_write_bandwidth,
     measured_teardown,
 )
-from .checkpoint import Checkpoint
 from .distributed import Agreement, broadcast_object, world
 from .environment import check_environment
 from .errors import HpcckptError, UsageError
-from .formats import DCP_FORMAT
-from .retention import KeepBest
 from .signals import Received, SignalRecorder, leave_recording, warning_signal
-from .slurmenv import read_slurm_env
+from .slurm.env import read_slurm_env
 from .state import RestoreOptions, Stateful, TrainState
-from .store import CheckpointStore
+from .store.formats import DCP_FORMAT
+from .store.manifest import Checkpoint
+from .store.retention import KeepBest
+from .store.store import CheckpointStore
 from .timespec import Interval
 from .workers import child_exits_deferred, shield, stop_signals
 

@@ -5,7 +5,7 @@ A handler only records what arrived and when; the training loop acts at the next
 on the main thread only, and the previous ones are restored on exit.
 
 Recorders nest: one installed while another is active starts with what the outer one has received for
-the same signals, and hands back what it received when it leaves (``hpcckpt.submitit`` watches the
+the same signals, and hands back what it received when it leaves (``hpcckpt.integrations.submitit`` watches the
 signals for a whole submitit job, ``Run`` for the training loop inside it).
 
 A forked process that still runs the inherited handler ignores the signal (it acts only in the process

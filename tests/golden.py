@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcckpt.chain import ChainSpec, render
+from hpcckpt.slurm.chain import ChainSpec, render
 
 SBATCH = Path(__file__).resolve().parent.parent / "sbatch"
 

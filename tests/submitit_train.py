@@ -62,7 +62,7 @@ def through_debug_executor(run_dir: str, folder: str, total_steps: int, chain: b
     """submitit's debug executor runs the job in this very process, when its result is asked for."""
     import submitit
 
-    from hpcckpt.submitit import Resumable, submit_chain
+    from hpcckpt.integrations.submitit import Resumable, submit_chain
 
     executor = submitit.DebugExecutor(folder=folder)
     if chain:

@@ -20,7 +20,7 @@ from slurm_cluster import SlurmCluster
 
 from hpcckpt.distributed import expand_nodelist
 from hpcckpt.errors import UsageError
-from hpcckpt.tasks import extension_size
+from hpcckpt.slurm.tasks import extension_size
 
 # --- item 24: node lists -------------------------------------------------------------------------------
 NODE_LISTS = {
@@ -170,7 +170,10 @@ def test_status_does_not_read_a_failing_squeue_as_an_empty_queue(tmp_path: Path)
 
 def test_a_definite_slurm_error_is_not_retried(tmp_path: Path) -> None:
     env, counter = flaky(tmp_path, "scancel", 99, "scancel: error: Invalid job id specified")
-    code = "from hpcckpt import slurm\ntry:\n    slurm.cancel(['1'])\nexcept slurm.SlurmError as e:\n    print(e)"
+    code = (
+        "from hpcckpt.slurm import commands as slurm\n"
+        "try:\n    slurm.cancel(['1'])\nexcept slurm.SlurmError as e:\n    print(e)"
+    )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert "Invalid job id specified" in result.stdout and "after 1 attempt" not in result.stdout
     assert calls(counter) == 1
@@ -180,7 +183,10 @@ def test_sbatch_is_sent_again_only_when_the_controller_was_not_reached(tmp_path:
     env, counter = flaky(
         tmp_path, "sbatch", 1, "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"
     )
-    code = "from hpcckpt import slurm\ntry:\n    slurm.submit('x.sbatch')\nexcept slurm.SlurmError as e:\n    print(e)"
+    code = (
+        "from hpcckpt.slurm import commands as slurm\n"
+        "try:\n    slurm.submit('x.sbatch')\nexcept slurm.SlurmError as e:\n    print(e)"
+    )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert "Socket timed out" in result.stdout and "after 1 attempt" in result.stdout
     assert calls(counter) == 1, "the job may exist: a second sbatch could start a second array of the chain"

@@ -8,7 +8,7 @@ import pytest
 
 from hpcckpt import UsageError, read_slurm_env
 from hpcckpt.budget import Budget, find_deadline
-from hpcckpt.slurm import parse_end_time, parse_scontrol_fields
+from hpcckpt.slurm.commands import parse_end_time, parse_scontrol_fields
 
 
 class Clock:

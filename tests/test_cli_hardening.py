@@ -15,8 +15,8 @@ import pytest
 from golden import GOLDEN, SBATCH
 
 from hpcckpt import CheckpointStore, UsageError
-from hpcckpt.chain import chain_spec, check_directive, render
-from hpcckpt.chain_cli import command_target
+from hpcckpt.cli.chain import command_target
+from hpcckpt.slurm.chain import chain_spec, check_directive, render
 
 
 def hpcckpt(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpcckpt import CheckpointStore
-from hpcckpt.registry import Registry
+from hpcckpt.store.registry import Registry
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_workers

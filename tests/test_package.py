@@ -31,7 +31,7 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 def test_import_loads_neither_torch_nor_submitit() -> None:
     # The CLI runs on login nodes; importing torch there costs seconds (click keeps the same kind of test).
     heavy = "('torch', 'submitit', 'numpy')"
-    code = f"import hpcckpt, hpcckpt.submitit, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import hpcckpt, hpcckpt.integrations.submitit, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
     result = _run([sys.executable, "-c", code])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -18,8 +18,8 @@ import pytest
 
 from hpcckpt import CheckpointStore, StoreError
 from hpcckpt.budget import measure_write_bandwidth
-from hpcckpt.registry import Registry, host_identity
-from hpcckpt.submitit import _store_result, stored_result
+from hpcckpt.integrations.submitit import _store_result, stored_result
+from hpcckpt.store.registry import Registry, host_identity
 
 sys.path.insert(0, str(Path(__file__).parent))
 import store_workers

@@ -104,7 +104,7 @@ def test_deadline_inside_a_real_slurm_job_comes_from_squeue(slurm_cluster, tmp_p
         what="the job to write its deadline",
     )
     at, source, variable = (tmp_path / "deadline.txt").read_text().strip().split("|")
-    from hpcckpt.slurm import parse_end_time
+    from hpcckpt.slurm.commands import parse_end_time
 
     # Once the job has ended Slurm rewrites its EndTime to when it really ended; the start stays.
     start = parse_end_time(slurm_cluster.job_field(job, "StartTime"))

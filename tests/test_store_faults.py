@@ -176,7 +176,7 @@ def _disk_full_under_file_size_limit(run_dir: Path) -> None:
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from hpcckpt.registry import Registry
+from hpcckpt.store.registry import Registry
 registry = Registry(Path(sys.argv[1]), lock=sys.argv[2])
 with registry.locked():
     print("locked", flush=True)

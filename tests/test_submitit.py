@@ -1,4 +1,4 @@
-"""hpcckpt.submitit with submitit's real executors: Slurm (on the test cluster), local and debug.
+"""hpcckpt.integrations.submitit with submitit's real executors: Slurm (on the test cluster), local and debug.
 
 Every run is compared with an uninterrupted reference: same weights, same optimizer state, same return
 value, however many allocations, requeues and preemptions it took.
@@ -24,7 +24,7 @@ from hpcckpt import CheckpointStore, HpcckptError, UsageError
 
 submitit = pytest.importorskip("submitit")
 
-from hpcckpt.submitit import Resumable, Unfinished, stored_result, submit_chain  # noqa: E402
+from hpcckpt.integrations.submitit import Resumable, Unfinished, stored_result, submit_chain  # noqa: E402
 
 HERE = Path(__file__).parent
 TRAIN = HERE / "submitit_train.py"

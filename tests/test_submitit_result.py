@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from hpcckpt import HpcckptError
-from hpcckpt.registry import Registry
-from hpcckpt.submitit import RESULT_FILE, _store_result, stored_result
+from hpcckpt.integrations.submitit import RESULT_FILE, _store_result, stored_result
+from hpcckpt.store.registry import Registry
 
 
 class Payload:

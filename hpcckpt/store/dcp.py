@@ -32,12 +32,12 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint
-from .distributed import broadcast_object, world
-from .errors import CorruptCheckpointError, HpcckptError, StoreError
+from ..distributed import broadcast_object, world
+from ..errors import CorruptCheckpointError, HpcckptError, StoreError
+from ..state import RestoreOptions, TrainState, capture_rng, restore_rng
 from .formats import DCP_FORMAT as NAME
 from .formats import single_process_quietly
-from .state import RestoreOptions, TrainState, capture_rng, restore_rng
+from .manifest import Checkpoint
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
@@ -159,7 +159,7 @@ def load_full_into(state: TrainState, content: Mapping[str, Any], options: Resto
         set_optimizer_state_dict,
     )
 
-    from .state import unwrap_model
+    from ..state import unwrap_model
 
     rest = dict(content)
     model_state, optimizer_state = rest.pop("model", None), rest.pop("optimizer", None)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import HpcckptError
+from ..errors import HpcckptError
 
 DEFAULT_TIMEOUT = 30.0
 

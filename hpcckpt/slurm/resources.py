@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .errors import HpcckptError
+from ..errors import HpcckptError
 
 
 def template_dir() -> Path:
@@ -18,7 +18,7 @@ def template_dir() -> Path:
     packaged = resources.files("hpcckpt").joinpath("templates")
     if packaged.is_dir():
         return Path(str(packaged))
-    checkout = Path(__file__).resolve().parent.parent / "templates"
+    checkout = Path(__file__).resolve().parent.parent.parent / "templates"
     if checkout.is_dir():
         return checkout
     raise HpcckptError(f"hpcckpt's templates are missing: looked in {packaged} and {checkout}; reinstall hpcckpt")

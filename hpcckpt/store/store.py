@@ -33,15 +33,15 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .checkpoint import MANIFEST, Checkpoint, FileRecord, combined_checksum
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
+from .._version import __version__
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
+from ..slurm.env import read_slurm_env
+from ..state import RestoreOptions, TrainState
 from .fileio import SyncedWriter, fsync_dir, open_nofollow, write_atomic
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, file_records, verify_file
+from .manifest import MANIFEST, Checkpoint, FileRecord, combined_checksum
 from .registry import CHECKPOINTS, CLAIM_PREFIX, OWNER, LockMode, Registry, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
-from .slurmenv import read_slurm_env
-from .state import RestoreOptions, TrainState
 
 CheckpointRef = Checkpoint | int | str | None
 _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -111,7 +111,7 @@ class CheckpointStore:
         if self.format.name == DCP_FORMAT:
             if not isinstance(state, TrainState) or tag is not None or metadata:
                 raise UsageError("a sharded (dcp) save takes a TrainState, without tag or metadata")
-            from . import sharded
+            from . import dcp as sharded
 
             return sharded.save(self, state, clean_metrics)
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
@@ -423,11 +423,11 @@ class CheckpointStore:
         """Load a checkpoint into ``state``. With ``ckpt`` None on a run with nothing saved yet, returns
         None and leaves ``state`` as it is (a first run starts fresh, quietly). The state is copied, not
         mapped: the objects restored into keep no checkpoint file in use."""
-        from .distributed import world
+        from ..distributed import world
 
         if world()[1] > 1 or self.format.name == DCP_FORMAT:
             # Every rank restores the checkpoint rank 0 chose, whatever each one sees on a shared filesystem.
-            from . import sharded
+            from . import dcp as sharded
 
             skip: list[str] = []  # found corrupt when read: the same on every rank (DCP's errors are collective)
             while True:

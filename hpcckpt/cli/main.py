@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._version import __version__
-from .environment import check_environment
-from .errors import HpcckptError
+from .._version import __version__
+from ..environment import check_environment
+from ..errors import HpcckptError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -35,7 +35,7 @@ def _configure_templates(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_templates(args: argparse.Namespace) -> int:
-    from .resources import template_dir, template_names
+    from ..slurm.resources import template_dir, template_names
 
     if args.path:
         print(template_dir())
@@ -47,7 +47,7 @@ def _run_templates(args: argparse.Namespace) -> int:
 
 
 def _open_store(run_dir: str) -> Any:
-    from .chain_cli import open_run
+    from .chain import open_run
 
     return open_run(run_dir)
 
@@ -93,7 +93,7 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .errors import CheckpointNotFoundError, CorruptCheckpointError
+    from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 
     store = _open_store(args.run_dir)
     checkpoints = store.list()
@@ -126,7 +126,7 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .errors import CheckpointNotFoundError, UsageError
+    from ..errors import CheckpointNotFoundError, UsageError
 
     if args.best is None and args.mode is not None:
         raise UsageError(f"Invalid --mode {args.mode}: it goes with --best METRIC")
@@ -161,25 +161,25 @@ def _age(seconds: float) -> str:
 
 
 def _configure_bench(parser: argparse.ArgumentParser) -> None:
-    from . import bench
+    from ..bench import main as bench
 
     bench.configure(parser)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from ..bench import main as bench
 
     return bench.run(args)
 
 
 def _chain_configure(parser: argparse.ArgumentParser, *, submitting: bool) -> None:
-    from .chain_cli import configure_chain
+    from .chain import configure_chain
 
     configure_chain(parser, submitting=submitting)
 
 
 def _task_configure(parser: argparse.ArgumentParser, *, end: bool) -> None:
-    from .chain_cli import configure_task
+    from .chain import configure_task
 
     configure_task(parser, end=end)
 
@@ -188,7 +188,7 @@ def _chain(name: str) -> Any:
     """A chain command's configure or run function, imported when used."""
 
     def call(arg: Any) -> Any:
-        from . import chain_cli
+        from . import chain as chain_cli
 
         return getattr(chain_cli, name)(arg)
 

@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if args.repeats < 1 or args.large_mib < 1 or args.small_mib < 1 or args.small_count < 1 or args.history < 1:
         raise UsageError(
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             "must be whole numbers >= 1"
         )
     if args.what == "agree":
-        from . import bench_agree
+        from . import agree as bench_agree
 
         if args.steps < 1:
             raise UsageError(f"Invalid --steps {args.steps}: expected a whole number >= 1")
@@ -169,8 +169,8 @@ def _tensors(nbytes: int, count: int) -> dict[str, Any]:
 
 
 def _hpcckpt_save(directory: Path, payload: dict[str, Any], *, checksum: bool) -> None:
-    from .formats import TorchFileFormat
-    from .store import CheckpointStore
+    from ..store.formats import TorchFileFormat
+    from ..store.store import CheckpointStore
 
     store = CheckpointStore(directory, keep_last=None)
     store.format = TorchFileFormat(checksum=checksum)
@@ -199,7 +199,7 @@ def _raw_write(directory: Path, payload: dict[str, Any]) -> None:
 
 
 def _hpcckpt_load_setup(root: Path, payload: dict[str, Any]) -> Step:
-    from .store import CheckpointStore
+    from ..store.store import CheckpointStore
 
     saved = root / "load-hpcckpt"
     CheckpointStore(saved, keep_last=None).save(payload, step=1)
@@ -230,7 +230,7 @@ def _raw_read_setup(root: Path, payload: dict[str, Any]) -> Step:
 
 
 def _digest_all(payload: dict[str, Any]) -> None:
-    from .fileio import new_digest
+    from ..store.fileio import new_digest
 
     hasher = new_digest()
     for tensor in payload.values():
@@ -296,7 +296,7 @@ def _median_seconds(repeats: int, work: Callable[[], None]) -> float:
 def _registry_latency(directory: Path, history: int, samples: int = 200) -> tuple[list[float], list[float]]:
     import torch
 
-    from .store import CheckpointStore
+    from ..store.store import CheckpointStore
 
     store = CheckpointStore(directory, keep_last=None)
     tiny = {"w": torch.zeros(4)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptCheckpointError, StoreError
+from ..errors import CorruptCheckpointError, StoreError
 from .fileio import format_digest, new_digest, read_nofollow
 
 MANIFEST = "manifest.json"

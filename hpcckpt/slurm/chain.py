@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
-from .errors import UsageError
-from .signals import parse_signal
-from .timespec import format_slurm_time, parse_slurm_time
+from .._version import __version__
+from ..errors import UsageError
+from ..signals import parse_signal
+from ..timespec import format_slurm_time, parse_slurm_time
 
 TEMPLATE = "chain.sbatch.j2"
 DEFAULT_MAX_FAILURES = 3

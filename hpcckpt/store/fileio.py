@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .errors import StoreError
+from ..errors import StoreError
 
 # Dirty pages are handed to the disk every this many bytes while a large file is written, so that the
 # final fsync waits mostly for the tail instead of the whole file (plain torch.save leaves it all to the end).

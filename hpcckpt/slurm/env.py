@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # Field name -> the Slurm variable it comes from (sbatch(1), "OUTPUT ENVIRONMENT VARIABLES").
 _VARIABLES: Mapping[str, str] = {

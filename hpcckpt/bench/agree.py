@@ -50,7 +50,7 @@ def _rank(rank: int, world: int, port: int, steps: int, repeats: int, out: str) 
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from .distributed import Agreement
+    from ..distributed import Agreement
 
     os.environ.pop("HPCCKPT_RUN_DIR", None)
     torch.set_num_threads(1)

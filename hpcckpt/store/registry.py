@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .checkpoint import PLAIN_NAME, Checkpoint, read_manifest
-from .errors import CorruptCheckpointError, StoreError, UsageError
+from ..errors import CorruptCheckpointError, StoreError, UsageError
 from .fileio import link_refused, open_nofollow, read_nofollow, write_atomic
+from .manifest import PLAIN_NAME, Checkpoint, read_manifest
 
 INDEX = "registry.json"
 EVENTS = "events.jsonl"

@@ -29,10 +29,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint
-from .registry import Registry
-from .slurmenv import SlurmEnv, read_slurm_env
-from .store import CheckpointStore
+from ..store.manifest import Checkpoint
+from ..store.registry import Registry
+from ..store.store import CheckpointStore
+from .env import SlurmEnv, read_slurm_env
 
 SCRIPT = "chain.sbatch"
 
@@ -141,7 +141,7 @@ def task_end(
     if auto_extend and _last_task_of_array(slurm) and environ.get("HPCCKPT_BACKEND") != "local":
         used = sum(1 for e in events if e.get("event") == "submit" and e.get("auto"))
         if used < auto_extend:
-            from . import slurm as slurm_commands
+            from . import commands as slurm_commands
 
             job = slurm_commands.submit(str(run_dir / SCRIPT))
             registry.record(
@@ -212,7 +212,7 @@ def _auto_extend(run_dir: Path, registry: Registry, slurm: SlurmEnv, events: lis
             f"`hpcckpt extend {run_dir} --tasks N` continues it"
         )
         return
-    from . import slurm as slurm_commands
+    from . import commands as slurm_commands
 
     after = [f"--dependency=afterany:{slurm.array_job_id}"] if slurm.array_job_id else []
     try:
@@ -237,7 +237,7 @@ def _cancel_rest(registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str]
         jobs.append(slurm.array_job_id)
     if not jobs:
         return
-    from . import slurm as slurm_commands
+    from . import commands as slurm_commands
 
     try:
         slurm_commands.cancel(jobs, pending_only=True)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .checkpoint import Checkpoint
-from .errors import UsageError
+from ..errors import UsageError
+from .manifest import Checkpoint
 
 Mode = Literal["min", "max"]
 

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .checkpoint import Checkpoint
-from .slurm import QueueEntry
+from ..store.manifest import Checkpoint
+from .commands import QueueEntry
 from .tasks import chain_jobs
 
 # "unknown": the queue could not be read (squeue failed even after retries) and no task is known to run;

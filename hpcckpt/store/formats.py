@@ -18,9 +18,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from .checkpoint import Checkpoint, FileRecord
-from .errors import CorruptCheckpointError, StoreError
+from ..errors import CorruptCheckpointError, StoreError
 from .fileio import DIGEST, SyncedWriter, format_digest, new_digest
+from .manifest import Checkpoint, FileRecord
 
 DCP_FORMAT = "dcp"
 
@@ -109,7 +109,7 @@ class DcpFormat:
 
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
         """The whole state in this process, every shard gathered (the export and ``load`` path). Nothing in
-        the files runs code: see :mod:`hpcckpt.dcpread`."""
+        the files runs code: see :mod:`hpcckpt.store.dcpread`."""
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
         from . import dcpread

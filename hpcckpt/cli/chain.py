@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HpcckptError, UsageError
+from ..errors import HpcckptError, UsageError
 
 TASK_LEAVE = 3  # task-begin's status for "the run is complete or failed: leave with status 0"
 DEFAULT_MAX_TASKS_FACTOR = 4  # --max-tasks default: 4 x --tasks (item 28)
@@ -97,15 +97,15 @@ def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> Non
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from .chain import render
+    from ..slurm.chain import render
 
     print(render(_spec(args), args.template), end="")
     return 0
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from . import slurm
-    from .chain import render
+    from ..slurm import commands as slurm
+    from ..slurm.chain import render
 
     spec = _spec(args)
     backend = args.backend or "slurm"
@@ -142,11 +142,11 @@ def run_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
-    from .store import CheckpointStore
+    from ..store.store import CheckpointStore
 
     store = CheckpointStore(spec.run_dir, keep_last=None)  # creates the run directory, or says why not
     (spec.run_dir / "logs").mkdir(exist_ok=True)
-    from .fileio import write_atomic
+    from ..store.fileio import write_atomic
 
     script = spec.run_dir / "chain.sbatch"
     write_atomic(script, script_text.encode())
@@ -171,7 +171,7 @@ def run_submit(args: argparse.Namespace) -> int:
         print(f"  its logs:   {spec.run_dir / 'logs'}/{job}_<task>.out and .err")
         print(f"  stop it:    hpcckpt cancel {_q(spec.run_dir)}")
         return 0
-    from .local import run_local_chain
+    from ..slurm.local import run_local_chain
 
     job = str(int(time.time()))
     store.registry.record("submit", job=job, **record)
@@ -203,8 +203,8 @@ def configure_status(parser: argparse.ArgumentParser) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from .status import format_status, summarize
-    from .tasks import chain_jobs
+    from ..slurm.status import format_status, summarize
+    from ..slurm.tasks import chain_jobs
 
     store = open_run(args.run_dir)
     events = store.registry.events()
@@ -224,8 +224,8 @@ def configure_run_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from . import slurm
-    from .tasks import chain_jobs
+    from ..slurm import commands as slurm
+    from ..slurm.tasks import chain_jobs
 
     store = open_run(args.run_dir)
     jobs = chain_jobs(store.registry.events())
@@ -243,9 +243,9 @@ def configure_extend(parser: argparse.ArgumentParser) -> None:
 
 
 def run_extend(args: argparse.Namespace) -> int:
-    from . import slurm
-    from .store import CheckpointStore
-    from .tasks import chain_jobs
+    from ..slurm import commands as slurm
+    from ..slurm.tasks import chain_jobs
+    from ..store.store import CheckpointStore
 
     if args.tasks < 1:
         raise UsageError(f"Invalid --tasks {args.tasks}: expected a whole number of array tasks >= 1")
@@ -277,7 +277,7 @@ def run_extend(args: argparse.Namespace) -> int:
 def _extend_local(store: Any, last: dict[str, Any], tasks: int) -> int:
     """Extend a local run (item 22): add the tasks to its chain while that runs on this host, else run
     them here and now, as ``submit --backend local`` does."""
-    from .local import run_local_chain, running_chain
+    from ..slurm.local import run_local_chain, running_chain
 
     registry = store.registry
     with registry.locked():  # the runner decides to stop under the same lock: the tasks are never lost
@@ -323,13 +323,13 @@ def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
 
 
 def run_task_begin(args: argparse.Namespace) -> int:
-    from .tasks import task_begin
+    from ..slurm.tasks import task_begin
 
     return 0 if task_begin(_task_run_dir(args), os.environ, args.max_failures) else TASK_LEAVE
 
 
 def run_task_end(args: argparse.Namespace) -> int:
-    from .tasks import task_end
+    from ..slurm.tasks import task_end
 
     task_end(
         _task_run_dir(args), os.environ, args.status, args.max_failures, args.auto_extend, exited_at=args.exited_at
@@ -351,7 +351,7 @@ def _exited_at(text: str) -> float | None:
 
 # -- helpers --------------------------------------------------------------------------------------------
 def _spec(args: argparse.Namespace) -> Any:
-    from .chain import chain_spec
+    from ..slurm.chain import chain_spec
 
     command = list(args.command)
     if command and command[0] == "--":
@@ -403,8 +403,8 @@ def open_run(text: str) -> Any:
     """The store of an existing run directory, for commands that read it (and ``cancel``, which records
     in it). A directory that holds none of a run's files is refused before anything is written there:
     ``cancel`` used to leave a lock and an event log in whatever directory it was given (issue 11)."""
-    from .registry import CHECKPOINTS, EVENTS, INDEX
-    from .store import CheckpointStore
+    from ..store.registry import CHECKPOINTS, EVENTS, INDEX
+    from ..store.store import CheckpointStore
 
     if not text.strip():
         raise UsageError(f"Invalid run directory {text!r}: expected the --run-dir of a chain or a Run")
@@ -581,11 +581,11 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def _queue(jobs: list[str], events: list[dict[str, Any]], run_dir: Path | None = None) -> tuple[Any, str | None]:
-    from . import slurm
+    from ..slurm import commands as slurm
 
     backends = {e.get("backend") for e in events if e.get("event") == "submit"}
     if jobs and backends == {"local"} and run_dir is not None:
-        from .local import local_queue
+        from ..slurm.local import local_queue
 
         return local_queue(run_dir, events), None  # the local chain running for it on this host, if any
     if not jobs or backends == {"local"}:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import HpcckptError
-from .fileio import write_atomic
-from .registry import Registry, host_identity
-from .signals import SignalRecorder
-from .slurm import QueueEntry
+from ..errors import HpcckptError
+from ..signals import SignalRecorder
+from ..store.fileio import write_atomic
+from ..store.registry import Registry, host_identity
+from .commands import QueueEntry
 
 KILL_WAIT = 5.0  # Slurm's KillWait default is 30 s; a laptop chain wants seconds
 QUEUE_FILE = ".local-chain.json"  # the running local chain's queue, while it runs (item 22)
@@ -70,7 +70,7 @@ def run_local_chain(
     """Run the chain's tasks; returns one result per task that ran.
 
     ``tasks`` is the chain's own count; tasks that ``hpcckpt extend`` adds to this chain while it runs
-    (submit events with this ``job_id``) and auto-extension (:func:`~hpcckpt.tasks.extension_size`) add
+    (submit events with this ``job_id``) and auto-extension (:func:`~hpcckpt.slurm.tasks.extension_size`) add
     to it. While it runs, ``RUN_DIR/.local-chain.json`` says which task runs and how many are left, for
     ``hpcckpt status`` and ``hpcckpt extend``. Ctrl-C, TERM or HUP stops the running task as its time
     limit would (the warning signal, TERM ``lead`` seconds later, KILL ``kill_wait`` after that; a second

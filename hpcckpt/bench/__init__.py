@@ -1,0 +1,1 @@
+"""``hpcckpt bench``: interleaved side-by-side measurements, reported as ratios."""

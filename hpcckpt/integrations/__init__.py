@@ -1,0 +1,1 @@
+"""Launchers and frameworks that hpcckpt plugs into: submitit today."""
