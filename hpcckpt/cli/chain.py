@@ -85,7 +85,7 @@ def run_submit(args: argparse.Namespace) -> int:
     if not args.skip_command_check:
         _check_command(spec.command)
     if backend == "slurm":
-        if not shutil.which("sbatch"):
+        if not slurm.available("sbatch"):
             # Never fall back to the local backend by itself (issue 11, item 15): it would run the job on
             # this (login) node and ignore --gpus, --partition and the rest.
             raise UsageError(
@@ -202,7 +202,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 
     store = open_run(args.run_dir)
     jobs = chain_jobs(store.registry.events())
-    queued = sorted({e.array_job for e in slurm.queue(jobs)}) if jobs and shutil.which("squeue") else []
+    queued = sorted({e.array_job for e in slurm.queue(jobs)}) if jobs and slurm.available("squeue") else []
     if queued:
         slurm.cancel(queued)
     store.registry.record("cancel", jobs=queued)
