@@ -56,6 +56,7 @@ from .budget import (
     measure_write_bandwidth,
     measured_teardown,
 )
+from .checks import whole_number
 from .distributed import Agreement, broadcast_object, world
 from .environment import check_environment
 from .errors import HpcckptError, UsageError
@@ -116,10 +117,8 @@ class Run:
                 raise UsageError("Run() needs a run directory: pass run_dir=... or set HPCCKPT_RUN_DIR")
         if not isinstance(state, TrainState):
             raise UsageError(f"Run() needs state=TrainState(...), got {type(state).__name__}")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0
-        ):
-            raise UsageError(f"Invalid total_steps={total_steps!r}: expected a whole number >= 0, or None")
+        if total_steps is not None:
+            whole_number(total_steps, "total_steps", minimum=0, also=", or None")
         self.run_dir = Path(run_dir)
         self.state = state
         self.total_steps = total_steps
@@ -131,8 +130,7 @@ class Run:
         self.restore_options = restore or RestoreOptions()
         self.clock = clock
         self._deadline = deadline
-        if isinstance(agree_every, bool) or not isinstance(agree_every, int) or agree_every < 1:
-            raise UsageError(f"Invalid agree_every={agree_every!r}: expected a whole number of steps >= 1")
+        whole_number(agree_every, "agree_every", of="steps")
         self.agree_every = agree_every
         # Ranks of a started process group save one sharded checkpoint together; a lone process one file.
         self.rank, self.world_size = world()
@@ -240,8 +238,7 @@ class Run:
 
     def epochs(self, count: int) -> Iterator[int]:
         """Yield epoch numbers from the resumed epoch up to ``count - 1``; the run completes after the last."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise UsageError(f"Invalid epoch count {count!r}: expected a whole number >= 1")
+        whole_number(count, "epoch count")
         self.total_epochs = count
         self._require_entered()
         while not self._stopping and self.state.epoch < count:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcckpt.slurm.chain import ChainSpec, render
+from hpcckpt.slurm.script import render
+from hpcckpt.slurm.spec import ChainSpec
 
 SBATCH = Path(__file__).resolve().parent.parent / "sbatch"
 

@@ -16,7 +16,8 @@ from compare import assert_same_training
 from golden import GOLDEN, SBATCH
 
 from hpcckpt import CheckpointStore
-from hpcckpt.slurm.chain import chain_spec, default_lead, render
+from hpcckpt.slurm.script import render
+from hpcckpt.slurm.spec import chain_spec, default_lead
 
 WORKER = Path(__file__).with_name("train_worker.py")
 

@@ -16,7 +16,8 @@ from golden import GOLDEN, SBATCH
 
 from hpcckpt import CheckpointStore, UsageError
 from hpcckpt.cli.chain import command_target
-from hpcckpt.slurm.chain import chain_spec, check_directive, render
+from hpcckpt.slurm.script import render
+from hpcckpt.slurm.spec import chain_spec, check_directive
 
 
 def hpcckpt(

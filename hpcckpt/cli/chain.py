@@ -15,64 +15,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checks import whole_number, whole_number_arg
 from ..errors import HpcckptError, UsageError
+from ..rundir import LOGS, SCRIPT
+from ..slurm.spec import DEFAULT_MAX_FAILURES, ChainSpec, Option, chain_spec, options
 
-TASK_LEAVE = 3  # task-begin's status for "the run is complete or failed: leave with status 0"
 DEFAULT_MAX_TASKS_FACTOR = 4  # --max-tasks default: 4 x --tasks (item 28)
 
 
 def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> None:
-    parser.add_argument("--run-dir", required=True, help="the run directory (checkpoints, registry, logs)")
-    parser.add_argument("--tasks", type=_int("--tasks"), required=True, help="array tasks, run one after another")
-    parser.add_argument("--time", required=True, help="each task's time limit, e.g. 4:00:00, 1-00:00:00, 30")
-    parser.add_argument(
-        "--signal",
-        default=None,
-        help="warning signal and lead before the time limit, e.g. USR1@300 (default USR1 with "
-        "a lead that suits the time limit), or none",
-    )
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
-    parser.add_argument("--qos")
-    parser.add_argument("--nodes", type=_int("--nodes"))
-    parser.add_argument("--ntasks-per-node", type=_int("--ntasks-per-node"))
-    parser.add_argument("--gpus", help="sbatch --gpus, e.g. 4 or a100:4")
-    parser.add_argument("--gres")
-    parser.add_argument("--cpus-per-task", type=_int("--cpus-per-task"))
-    parser.add_argument("--mem")
-    parser.add_argument("--constraint")
-    parser.add_argument("--job-name")
-    parser.add_argument("--srun", action="store_true", help="launch the command through srun (multi-node)")
-    parser.add_argument("--no-requeue", action="store_true", help="ask Slurm not to requeue preempted tasks")
-    parser.add_argument(
-        "--sbatch-arg",
-        action="append",
-        default=[],
-        metavar="OPTION",
-        help="one more #SBATCH option, e.g. --mail-type=END (repeatable)",
-    )
-    parser.add_argument("--template", help="your own template, extending chain.sbatch.j2")
-    parser.add_argument(
-        "--setup",
-        action="append",
-        default=[],
-        metavar="LINE",
-        help="one line of shell run before the command, e.g. 'module load cuda/12.4' (repeatable)",
-    )
-    parser.add_argument("--conda", metavar="ENV", help="activate this conda environment before the command")
-    parser.add_argument("--venv", metavar="PATH", help="activate this virtual environment before the command")
-    parser.add_argument(
-        "--max-failures",
-        type=_int("--max-failures"),
-        default=3,
-        help="consecutive tasks without a new checkpoint before the run is marked failed",
-    )
-    parser.add_argument(
-        "--auto-extend",
-        type=_int("--auto-extend"),
-        default=0,
-        help="submit the chain again, at most this many times, when it ends unfinished",
-    )
+    """The flags of ``render`` and ``submit``: the chain's options as :mod:`hpcckpt.slurm.spec` declares
+    them (the training command last), with submit's own before it."""
+    declared = [o for o in options() if o.flag is not None]
+    for declared_option in declared:
+        if declared_option.flag != "command":
+            _add(parser, declared_option)
     if submitting:
         parser.add_argument(
             "--backend",
@@ -82,7 +39,7 @@ def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> Non
         )
         parser.add_argument(
             "--max-tasks",
-            type=_int("--max-tasks"),
+            type=whole_number_arg("--max-tasks"),
             default=None,
             help="cap on the chain's tasks in all: while the run is unfinished and its last task made "
             "progress, the chain submits --tasks more, up to this (default 4 x --tasks; = --tasks: never)",
@@ -93,26 +50,42 @@ def configure_chain(parser: argparse.ArgumentParser, *, submitting: bool) -> Non
             action="store_true",
             help="do not require the command on this machine's PATH (your site setup provides it)",
         )
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the training command and its arguments")
+    _add(parser, next(o for o in declared if o.flag == "command"))
+
+
+def _add(parser: argparse.ArgumentParser, declared: Option) -> None:
+    """One chain option as an argparse argument; only what it declares is passed on."""
+    assert declared.flag is not None
+    settings: dict[str, Any] = {"help": declared.help}
+    if declared.flag.startswith("-"):
+        settings.update(dest=declared.name, required=declared.required)
+        # argparse appends to its default: a fresh list each time, never the declared tuple.
+        settings["default"] = list(declared.default) if declared.action == "append" else declared.default
+    for key, value in (("action", declared.action), ("type", declared.parse), ("nargs", declared.nargs)):
+        if value is not None:
+            settings[key] = value
+    if declared.metavar is not None:
+        settings["metavar"] = declared.metavar
+    parser.add_argument(declared.flag, **settings)
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from ..slurm.chain import render
+    from ..slurm.script import render
 
-    print(render(_spec(args), args.template), end="")
+    print(render(_spec(args)), end="")
     return 0
 
 
 def run_submit(args: argparse.Namespace) -> int:
     from ..slurm import commands as slurm
-    from ..slurm.chain import render
+    from ..slurm.script import render
 
     spec = _spec(args)
     backend = args.backend or "slurm"
     if not args.skip_command_check:
         _check_command(spec.command)
     if backend == "slurm":
-        if not shutil.which("sbatch"):
+        if not slurm.available("sbatch"):
             # Never fall back to the local backend by itself (issue 11, item 15): it would run the job on
             # this (login) node and ignore --gpus, --partition and the rest.
             raise UsageError(
@@ -129,7 +102,7 @@ def run_submit(args: argparse.Namespace) -> int:
             if known and spec.partition not in known:
                 raise UsageError(f"Invalid --partition {spec.partition!r}: expected one of {', '.join(known)}")
     max_tasks = _max_tasks(args, spec.tasks)
-    script_text = render(spec, args.template)
+    script_text = render(spec)
     if not args.skip_command_check:  # after the template's own checks: a bad --template is named first
         _check_script(spec)
         _check_venv(spec)
@@ -137,7 +110,7 @@ def run_submit(args: argparse.Namespace) -> int:
         _check_writable(spec.run_dir)
         print(script_text, end="")
         print(
-            f"# dry run: would write {spec.run_dir / 'chain.sbatch'} and run "
+            f"# dry run: would write {spec.run_dir / SCRIPT} and run "
             f"{'sbatch --parsable' if backend == 'slurm' else 'the local backend on'} it",
             file=sys.stderr,
         )
@@ -145,10 +118,10 @@ def run_submit(args: argparse.Namespace) -> int:
     from ..store.store import CheckpointStore
 
     store = CheckpointStore(spec.run_dir, keep_last=None)  # creates the run directory, or says why not
-    (spec.run_dir / "logs").mkdir(exist_ok=True)
+    (spec.run_dir / LOGS).mkdir(exist_ok=True)
     from ..store.fileio import write_atomic
 
-    script = spec.run_dir / "chain.sbatch"
+    script = spec.run_dir / SCRIPT
     write_atomic(script, script_text.encode())
     record = {
         "tasks": spec.tasks,
@@ -168,7 +141,7 @@ def run_submit(args: argparse.Namespace) -> int:
             f"{_extension_note(spec.tasks, max_tasks)}"
         )
         print(f"  follow it:  hpcckpt status {_q(spec.run_dir)}")
-        print(f"  its logs:   {spec.run_dir / 'logs'}/{job}_<task>.out and .err")
+        print(f"  its logs:   {spec.run_dir / LOGS}/{job}_<task>.out and .err")
         print(f"  stop it:    hpcckpt cancel {_q(spec.run_dir)}")
         return 0
     from ..slurm.local import run_local_chain
@@ -177,7 +150,7 @@ def run_submit(args: argparse.Namespace) -> int:
     store.registry.record("submit", job=job, **record)
     print(
         f"local chain {job}: {spec.tasks} task(s) of {args.time} for {spec.run_dir}"
-        f"{_extension_note(spec.tasks, max_tasks)} (logs in {spec.run_dir / 'logs'})",
+        f"{_extension_note(spec.tasks, max_tasks)} (logs in {spec.run_dir / LOGS})",
         flush=True,
     )
     run_local_chain(
@@ -229,7 +202,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 
     store = open_run(args.run_dir)
     jobs = chain_jobs(store.registry.events())
-    queued = sorted({e.array_job for e in slurm.queue(jobs)}) if jobs and shutil.which("squeue") else []
+    queued = sorted({e.array_job for e in slurm.queue(jobs)}) if jobs and slurm.available("squeue") else []
     if queued:
         slurm.cancel(queued)
     store.registry.record("cancel", jobs=queued)
@@ -239,7 +212,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 def configure_extend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--tasks", type=_int("--tasks"), required=True, help="array tasks to add")
+    parser.add_argument("--tasks", type=whole_number_arg("--tasks"), required=True, help="array tasks to add")
 
 
 def run_extend(args: argparse.Namespace) -> int:
@@ -247,11 +220,10 @@ def run_extend(args: argparse.Namespace) -> int:
     from ..slurm.tasks import chain_jobs
     from ..store.store import CheckpointStore
 
-    if args.tasks < 1:
-        raise UsageError(f"Invalid --tasks {args.tasks}: expected a whole number of array tasks >= 1")
+    whole_number(args.tasks, "--tasks", of="array tasks")
     store = CheckpointStore(args.run_dir, keep_last=None, create=False)
     events = store.registry.events()
-    script = store.run_dir / "chain.sbatch"
+    script = store.run_dir / SCRIPT
     if not script.is_file():
         raise HpcckptError(f"{script} is missing: extend continues a chain submitted with `hpcckpt submit`")
     status = store.registry.status()
@@ -292,7 +264,7 @@ def _extend_local(store: Any, last: dict[str, Any], tasks: int) -> int:
     registry.record("submit", job=job, tasks=tasks, extend=True, backend="local", **fields)
     print(f"local chain {job}: {tasks} more task(s) for {store.run_dir}", flush=True)
     run_local_chain(
-        store.run_dir / "chain.sbatch",
+        store.run_dir / SCRIPT,
         store.run_dir,
         tasks=tasks,
         time_seconds=int(last["time_seconds"]),
@@ -310,10 +282,11 @@ def _extend_local(store: Any, last: dict[str, Any], tasks: int) -> int:
 
 def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
     parser.add_argument("--run-dir", default=None, help="default: HPCCKPT_RUN_DIR")
-    parser.add_argument("--max-failures", type=_int("--max-failures", minimum=1, what="tasks"), default=3)
+    failures = whole_number_arg("--max-failures", minimum=1, of="tasks")
+    parser.add_argument("--max-failures", type=failures, default=DEFAULT_MAX_FAILURES)
     if end:
         parser.add_argument("--status", type=int, required=True, help="the training command's exit status")
-        parser.add_argument("--auto-extend", type=_int("--auto-extend"), default=0)
+        parser.add_argument("--auto-extend", type=whole_number_arg("--auto-extend"), default=0)
         parser.add_argument(
             "--exited-at",
             type=_exited_at,
@@ -323,9 +296,12 @@ def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
 
 
 def run_task_begin(args: argparse.Namespace) -> int:
+    """Exit :data:`~hpcckpt.slurm.script.TASK_GO_ON` to run the training command, or
+    :data:`~hpcckpt.slurm.script.TASK_LEAVE`: the chain script reads them."""
+    from ..slurm.script import TASK_GO_ON, TASK_LEAVE
     from ..slurm.tasks import task_begin
 
-    return 0 if task_begin(_task_run_dir(args), os.environ, args.max_failures) else TASK_LEAVE
+    return TASK_GO_ON if task_begin(_task_run_dir(args), os.environ, args.max_failures) else TASK_LEAVE
 
 
 def run_task_end(args: argparse.Namespace) -> int:
@@ -350,53 +326,12 @@ def _exited_at(text: str) -> float | None:
 
 
 # -- helpers --------------------------------------------------------------------------------------------
-def _spec(args: argparse.Namespace) -> Any:
-    from ..slurm.chain import chain_spec
-
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    return chain_spec(
-        run_dir=args.run_dir,
-        command=command,
-        tasks=args.tasks,
-        time=args.time,
-        signal=args.signal,
-        job_name=args.job_name,
-        srun=args.srun,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        nodes=args.nodes,
-        ntasks_per_node=args.ntasks_per_node,
-        gpus=args.gpus,
-        gres=args.gres,
-        cpus_per_task=args.cpus_per_task,
-        mem=args.mem,
-        constraint=args.constraint,
-        requeue=not args.no_requeue,
-        extra_directives=args.sbatch_arg,
-        max_failures=args.max_failures,
-        auto_extend=args.auto_extend,
-        setup=args.setup,
-        conda=args.conda,
-        venv=args.venv,
-    )
-
-
-def _int(name: str, *, minimum: int | None = None, what: str = "") -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {name} {text!r}: expected a whole number") from None
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"invalid {name} {text!r}: expected a whole number{' of ' + what if what else ''} >= {minimum}"
-            )
-        return value
-
-    return parse
+def _spec(args: argparse.Namespace) -> ChainSpec:
+    """The chain's spec from the parsed flags: every option by its name, the command without its ``--``."""
+    given = {o.name: getattr(args, o.name) for o in options() if o.flag is not None}
+    if given["command"][:1] == ["--"]:
+        given["command"] = given["command"][1:]
+    return chain_spec(**given)
 
 
 def open_run(text: str) -> Any:
@@ -518,7 +453,7 @@ def _torchrun_target(args: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
-def _check_script(spec: Any) -> None:
+def _check_script(spec: ChainSpec) -> None:
     """The training script a python/torchrun command names exists where the job starts (the directory
     `hpcckpt submit` runs in; --chdir is refused); ``-m module`` is findable when the job's Python is this
     one. Otherwise the chain would fail task after task in the queue until the breaker stops it."""
@@ -554,7 +489,7 @@ def _check_script(spec: Any) -> None:
         )
 
 
-def _same_python(spec: Any) -> bool:
+def _same_python(spec: ChainSpec) -> bool:
     """Whether the command's interpreter is of this environment (same bin directory), with no site setup
     that could change it: only then does this process's sys.path say what the job can import."""
     if spec.setup or spec.conda or spec.venv:
@@ -564,7 +499,7 @@ def _same_python(spec: Any) -> bool:
     return found is not None and Path(found).absolute().parent == Path(sys.executable).absolute().parent
 
 
-def _check_venv(spec: Any) -> None:
+def _check_venv(spec: ChainSpec) -> None:
     if spec.venv is not None and not (spec.venv / "bin" / "activate").is_file():
         raise UsageError(
             f"Invalid --venv {str(spec.venv)!r}: {spec.venv / 'bin' / 'activate'} is not a file; expected "
@@ -604,6 +539,4 @@ def _task_run_dir(args: argparse.Namespace) -> Path:
 
 
 def _q(path: Path) -> str:
-    import shlex
-
     return shlex.quote(str(path))

@@ -1,7 +1,11 @@
 """The ``hpcckpt`` command.
 
-It runs on login nodes, so it imports only the standard library at start; each subcommand imports what
-it needs when it runs. Exit codes follow click's: 0 success, 1 an error, 2 bad usage (nothing was done).
+It runs on login nodes and must start fast, without torch. One way of deferring imports: what building
+the parser needs (every subcommand's flags: :mod:`.chain`, the chain's options, the benchmarks' flags) is
+imported at the top, standard library and light modules only; what a subcommand needs to run (the store,
+Jinja, the Slurm task guard, the local backend) is imported inside the function that runs it. Deferring
+the parser's modules would save nothing (``--help`` builds every subcommand's flags) and would hide the
+handlers from mypy. Exit codes follow click's: 0 success, 1 an error, 2 bad usage (nothing was done).
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .._version import __version__
+from ..bench import main as bench
 from ..environment import check_environment
-from ..errors import HpcckptError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, HpcckptError, UsageError
+from . import chain
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -46,19 +53,13 @@ def _run_templates(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(run_dir: str) -> Any:
-    from .chain import open_run
-
-    return open_run(run_dir)
-
-
 def _configure_ls(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--json", action="store_true", help="print the checkpoints as a JSON list")
 
 
 def _run_ls(args: argparse.Namespace) -> int:
-    checkpoints = _open_store(args.run_dir).list()
+    checkpoints = chain.open_run(args.run_dir).list()
     if args.json:
         print(json.dumps([c.summary() for c in checkpoints], indent=1))
         return 0
@@ -93,9 +94,7 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-
-    store = _open_store(args.run_dir)
+    store = chain.open_run(args.run_dir)
     checkpoints = store.list()
     corrupt = gone = 0
     for checkpoint in checkpoints:
@@ -126,11 +125,9 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from ..errors import CheckpointNotFoundError, UsageError
-
     if args.best is None and args.mode is not None:
         raise UsageError(f"Invalid --mode {args.mode}: it goes with --best METRIC")
-    store = _open_store(args.run_dir)
+    store = chain.open_run(args.run_dir)
     ckpt: Any = args.step
     if args.best is not None:
         ckpt = store.best(args.best, args.mode or "min")
@@ -160,83 +157,42 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _configure_bench(parser: argparse.ArgumentParser) -> None:
-    from ..bench import main as bench
-
-    bench.configure(parser)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    from ..bench import main as bench
-
-    return bench.run(args)
-
-
-def _chain_configure(parser: argparse.ArgumentParser, *, submitting: bool) -> None:
-    from .chain import configure_chain
-
-    configure_chain(parser, submitting=submitting)
-
-
-def _task_configure(parser: argparse.ArgumentParser, *, end: bool) -> None:
-    from .chain import configure_task
-
-    configure_task(parser, end=end)
-
-
-def _chain(name: str) -> Any:
-    """A chain command's configure or run function, imported when used."""
-
-    def call(arg: Any) -> Any:
-        from . import chain as chain_cli
-
-        return getattr(chain_cli, name)(arg)
-
-    return call
-
-
 _COMMANDS: tuple[_Command, ...] = (
     _Command(
         "submit",
         "validate, render and submit a chain of array tasks (or run it locally)",
-        lambda p: _chain_configure(p, submitting=True),
-        _chain("run_submit"),
+        partial(chain.configure_chain, submitting=True),
+        chain.run_submit,
     ),
     _Command(
         "render",
         "print the chain script that submit would submit",
-        lambda p: _chain_configure(p, submitting=False),
-        _chain("run_render"),
+        partial(chain.configure_chain, submitting=False),
+        chain.run_render,
     ),
     _Command(
-        "status",
-        "where a run stands: state, step, tasks, history, warnings",
-        _chain("configure_status"),
-        _chain("run_status"),
+        "status", "where a run stands: state, step, tasks, history, warnings", chain.configure_status, chain.run_status
     ),
-    _Command("cancel", "cancel every queued task of a run's chain", _chain("configure_run_dir"), _chain("run_cancel")),
+    _Command("cancel", "cancel every queued task of a run's chain", chain.configure_run_dir, chain.run_cancel),
     _Command(
-        "extend",
-        "add an array of tasks that starts after the current one",
-        _chain("configure_extend"),
-        _chain("run_extend"),
+        "extend", "add an array of tasks that starts after the current one", chain.configure_extend, chain.run_extend
     ),
     _Command(
         "task-begin",
         "(run by the chain script) the guard before the training command",
-        lambda p: _task_configure(p, end=False),
-        _chain("run_task_begin"),
+        partial(chain.configure_task, end=False),
+        chain.run_task_begin,
     ),
     _Command(
         "task-end",
         "(run by the chain script) record the task's end; cancel, fail or extend the chain",
-        lambda p: _task_configure(p, end=True),
-        _chain("run_task_end"),
+        partial(chain.configure_task, end=True),
+        chain.run_task_end,
     ),
     _Command("ls", "list the committed checkpoints of a run", _configure_ls, _run_ls),
     _Command("verify", "check every checkpoint of a run against its checksums", _configure_verify, _run_verify),
     _Command("export", "write a checkpoint as one plain torch.load-able file", _configure_export, _run_export),
-    _Command("bench", "measure hpcckpt against plain torch.save and raw I/O", _configure_bench, _run_bench),
+    _Command("bench", "measure hpcckpt against plain torch.save and raw I/O", bench.configure, bench.run),
     _Command("templates", "list the sbatch templates shipped with hpcckpt", _configure_templates, _run_templates),
 )
 

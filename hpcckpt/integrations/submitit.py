@@ -42,14 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checks import whole_number
 from ..errors import HpcckptError, StoreError, UsageError
 from ..signals import SignalRecorder, parse_signal
+from ..slurm.spec import DEFAULT_MAX_FAILURES
 from ..slurm.tasks import task_begin, task_end
 from ..store.fileio import write_atomic
 from ..store.registry import Registry
 
 RESULT_FILE = "result.pkl"
-DEFAULT_MAX_FAILURES = 3
 
 log = logging.getLogger("hpcckpt")
 
@@ -84,8 +85,7 @@ class Resumable:
             raise UsageError(f"Resumable() needs a function to run, got {fn!r}")
         if not isinstance(run_dir, str | os.PathLike) or not str(run_dir).strip():
             raise UsageError(f"Invalid run_dir={run_dir!r}: expected a directory path, e.g. 'runs/resnet50'")
-        if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 1:
-            raise UsageError(f"Invalid max_failures={max_failures!r}: expected a whole number >= 1")
+        whole_number(max_failures, "max_failures")
         self.fn = fn
         # Absolute: the job may start in another working directory than the submitting process.
         self.run_dir = Path(run_dir).expanduser().absolute()
@@ -210,8 +210,7 @@ def submit_chain(executor: Any, resumable: Resumable, /, *args: Any, tasks: int,
     """
     if not isinstance(resumable, Resumable):
         raise UsageError(f"submit_chain() needs a Resumable(fn, run_dir), got {resumable!r}")
-    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
-        raise UsageError(f"Invalid tasks={tasks!r}: expected a whole number >= 1")
+    whole_number(tasks, "tasks")
     kind = _executor_kind(executor)
     registry = Registry(resumable.run_dir)
     status = registry.status()
@@ -522,7 +521,7 @@ def _slurm_job_state(environ: Mapping[str, str]) -> str | None:
     from ..slurm import commands as slurm
 
     try:
-        return slurm.run(["squeue", "-h", "-j", job, "-o", "%T"], timeout=15).strip() or None
+        return slurm.job_state(job)
     except slurm.SlurmError:
         return None
 

@@ -68,7 +68,7 @@ class _TransientError(SlurmError):
 
 
 def _run_once(argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None) -> str:
-    if shutil.which(argv[0]) is None:
+    if not available(argv[0]):
         raise SlurmError(f"{argv[0]} is not on PATH (inside some containers Slurm's commands are missing)")
     try:
         result = subprocess.run(
@@ -207,3 +207,15 @@ def queue(job_ids: Sequence[str]) -> list[QueueEntry]:
 
 def partitions() -> list[str]:
     return parse_partitions(run(["sinfo", "-h", "-o", "%P"]))
+
+
+def job_state(job_id: str, *, timeout: float = 15.0) -> str | None:
+    """The job's state as squeue prints it (``RUNNING``, ``COMPLETING``...); None once squeue no longer
+    lists it."""
+    return run(["squeue", "-h", "-j", job_id, "-o", "%T"], timeout=timeout).strip() or None
+
+
+def available(command: str) -> bool:
+    """Whether the Slurm command ``command`` (``sbatch``, ``squeue``...) is on PATH: inside some
+    containers and on machines without Slurm it is not."""
+    return shutil.which(command) is not None

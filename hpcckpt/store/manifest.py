@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import is_whole
 from ..errors import CorruptCheckpointError, StoreError
 from .fileio import format_digest, new_digest, read_nofollow
 
@@ -104,7 +105,7 @@ class Checkpoint:
                     )
             task = data.get("array_task_id")
             seq = data.get("seq")
-            if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
+            if seq is not None and not is_whole(seq, 1):
                 raise CorruptCheckpointError(
                     f"{path / MANIFEST}: field 'seq' is {seq!r}; expected a whole number >= 1 (the commit order)"
                 )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..checks import is_whole, whole_number
 from ..errors import UsageError
 from .manifest import Checkpoint
 
@@ -36,13 +37,7 @@ class KeepBest:
             raise UsageError(
                 f"Invalid keep_best={value!r}: expected (metric, 'min' or 'max', count), e.g. ('val_loss', 'min', 2)"
             ) from None
-        if (
-            mode not in ("min", "max")
-            or isinstance(count, bool)
-            or not isinstance(count, int)
-            or count < 1
-            or not metric
-        ):
+        if mode not in ("min", "max") or not is_whole(count, 1) or not metric:
             raise UsageError(
                 f"Invalid keep_best={value!r}: expected (metric, 'min' or 'max', count >= 1), "
                 "e.g. ('val_loss', 'min', 2)"
@@ -51,8 +46,8 @@ class KeepBest:
 
 
 def check_keep_last(keep_last: int | None) -> int | None:
-    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-        raise UsageError(f"Invalid keep_last={keep_last!r}: expected a whole number >= 1, or None to keep all")
+    if keep_last is not None:
+        whole_number(keep_last, "keep_last", also=", or None to keep all")
     return keep_last
 
 
