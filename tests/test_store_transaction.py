@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpcckpt import CheckpointStore, StoreError, TrainState, UsageError
+from hpcckpt import CheckpointStore, CorruptCheckpointError, HpcckptWarning, StoreError, TrainState, UsageError
 from hpcckpt.store.registry import lock_mode
 from hpcckpt.store.transaction import SaveRequest, SaveTransaction
 
@@ -117,3 +117,19 @@ def test_the_lock_mode_comes_from_the_variable_entry_points_pass(value: str | No
 def test_a_bad_lock_mode_variable_names_the_value_and_the_accepted_form() -> None:
     with pytest.raises(UsageError, match=r"Invalid lock mode 'nfs' \(HPCCKPT_LOCK\): expected 'auto', 'fcntl'"):
         lock_mode({"HPCCKPT_LOCK": "nfs"})
+
+
+def test_a_manifest_naming_an_unknown_format_imports_nothing_and_is_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    checkpoint = store.save({"w": torch.ones(2)}, step=1)
+    manifest = json.loads((checkpoint.path / "manifest.json").read_text())
+    manifest["format"] = "subprocess"  # a module name: the table maps names to its own modules only
+    (checkpoint.path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "run" / "registry.json").unlink()
+    fresh = CheckpointStore(tmp_path / "run", keep_last=None)
+    with pytest.warns(HpcckptWarning, match="rebuilding it from the manifests"):
+        listed = fresh.list()
+    assert [c.format for c in listed] == ["subprocess"]
+    with pytest.raises(CorruptCheckpointError, match=r"format 'subprocess' is unknown to hpcckpt"):
+        fresh.load(1)
+    assert "hpcckpt.store.formats.subprocess" not in sys.modules
