@@ -80,29 +80,29 @@ class SaveTransaction:
     :meth:`abort`. As a context manager it aborts when left without a commit, an ``OSError`` becoming the
     :class:`StoreError` that says what stays."""
 
-    def __init__(self, request: SaveRequest, directory: Path, owner: Owner, previous: Checkpoint | None) -> None:
+    def __init__(
+        self, request: SaveRequest, directory: Path, owner: Owner, previous: Checkpoint | None, started: float
+    ) -> None:
         self.request = request
         self.directory = directory
         self.owner = owner
         self.previous = previous  # the latest checkpoint before this save, for the error message
-        self.started = time.perf_counter()
+        self.started = started  # time.perf_counter() when the save began: the manifest's save_seconds
         self.committed: Checkpoint | None = None
 
     @classmethod
     def begin(cls, request: SaveRequest) -> SaveTransaction:
         """Step 1: clean what dead writers left, then make the temporary directory, owned by this process."""
-        started = time.perf_counter()
         registry = request.registry
         previous = _latest_quietly(registry)
+        started = time.perf_counter()
         registry.clean_temporaries()
         directory = registry.checkpoint_dir / registry.temporary_name(request.step, secrets.token_hex(4))
         try:
             owner = Owner.create(directory)
         except OSError as error:
             raise StoreError(save_failure(registry.checkpoint_dir, request.step, error, previous)) from error
-        transaction = cls(request, directory, owner, previous)
-        transaction.started = started
-        return transaction
+        return cls(request, directory, owner, previous, started)
 
     def commit(self, files: Sequence[FileRecord] | None, *, format: str) -> Checkpoint:
         """Steps 2-4: describe, number, rename and record the checkpoint; durable and registered on return.
