@@ -65,6 +65,7 @@ from .slurm.env import read_slurm_env
 from .state import RestoreOptions, Stateful, TrainState
 from .store.formats import DCP_FORMAT
 from .store.manifest import Checkpoint
+from .store.registry import lock_mode
 from .store.retention import KeepBest
 from .store.store import CheckpointStore
 from .timespec import Interval
@@ -140,6 +141,8 @@ class Run:
             keep_best=keep_best,
             metadata=metadata,
             format=DCP_FORMAT if self.world_size > 1 else "torch",
+            lock=lock_mode(self.environ),
+            job=read_slurm_env(self.environ),
         )
         self._agreement: Agreement | None = Agreement(self.agree_every) if self.world_size > 1 else None
 

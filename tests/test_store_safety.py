@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from hpcckpt import CheckpointStore, CorruptCheckpointError, Run, StoreError, TrainState
-from hpcckpt.store.formats import file_digest
-from hpcckpt.store.manifest import MANIFEST, FileRecord, combined_checksum
+from hpcckpt.store.manifest import MANIFEST, FileRecord, combined_checksum, file_digest
 from hpcckpt.store.registry import INDEX, HpcckptWarning
 
 
@@ -174,7 +173,7 @@ def test_metadata_refusal_names_the_file_and_the_refused_global(tmp_path: Path) 
 def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
     store = _dcp_run(tmp_path / "run")
     newest = store.list()[-1].path
-    from hpcckpt.store.dcpread import _MetadataUnpickler
+    from hpcckpt.store.formats.dcpread import _MetadataUnpickler
 
     with open(newest / ".metadata", "rb") as stream:
         metadata = _MetadataUnpickler(stream).load()

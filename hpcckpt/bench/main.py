@@ -169,10 +169,11 @@ def _tensors(nbytes: int, count: int) -> dict[str, Any]:
 
 
 def _hpcckpt_save(directory: Path, payload: dict[str, Any], *, checksum: bool) -> None:
-    from ..store.formats import TorchFileFormat
+    from ..store.formats.torchfile import TorchFileFormat
+    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
-    store = CheckpointStore(directory, keep_last=None)
+    store = CheckpointStore(directory, keep_last=None, lock=lock_mode(os.environ))
     store.format = TorchFileFormat(checksum=checksum)
     store.save(payload, step=1)
 
@@ -199,13 +200,14 @@ def _raw_write(directory: Path, payload: dict[str, Any]) -> None:
 
 
 def _hpcckpt_load_setup(root: Path, payload: dict[str, Any]) -> Step:
+    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
     saved = root / "load-hpcckpt"
-    CheckpointStore(saved, keep_last=None).save(payload, step=1)
+    CheckpointStore(saved, keep_last=None, lock=lock_mode(os.environ)).save(payload, step=1)
 
     def load(_: Path) -> None:
-        store = CheckpointStore(saved, keep_last=None, create=False)
+        store = CheckpointStore(saved, keep_last=None, create=False, lock=lock_mode(os.environ))
         _drop_cache(store.latest().path / "state.pt")  # type: ignore[union-attr]
         state = store.load()
         assert len(state) == len(payload)
@@ -296,18 +298,22 @@ def _median_seconds(repeats: int, work: Callable[[], None]) -> float:
 def _registry_latency(directory: Path, history: int, samples: int = 200) -> tuple[list[float], list[float]]:
     import torch
 
+    from ..store.formats.torchfile import TorchFileFormat
+    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
+    from ..store.transaction import SaveRequest, SaveTransaction
 
-    store = CheckpointStore(directory, keep_last=None)
+    store = CheckpointStore(directory, keep_last=None, lock=lock_mode(os.environ))
     tiny = {"w": torch.zeros(4)}
     for step in range(history):
         store.save(tiny, step=step, metrics={"loss": 1.0 / (step + 1)})
     commit_ms, lookup_ms = [], []
     for step in range(history, history + samples):
-        tmp, draft, owner = store._write(tiny, step, 0, {"loss": 0.0}, None, {})
-        start = time.perf_counter()
-        store.registry.commit(lambda seq, t=tmp, d=draft: store._rename_into_place(t, d, seq), store._select_deletions)  # type: ignore[misc]
-        owner.release()
+        request = SaveRequest(store.registry, step, 0, {"loss": 0.0}, retention=lambda checkpoints: [])
+        with SaveTransaction.begin(request) as transaction:
+            files = TorchFileFormat().write(tiny, transaction.directory)
+            start = time.perf_counter()
+            transaction.commit(files, format="torch")
         commit_ms.append((time.perf_counter() - start) * 1e3)
         start = time.perf_counter()
         latest = store.latest()

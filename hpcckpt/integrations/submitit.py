@@ -48,7 +48,7 @@ from ..signals import SignalRecorder, parse_signal
 from ..slurm.spec import DEFAULT_MAX_FAILURES
 from ..slurm.tasks import task_begin, task_end
 from ..store.fileio import write_atomic
-from ..store.registry import Registry
+from ..store.registry import Registry, lock_mode
 
 RESULT_FILE = "result.pkl"
 
@@ -120,7 +120,7 @@ class Resumable:
         raise AssertionError("unreachable: _requeue exits or raises")
 
     def _run_once(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        registry = Registry(self.run_dir)
+        registry = Registry(self.run_dir, lock=lock_mode(os.environ))
         cancel = self.chain_task  # a single job's array is a sweep of other runs, not a chain
         if not task_begin(self.run_dir, os.environ, self.max_failures, pid=os.getpid(), cancel=cancel):
             return stored_result(self.run_dir)
@@ -212,7 +212,7 @@ def submit_chain(executor: Any, resumable: Resumable, /, *args: Any, tasks: int,
         raise UsageError(f"submit_chain() needs a Resumable(fn, run_dir), got {resumable!r}")
     whole_number(tasks, "tasks")
     kind = _executor_kind(executor)
-    registry = Registry(resumable.run_dir)
+    registry = Registry(resumable.run_dir, lock=lock_mode(os.environ))
     status = registry.status()
     if status is not None:
         raise UsageError(
@@ -248,7 +248,7 @@ class Chain:
         self.tasks = tasks
         self.jobs: list[Any] = []
         self._task, self._args, self._kwargs = task, args, kwargs
-        self._registry = Registry(task.run_dir)
+        self._registry = Registry(task.run_dir, lock=lock_mode(os.environ))
 
     def __repr__(self) -> str:
         return f"Chain({str(self.run_dir)!r}, {self.kind}, {len(self.jobs)}/{self.tasks} tasks submitted)"
@@ -401,7 +401,7 @@ def _executor_kind(executor: Any) -> str:
 def _where(chain: Chain) -> str:
     from ..store.store import CheckpointStore
 
-    latest = CheckpointStore(chain.run_dir, keep_last=None).latest()
+    latest = CheckpointStore(chain.run_dir, keep_last=None, lock=lock_mode(os.environ)).latest()
     return (
         f"latest checkpoint {latest.name} (step {latest.step}); submit another chain to go on"
         if latest
@@ -412,7 +412,7 @@ def _where(chain: Chain) -> str:
 def stored_result(run_dir: str | os.PathLike[str]) -> Any:
     """The return value of the training function of a complete run; raises while it is not complete."""
     run_dir = Path(run_dir)
-    status = Registry(run_dir).status()
+    status = Registry(run_dir, lock=lock_mode(os.environ)).status()
     if status is None:
         raise HpcckptError(f"run {run_dir} is not complete: no result yet")
     if status.get("event") == "failed":
@@ -420,7 +420,7 @@ def stored_result(run_dir: str | os.PathLike[str]) -> Any:
     try:
         data = _read_own_file(run_dir / RESULT_FILE)
     except FileNotFoundError:
-        registry = Registry(run_dir)
+        registry = Registry(run_dir, lock=lock_mode(os.environ))
         failure = next((e for e in reversed(registry.events()) if e.get("event") == "result-error"), None)
         why = f"the function failed after training: {failure['error']}" if failure else "its process ended first"
         raise HpcckptError(

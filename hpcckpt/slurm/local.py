@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from ..errors import HpcckptError
 from ..signals import SignalRecorder
 from ..store.fileio import write_atomic
-from ..store.registry import Registry, host_identity
+from ..store.registry import Registry, host_identity, lock_mode
 from .commands import QueueEntry
 
 KILL_WAIT = 5.0  # Slurm's KillWait default is 30 s; a laptop chain wants seconds
@@ -76,10 +76,10 @@ def run_local_chain(
     limit would (the warning signal, TERM ``lead`` seconds later, KILL ``kill_wait`` after that; a second
     one sends TERM at once), starts no further task, records a ``cancel`` event and raises
     :class:`InterruptedChainError`."""
-    registry = Registry(run_dir)
+    base = dict(os.environ if environ is None else environ)
+    registry = Registry(run_dir, lock=lock_mode(base))
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    base = dict(os.environ if environ is None else environ)
     results: list[TaskResult] = []
     with SignalRecorder(STOPS) as stops:
         try:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..store.manifest import Checkpoint
-from ..store.registry import Registry
+from ..store.registry import Registry, lock_mode
 from ..store.store import CheckpointStore
 from .env import SlurmEnv, read_slurm_env
 
@@ -44,7 +44,7 @@ def task_begin(
 
     ``pid`` is the task's process: by default the caller's parent (the batch script that runs the command).
     ``cancel=False``: the task is no chain's, so nothing is cancelled (its array may be a sweep of runs)."""
-    store = CheckpointStore(run_dir, keep_last=None)
+    store = CheckpointStore(run_dir, keep_last=None, lock=lock_mode(environ))
     registry = store.registry
     slurm = read_slurm_env(environ)
     status = registry.status()
@@ -102,7 +102,7 @@ def task_end(
     """Record how the task ended; cancel, fail or extend the chain as the registry says. ``log`` is the
     task's error log, by default the chain script's ``logs/ARRAY_TASK.err``; ``exited_at`` is when the
     training command exited (the teardown the next tasks set aside is measured up to it)."""
-    store = CheckpointStore(run_dir, keep_last=None)
+    store = CheckpointStore(run_dir, keep_last=None, lock=lock_mode(environ))
     registry = store.registry
     slurm = read_slurm_env(environ)
     events = registry.events()

@@ -1,13 +1,17 @@
-"""The record of one committed checkpoint and its manifest.
+"""The record of one committed checkpoint and its manifest, and the check of its files against it.
 
 A checkpoint is a directory ``checkpoints/<name>/`` holding its data files and ``manifest.json``. The
 manifest is written before the directory gets its final name, so a directory with a final name and a
-readable manifest is committed; anything else is not a checkpoint.
+readable manifest is committed; anything else is not a checkpoint. A file is the one its manifest
+describes when its size and xxh3-64 checksum match (:func:`verify_file`), whatever format wrote it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +20,7 @@ from typing import Any
 
 from ..checks import is_whole
 from ..errors import CorruptCheckpointError, StoreError
-from .fileio import format_digest, new_digest, read_nofollow
+from .fileio import DIGEST, format_digest, new_digest, read_nofollow
 
 MANIFEST = "manifest.json"
 # A checkpoint's directory and file names: no separators, no leading dot, so none can lead elsewhere.
@@ -226,3 +230,65 @@ def read_manifest(directory: Path) -> Checkpoint:
     if combined_checksum(checkpoint.files) != checkpoint.checksum:
         raise CorruptCheckpointError(f"{path}: its file list does not match its checksum {checkpoint.checksum}")
     return checkpoint
+
+
+def file_digest(path: Path) -> str:
+    """The checksum of the file at ``path`` (not followed if it is a link), as a manifest records it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return _file_digest(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def verify_file(path: Path, record: FileRecord) -> None:
+    """Raise :class:`CorruptCheckpointError` naming ``path`` when its size or checksum differ from ``record``.
+
+    The file is read once, in chunks; its pages stay in the page cache for the ``mmap`` load that follows.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing (the manifest lists it)") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CorruptCheckpointError(f"{path}: a symbolic link; checkpoint files must be plain files") from None
+        raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != record.size:
+            raise CorruptCheckpointError(
+                f"{path}: size {size} bytes, the manifest says {record.size} (truncated or overwritten)"
+            )
+        if not record.digest.startswith(f"{DIGEST}:"):
+            raise CorruptCheckpointError(f"{path}: checksum {record.digest!r} is not {DIGEST}, which hpcckpt uses")
+        digest = _file_digest(fd, size)
+    except OSError as error:
+        raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
+    finally:
+        os.close(fd)
+    if digest != record.digest:
+        raise CorruptCheckpointError(
+            f"{path}: checksum {digest}, the manifest says {record.digest} (the data changed on disk)"
+        )
+
+
+# Measured on a cold 1 GiB file: hashing the file through mmap (no copy into a buffer) runs at ~0.9x a raw
+# read() of the whole file, 8 MiB read()s at ~0.8x, and a reader thread at ~0.45x (xxhash holds the GIL).
+_SLICE = 64 << 20
+
+
+def _file_digest(fd: int, size: int) -> str:
+    hasher = new_digest()
+    if size == 0:
+        return format_digest(hasher)
+    with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mapped)
+        try:
+            for offset in range(0, size, _SLICE):
+                with view[offset : offset + _SLICE] as piece:
+                    hasher.update(piece)
+        finally:
+            view.release()
+    return format_digest(hasher)

@@ -17,6 +17,9 @@ is committed and kept in its manifest (so a rebuilt index has it too): the lates
 also after a deliberate rewind to an earlier step, whatever the clocks of the saving hosts say (issue 11:
 one node an hour ahead made every later task resume from its old checkpoint). Checkpoints written before
 hpcckpt numbered commits have no ``seq``: they come first, by step, then time saved.
+
+The registry reads no environment variable: its lock mode is an argument (entry points turn
+``HPCCKPT_LOCK`` into one with :func:`lock_mode`).
 """
 
 from __future__ import annotations
@@ -34,14 +37,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import CorruptCheckpointError, StoreError, UsageError
+from ..rundir import CHECKPOINTS as CHECKPOINTS  # the run directory's names, re-exported for old importers
+from ..rundir import EVENTS as EVENTS
+from ..rundir import INDEX as INDEX
+from ..rundir import LOCK as LOCK
+from ..rundir import SOFT_LOCK as SOFT_LOCK
 from .fileio import link_refused, open_nofollow, read_nofollow, write_atomic
 from .manifest import PLAIN_NAME, Checkpoint, read_manifest
 
-INDEX = "registry.json"
-EVENTS = "events.jsonl"
-LOCK = ".hpcckpt.lock"
-SOFT_LOCK = ".hpcckpt.softlock"
-CHECKPOINTS = "checkpoints"
 INDEX_VERSION = 1
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -277,7 +280,7 @@ class Registry:
             return self._writer_alive_by_name(tmp)
         else:
             # Unlocked: its writer is gone. Unless the name says a live process on this host: an hpcckpt
-            # older than the atomic ownership (store._Owner.create) locked its owner file after creating it.
+            # older than the atomic ownership (transaction.Owner.create) locked its owner file after creating it.
             named = _host_and_pid(tmp)
             return named is not None and named[0] == self.host and self._alive_by_name(tmp, *named)
         finally:
@@ -552,11 +555,23 @@ def order_key(checkpoint: Checkpoint) -> tuple[int, float, float, str]:
     return (1, checkpoint.seq, 0.0, checkpoint.name)
 
 
+LOCK_MODES: tuple[LockMode, ...] = ("auto", "fcntl", "soft")
+
+
+def lock_mode(environ: Mapping[str, str]) -> LockMode:
+    """The lock mode ``HPCCKPT_LOCK`` in ``environ`` asks for (``"auto"`` when unset or empty), for entry
+    points to pass as ``lock=``: the registry itself never reads the environment. A bad value is a
+    :class:`UsageError` naming it and the accepted form."""
+    mode = environ.get("HPCCKPT_LOCK") or "auto"
+    for known in LOCK_MODES:
+        if mode == known:
+            return known
+    raise UsageError(f"Invalid lock mode {mode!r} (HPCCKPT_LOCK): expected 'auto', 'fcntl' or 'soft'")
+
+
 def _make_lock(run_dir: Path, mode: LockMode, timeout: float) -> Any:
     import filelock
 
-    if mode == "auto":
-        mode = os.environ.get("HPCCKPT_LOCK", mode)  # type: ignore[assignment]
     if mode == "soft":
         # For filesystems without working fcntl locks. filelock's marker names host and pid: a marker left
         # by a dead process on the same host is broken by the next contender, any marker after
@@ -567,4 +582,4 @@ def _make_lock(run_dir: Path, mode: LockMode, timeout: float) -> Any:
     if mode in ("auto", "fcntl"):
         # auto: fcntl, falling back to the soft marker where the filesystem refuses fcntl locks.
         return filelock.FileLock(run_dir / LOCK, timeout=timeout, fallback_to_soft=mode == "auto")
-    raise UsageError(f"Invalid lock mode {mode!r} (argument or HPCCKPT_LOCK): expected 'auto', 'fcntl' or 'soft'")
+    raise UsageError(f"Invalid lock mode {mode!r}: expected 'auto', 'fcntl' or 'soft'")

@@ -1,49 +1,37 @@
 """The checkpoint store: save a training state durably, find the latest or best one, load it back.
 
-Commit protocol of :meth:`CheckpointStore.save` (a crash at any instant leaves the previous or the new
-checkpoint as the latest, never a partial one):
+A save goes through its format (the store's, by name: :mod:`hpcckpt.store.formats`), which writes its files
+through one save transaction (:mod:`hpcckpt.store.transaction`): a crash at any instant leaves the previous
+or the new checkpoint as the latest, never a partial one. A failed save (disk full, quota) removes its
+temporary directory and raises :class:`StoreError`; the previous checkpoints are untouched. Loading and
+restoring go through the format a checkpoint's manifest names; they always use
+``torch.load(weights_only=True)`` unless the caller passes ``unsafe_allow_pickle=True`` by name.
 
-1. write the files into ``checkpoints/.tmp-<step>-<host>-<pid>-<token>/``, fsyncing each (the directory
-   appears under that name with its writer's lock already held: see :class:`_Owner`);
-2. under the registry lock, take the next commit sequence number and write ``manifest.json`` there (it,
-   files, sizes, checksums, step, epoch, metrics, versions, Slurm ids, user metadata), durably;
-3. rename the directory to its final name ``step_<step>`` and fsync ``checkpoints/`` -- the commit point;
-4. record it in the registry, still under the lock; only then apply retention.
-
-A failed save (disk full, quota) removes its temporary directory and raises :class:`StoreError`; the
-previous checkpoints are untouched. Loading always uses ``torch.load(weights_only=True)`` unless the caller
-passes ``unsafe_allow_pickle=True`` by name.
+The store reads no environment variable: the lock mode and the job's ids are its caller's arguments
+(``Run``, the ``hpcckpt`` command and the chain's task guard read them where they start).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import errno
-import json
 import math
 import operator
 import os
-import platform
 import secrets
-import shutil
-import socket
-import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from .._version import __version__
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
-from ..slurm.env import read_slurm_env
+from ..rundir import CHECKPOINTS
 from ..state import RestoreOptions, TrainState
-from .fileio import SyncedWriter, fsync_dir, open_nofollow, write_atomic
-from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, file_records, verify_file
-from .manifest import MANIFEST, Checkpoint, FileRecord, combined_checksum
-from .registry import CHECKPOINTS, CLAIM_PREFIX, OWNER, LockMode, Registry, warn
+from .fileio import SyncedWriter, fsync_dir, open_nofollow
+from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
+from .manifest import Checkpoint, verify_file
+from .registry import LockMode, Registry, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
+from .transaction import JobIds, SaveRequest
 
-CheckpointRef = Checkpoint | int | str | None
 _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -52,7 +40,12 @@ class CheckpointStore:
 
     ``keep_last`` newest checkpoints are kept (None: all); ``keep_best=(metric, "min"|"max", K)`` also
     keeps the K best by a metric. The newest, the best and tagged checkpoints are never deleted.
-    ``metadata`` (hyper-parameters, a git commit...) is written into every manifest.
+    ``metadata`` (hyper-parameters, a git commit...) is written into every manifest. ``format`` names
+    how checkpoints are written (``"torch"``: one file; ``"dcp"``: sharded, saved by every rank together).
+    ``lock`` is the registry's lock mode (``"auto"``: fcntl, a marker file where the filesystem refuses
+    fcntl locks; ``"fcntl"``; ``"soft"``: the marker) and ``lock_timeout`` how long to wait for it.
+    ``job`` is the batch job saving (its ids go into every manifest; ``read_slurm_env(os.environ)`` gives
+    the Slurm job's); ``create`` makes the run directory when it does not exist.
     """
 
     def __init__(
@@ -66,11 +59,13 @@ class CheckpointStore:
         lock: LockMode = "auto",
         lock_timeout: float = 300.0,
         create: bool = True,
+        job: JobIds | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.keep_last = check_keep_last(keep_last)
         self.keep_best = KeepBest.parse(keep_best)
         self.metadata = dict(metadata or {})
+        self.job = job
         if format not in FORMATS:
             raise UsageError(f"Invalid checkpoint format {format!r}: expected one of {sorted(FORMATS)}")
         self.format: CheckpointFormat = FORMATS[format]
@@ -99,142 +94,21 @@ class CheckpointStore:
         if isinstance(state, TrainState):
             step = state.step if step is None else step
             epoch = state.epoch if epoch is None else epoch
-            # The file's own step and epoch agree with the manifest even when given explicitly here.
-            payload: Mapping[str, Any] = {**state.state_dict(), "step": step, "epoch": 0 if epoch is None else epoch}
-        elif isinstance(state, Mapping):
-            payload = state
-        else:
+        elif not isinstance(state, Mapping):
             raise UsageError(f"Cannot save a {type(state).__name__}: expected a TrainState or a dict")
-        step = _whole("step", step)
-        epoch = _whole("epoch", 0 if epoch is None else epoch)
-        clean_metrics = _metrics(metrics)
-        if self.format.name == DCP_FORMAT:
-            if not isinstance(state, TrainState) or tag is not None or metadata:
-                raise UsageError("a sharded (dcp) save takes a TrainState, without tag or metadata")
-            from . import dcp as sharded
-
-            return sharded.save(self, state, clean_metrics)
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
             raise UsageError(f"Invalid tag {tag!r}: expected letters, digits, '_', '.' or '-', e.g. 'pre-finetune'")
-
-        previous = self._latest_quietly()
-        tmp, draft, owner = self._write(
-            payload, step, epoch, clean_metrics, tag, {**self.metadata, **(metadata or {})}, previous
-        )
-        try:
-            checkpoint, _ = self.registry.commit(
-                lambda seq: self._rename_into_place(tmp, draft, seq), self._select_deletions
-            )
-        except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(_save_failure(self.registry.checkpoint_dir, step, error, previous)) from error
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # not renamed: nothing was committed
-            raise
-        finally:
-            owner.release()
-        owner.forget(checkpoint.path)
-        return checkpoint
-
-    def _latest_quietly(self) -> Checkpoint | None:
-        """The latest checkpoint for an error message; never the reason a save fails."""
-        try:
-            checkpoints = self.list()
-        except Exception:
-            return None
-        return checkpoints[-1] if checkpoints else None
-
-    def _write(
-        self,
-        payload: Mapping[str, Any],
-        step: int,
-        epoch: int,
-        metrics: dict[str, float],
-        tag: str | None,
-        metadata: Mapping[str, Any],
-        previous: Checkpoint | None = None,
-    ) -> tuple[Path, Checkpoint, _Owner]:
-        """Step 1 of the commit protocol: the files, durable in a temporary directory that this process holds
-        a lock on while it writes. Returns the directory, the checkpoint's record under its intended final
-        name, and the lock (release it once the directory is renamed or removed)."""
-        started = time.perf_counter()
-        self.registry.clean_temporaries()
-        tmp = self.registry.checkpoint_dir / self.registry.temporary_name(step, secrets.token_hex(4))
-        owner = _Owner(None)
-        try:
-            owner = _Owner.create(tmp)
-            files = tuple(self.format.write(payload, tmp))
-            checkpoint = self._describe(tmp, files, step, epoch, metrics, tag, metadata, self.format.name, started)
-            return tmp, checkpoint, owner
-        except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
-            owner.release()
-            raise StoreError(_save_failure(self.registry.checkpoint_dir, step, error, previous)) from error
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            owner.release()
-            raise
-
-    def _describe(
-        self,
-        tmp: Path,
-        files: tuple[FileRecord, ...],
-        step: int,
-        epoch: int,
-        metrics: dict[str, float],
-        tag: str | None,
-        metadata: Mapping[str, Any],
-        format_name: str,
-        started: float,
-    ) -> Checkpoint:
-        """Step 2: the checkpoint's record (written as ``tmp``'s manifest at the commit, with its number)."""
-        slurm = read_slurm_env(os.environ)
-        checkpoint = Checkpoint(
-            name=self._final_path(step).name,
-            path=self._final_path(step),
-            step=step,
-            epoch=epoch,
-            metrics=metrics,
-            size=sum(f.size for f in files),
-            created=time.time(),
-            checksum=combined_checksum(files),
-            files=files,
-            format=format_name,
+        request = SaveRequest(
+            registry=self.registry,
+            step=_whole("step", step),
+            epoch=_whole("epoch", 0 if epoch is None else epoch),
+            metrics=_metrics(metrics),
+            retention=self._select_deletions,
             tag=tag,
-            host=socket.gethostname(),
-            job_id=slurm.job_id,
-            array_job_id=slurm.array_job_id,
-            array_task_id=slurm.array_task_id,
-            save_seconds=time.perf_counter() - started,
-            versions=_versions(),
-            metadata=metadata,
+            metadata={**self.metadata, **(metadata or {})},
+            job=self.job,
         )
-        return checkpoint
-
-    def _commit_directory(
-        self,
-        tmp: Path,
-        owner: _Owner,
-        step: int,
-        epoch: int,
-        metrics: dict[str, float],
-        format_name: str,
-        started: float,
-    ) -> Checkpoint:
-        """Steps 2-4 for files that other processes wrote into ``tmp`` (a sharded save's ranks)."""
-        try:
-            files = tuple(file_records(tmp))
-            draft = self._describe(tmp, files, step, epoch, metrics, None, self.metadata, format_name, started)
-            checkpoint, _ = self.registry.commit(
-                lambda seq: self._rename_into_place(tmp, draft, seq), self._select_deletions
-            )
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            owner.release()
-        owner.forget(checkpoint.path)
-        return checkpoint
+        return self.format.save(request, state)
 
     def newest_valid(self, skip: Collection[str] = ()) -> Checkpoint | None:
         """The newest checkpoint whose files verify (a corrupt newer one is warned about and skipped), of
@@ -253,37 +127,6 @@ class CheckpointStore:
         if problems:
             raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: " + "; ".join(problems))
         return None
-
-    def _rename_into_place(self, tmp: Path, checkpoint: Checkpoint, seq: int) -> Checkpoint:
-        """Step 3, under the registry lock: write the manifest durably, with the commit sequence number
-        ``seq`` the registry assigned, and rename ``tmp`` to a free final name. The commit point."""
-        suffix = 0
-        while True:
-            final = checkpoint.path if suffix == 0 else checkpoint.path.with_name(f"{checkpoint.path.name}.{suffix}")
-            named = _with(checkpoint, name=final.name, path=final, seq=seq)
-            write_atomic(tmp / MANIFEST, _json(named.manifest()))  # it names its directory and its number
-            try:
-                # A rename onto an existing non-empty directory fails: a second save of one step takes the
-                # next suffix instead of replacing the first.
-                os.rename(tmp, final)
-            except OSError as error:
-                if error.errno in (errno.EEXIST, errno.ENOTEMPTY) and _manifest_created(final) != checkpoint.created:
-                    suffix += 1
-                    continue
-                if not (_manifest_created(final) == checkpoint.created and not tmp.exists()):
-                    raise
-                # The rename went through and its answer was lost (NFS retransmits it, then says ENOENT).
-            try:
-                fsync_dir(self.registry.checkpoint_dir)
-            except OSError as error:
-                warn(
-                    f"checkpoint {final.name} is committed, but syncing {self.registry.checkpoint_dir} failed "
-                    f"({error.strerror or error}): it may not survive a power loss of the file server"
-                )
-            return named
-
-    def _final_path(self, step: int) -> Path:
-        return self.registry.checkpoint_dir / f"step_{step:09d}"
 
     def _select_deletions(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
         return to_delete(checkpoints, self.keep_last, self.keep_best)
@@ -425,38 +268,9 @@ class CheckpointStore:
         mapped: the objects restored into keep no checkpoint file in use."""
         from ..distributed import world
 
-        if world()[1] > 1 or self.format.name == DCP_FORMAT:
-            # Every rank restores the checkpoint rank 0 chose, whatever each one sees on a shared filesystem.
-            from . import dcp as sharded
-
-            skip: list[str] = []  # found corrupt when read: the same on every rank (DCP's errors are collective)
-            while True:
-                chosen = sharded.choose(self, ckpt, skip)
-                if chosen is None:
-                    if skip:
-                        raise CorruptCheckpointError(f"every checkpoint in {self.run_dir} is corrupt: {skip}")
-                    return None
-                if chosen.format != DCP_FORMAT:
-                    break
-                try:
-                    sharded.load_into(state, chosen, options or RestoreOptions())
-                except CorruptCheckpointError as error:
-                    if ckpt is not None:
-                        raise
-                    warn(f"checkpoint {chosen.name} is corrupt, trying an older one: {error}")
-                    skip.append(chosen.name)
-                    continue
-                return chosen
-            if world()[1] > 1:
-                checkpoint, payload = self.load_checkpoint(chosen, map_location, mmap=False)
-                sharded.load_full_into(state, payload, options or RestoreOptions())
-                return checkpoint
-            ckpt = chosen
-        elif ckpt is None and not self.list():
-            return None
-        checkpoint, payload = self.load_checkpoint(ckpt, map_location, mmap=False)
-        state.load_state_dict(payload, options or RestoreOptions())
-        return checkpoint
+        # The ranks of a process group restore together what rank 0 chose: the sharded format's restore.
+        restoring = self.format if world()[1] == 1 else FORMATS[DCP_FORMAT]
+        return restoring.restore(self, state, ckpt, options or RestoreOptions(), map_location)
 
     def export(
         self, out: str | os.PathLike[str], ckpt: CheckpointRef = None, *, weights_only: bool = False
@@ -577,82 +391,3 @@ def _metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
             continue
         clean[key] = number
     return clean
-
-
-def _versions() -> dict[str, str]:
-    import torch
-
-    return {"hpcckpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def _json(data: Mapping[str, Any]) -> bytes:
-    return json.dumps(data, indent=1, default=str, allow_nan=True).encode()
-
-
-def _with(checkpoint: Checkpoint, **changes: Any) -> Checkpoint:
-    return dataclasses.replace(checkpoint, **changes)
-
-
-def _save_failure(checkpoint_dir: Path, step: int, error: OSError, previous: Checkpoint | None) -> str:
-    kept = f"the previous checkpoint (step {previous.step}) is intact" if previous else "nothing was saved before"
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        reason += " (disk full, quota or file-size limit)"
-    return f"could not save step {step} into {checkpoint_dir}: {reason}; {kept}"
-
-
-def _manifest_created(directory: Path) -> float | None:
-    try:
-        return float(json.loads((directory / MANIFEST).read_bytes())["created"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-class _Owner:
-    """A lock on ``.owner`` inside a temporary checkpoint directory, held while it is written, so that a
-    cleaner on any host (NFSv4, Lustre with flock) can tell a live writer from a dead one."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    @classmethod
-    def create(cls, tmp: Path) -> _Owner:
-        """Make the temporary directory ``tmp`` with this process's lock on its ``.owner`` already held.
-
-        Ownership is atomic (issue 11: a cleaner that probed between the owner file's creation and its
-        locking took the writer for dead and deleted its directory): the directory is made under a private
-        name (``.claim-...``, which cleaners judge by host and pid only, never by its lock), the owner file
-        created and locked there, and only then is it renamed to ``tmp``. Where locks do not work, the owner
-        file is removed before the rename and cleaners fall back to host, pid and age.
-        """
-        import fcntl
-
-        claim = tmp.with_name(CLAIM_PREFIX + tmp.name.partition("-")[2])
-        claim.mkdir()
-        fd: int | None = None
-        try:
-            fd = open_nofollow(claim / OWNER, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                fd = None
-                os.unlink(claim / OWNER)  # an unlocked owner file would read as a dead writer's
-            os.rename(claim, tmp)
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            shutil.rmtree(claim, ignore_errors=True)
-            raise
-        return cls(fd)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    @staticmethod
-    def forget(directory: Path) -> None:
-        """Remove the lock file from a committed checkpoint (it was renamed along with its directory)."""
-        with contextlib.suppress(OSError):
-            (directory / OWNER).unlink()

@@ -29,7 +29,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import CorruptCheckpointError, HpcckptError, StoreError
+from ...errors import CorruptCheckpointError, HpcckptError, StoreError
 
 METADATA = ".metadata"
 

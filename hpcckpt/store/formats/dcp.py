@@ -1,46 +1,46 @@
-"""Sharded checkpoints on ``torch.distributed.checkpoint`` (DCP), format ``dcp``.
+"""The ``dcp`` format: sharded checkpoints on ``torch.distributed.checkpoint`` (DCP), saved and restored
+by every rank of a process group together.
 
-Saving, on every rank at the same step (a collective):
+Saving, on every rank at the same step (a collective), through one save transaction:
 
-1. rank 0 makes the temporary directory and tells the others its name;
+1. rank 0 begins the transaction (its temporary directory) and tells the others the directory's name;
 2. every rank writes its part with ``dcp.save`` (DCP writes each rank's ``__R_0.distcp`` and, on the
    coordinator, ``.metadata``; files are fsynced);
 3. the ranks tell each other whether they succeeded; if any failed (or died: the collective fails),
-   rank 0 removes the directory and every rank raises -- nothing was committed;
-4. rank 0 checksums the files, writes the manifest and commits (rename, registry) exactly as for a
-   one-file checkpoint, then tells the others which checkpoint it committed.
+   rank 0 aborts the transaction and every rank raises -- nothing was committed;
+4. rank 0 commits the transaction (checksums of the files, manifest, rename, registry) exactly as a
+   one-file checkpoint is committed, then tells the others which checkpoint it committed.
 
 Model and optimizer go through ``get_state_dict``/``set_state_dict``, so a DDP or FSDP model saves its
 parameters under their plain names and a checkpoint loads at any world size (resharding is DCP's).
 What differs per rank (RNG states, a DataLoader's place) is kept per rank; resumed at another world size,
 those ranks that have no entry keep their fresh RNG (exact resume needs the same world size).
 
-Restoring: rank 0 picks the newest checkpoint that verifies and tells the others, so every rank loads the
-same one (never each its own view of a shared filesystem). A ``dcp`` checkpoint also loads in a single
-process with :meth:`CheckpointStore.load` and exports to one ``torch.load``-able file.
+Restoring, whatever the store's format when a process group runs: rank 0 picks the newest checkpoint that
+verifies and tells the others, so every rank loads the same one (never each its own view of a shared
+filesystem); a one-file checkpoint is loaded whole on every rank and sharded into the model. A ``dcp``
+checkpoint also loads in a single process (:meth:`DcpFormat.read`, ``CheckpointStore.load``) and exports
+to one ``torch.load``-able file. Nothing in its files runs code when read: see :mod:`.dcpread`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import io
-import secrets
-import shutil
-import time
-from collections.abc import Collection, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import warnings
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
-from ..distributed import broadcast_object, world
-from ..errors import CorruptCheckpointError, HpcckptError, StoreError
-from ..state import RestoreOptions, TrainState, capture_rng, restore_rng
-from .formats import DCP_FORMAT as NAME
-from .formats import single_process_quietly
-from .manifest import Checkpoint
-
-if TYPE_CHECKING:
-    from .store import CheckpointStore
+from ...distributed import broadcast_object, world
+from ...errors import CorruptCheckpointError, HpcckptError, StoreError, UsageError
+from ...state import RestoreOptions, TrainState, capture_rng, restore_rng, unwrap_model
+from ..manifest import Checkpoint
+from ..registry import warn
+from ..transaction import SaveRequest, SaveTransaction
+from . import DCP_FORMAT as NAME
+from . import CheckpointRef, CheckpointSource, restore_whole
 
 PER_RANK = "per_rank"
 
@@ -159,8 +159,6 @@ def load_full_into(state: TrainState, content: Mapping[str, Any], options: Resto
         set_optimizer_state_dict,
     )
 
-    from ..state import unwrap_model
-
     rest = dict(content)
     model_state, optimizer_state = rest.pop("model", None), rest.pop("optimizer", None)
     if state.model is not None and options.model and model_state is not None:
@@ -181,8 +179,84 @@ def load_full_into(state: TrainState, content: Mapping[str, Any], options: Resto
     state.step, state.epoch, state.loader_position = partial.step, partial.epoch, partial.loader_position
 
 
+# -- the format ----------------------------------------------------------------------------------------------
+class DcpFormat:
+    """A DCP directory: ``.metadata`` and one ``__R_0.distcp`` per rank."""
+
+    name = NAME
+
+    def save(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> Checkpoint:
+        """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
+        if not isinstance(state, TrainState):
+            raise UsageError(f"Cannot save a {type(state).__name__} sharded (dcp): expected a TrainState")
+        return save(request, state)
+
+    def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
+        """The whole state in this process, every shard gathered (the export and ``load`` path). Nothing in
+        the files runs code: see :mod:`.dcpread`."""
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        from . import dcpread
+
+        state: dict[str, Any] = {}
+        files = [f.name for f in checkpoint.files]
+        try:
+            storage_reader = dcpread.reader(checkpoint.path, files, trusted=not weights_only)
+            with single_process_quietly(), dcpread.guarded(checkpoint.path, files):
+                _load_state_dict(
+                    state,
+                    storage_reader=storage_reader,
+                    planner=dcpread.planner("empty", weights_only=weights_only),
+                    no_dist=True,
+                )
+        except (FileNotFoundError, StoreError):
+            raise
+        except Exception as error:
+            raise StoreError(f"{checkpoint.path}: reading the sharded checkpoint failed: {error}") from error
+        return state
+
+    def restore(
+        self,
+        source: CheckpointSource,
+        state: TrainState,
+        ckpt: CheckpointRef,
+        options: RestoreOptions,
+        map_location: Any,
+    ) -> Checkpoint | None:
+        """Every rank restores the checkpoint rank 0 chose, whatever each one sees on a shared filesystem."""
+        skip: list[str] = []  # found corrupt when read: the same on every rank (DCP's errors are collective)
+        while True:
+            chosen = choose(source, ckpt, skip)
+            if chosen is None:
+                if skip:
+                    raise CorruptCheckpointError(f"every checkpoint in {source.run_dir} is corrupt: {skip}")
+                return None
+            if chosen.format != NAME:
+                return _restore_one_file(source, state, chosen, options, map_location)
+            try:
+                load_into(state, chosen, options)
+            except CorruptCheckpointError as error:
+                if ckpt is not None:
+                    raise
+                warn(f"checkpoint {chosen.name} is corrupt, trying an older one: {error}")
+                skip.append(chosen.name)
+                continue
+            return chosen
+
+
+def _restore_one_file(
+    source: CheckpointSource, state: TrainState, chosen: Checkpoint, options: RestoreOptions, map_location: Any
+) -> Checkpoint | None:
+    """A one-file checkpoint rank 0 chose: whole on every rank, sharded into the model in a process group."""
+    if world()[1] > 1:
+        checkpoint, content = source.load_checkpoint(chosen, map_location, mmap=False)
+        load_full_into(state, content, options)
+        return checkpoint
+    return restore_whole(source, state, chosen, options, map_location)
+
+
 # -- the collective save and restore ------------------------------------------------------------------------
-def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -> Checkpoint:
+def save(request: SaveRequest, state: TrainState) -> Checkpoint:
     """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
@@ -191,21 +265,8 @@ def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -
     from . import dcpread
 
     rank, size = world()
-    started = time.perf_counter()
-    step, epoch = int(state.step), int(state.epoch)
-    tmp: Path | None = None
-    owner: Any = None
-    prepared: str | None = None
-    if rank == 0:
-        from .store import _Owner
-
-        try:
-            store.registry.clean_temporaries()
-            tmp = store.registry.checkpoint_dir / store.registry.temporary_name(step, secrets.token_hex(4))
-            owner = _Owner.create(tmp)
-            prepared = str(tmp)
-        except (OSError, HpcckptError) as error:
-            prepared = f"error: cannot make a temporary directory in {store.registry.checkpoint_dir}: {error}"
+    step = request.step
+    transaction, prepared = _begin_on_rank_0(request) if rank == 0 else (None, None)
     prepared = broadcast_object(prepared)
     if prepared is None or prepared.startswith("error: "):
         raise StoreError(str(prepared)[7:])
@@ -213,7 +274,7 @@ def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -
     try:
         with single_process_quietly():
             dcp_save(
-                payload(state, step, epoch),
+                payload(state, step, request.epoch),
                 storage_writer=FileSystemWriter(prepared, sync_files=True),
                 no_dist=size == 1,
             )
@@ -226,21 +287,29 @@ def save(store: CheckpointStore, state: TrainState, metrics: dict[str, float]) -
     except Exception as error:  # a rank died: the group is broken
         failures = [f"rank {rank}: the process group failed while saving ({error})"]
     if failures:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            owner.release()
+        if transaction is not None:
+            transaction.abort()
         raise StoreError(f"sharded save of step {step} failed, nothing committed: {'; '.join(failures)}")
     committed: Checkpoint | str | None = None
-    if rank == 0:
-        assert tmp is not None
+    if transaction is not None:
         try:
-            committed = store._commit_directory(tmp, owner, step, epoch, metrics, NAME, started)
+            committed = transaction.commit(None, format=NAME)  # None: checksum what every rank wrote
         except Exception as error:
             committed = f"rank 0 could not commit step {step}: {error}"
     committed = broadcast_object(committed)
     if not isinstance(committed, Checkpoint):
         raise StoreError(str(committed))
     return committed
+
+
+def _begin_on_rank_0(request: SaveRequest) -> tuple[SaveTransaction | None, str]:
+    """Rank 0's transaction and its directory's name for the others, or ``error: ...`` saying why not."""
+    checkpoint_dir = request.registry.checkpoint_dir
+    try:
+        transaction = SaveTransaction.begin(request)
+    except (OSError, HpcckptError) as error:
+        return None, f"error: cannot make a temporary directory in {checkpoint_dir}: {error}"
+    return transaction, str(transaction.directory)
 
 
 def _gather(value: str | None) -> list[str | None]:
@@ -254,17 +323,28 @@ def _gather(value: str | None) -> list[str | None]:
     return values
 
 
-def choose(store: CheckpointStore, ref: Any = None, skip: Collection[str] = ()) -> Checkpoint | None:
+def choose(source: CheckpointSource, ref: CheckpointRef = None, skip: Collection[str] = ()) -> Checkpoint | None:
     """The checkpoint every rank restores: rank 0's choice (the newest that verifies and is not named in
     ``skip``, or ``ref``)."""
     rank, _ = world()
     chosen: Checkpoint | str | None = None
     if rank == 0:
         try:
-            chosen = store.get(ref) if ref is not None else store.newest_valid(skip)
+            chosen = source.get(ref) if ref is not None else source.newest_valid(skip)
         except HpcckptError as error:  # told to every rank, which raise it together (none waits alone)
             chosen = f"{type(error).__name__}: {error}"
     chosen = broadcast_object(chosen)
     if isinstance(chosen, str):
         raise StoreError(chosen)
     return chosen
+
+
+@contextlib.contextmanager
+def single_process_quietly() -> Iterator[None]:
+    """DCP warns at every save and load without a process group that it assumes one process: we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+FORMAT = DcpFormat()
