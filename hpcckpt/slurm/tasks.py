@@ -59,12 +59,8 @@ def task_begin(
     unfinished = event_log.open_task(events)
     if unfinished is not None:
         latest = store.latest()
-        job = unfinished.get("job")
-        registry.append_event(
-            event_log.task_killed(
-                job=job, progress=_progressed(unfinished, latest), latest_step=latest.step if latest else None
-            )
-        )
+        progress, step = _progressed(unfinished, latest), latest.step if latest else None
+        registry.append_event(event_log.task_killed(job=unfinished.get("job"), progress=progress, latest_step=step))
         events = registry.events()
     if _breaker_tripped(events, max_failures):
         _fail(registry, slurm, environ, max_failures, events, cancel)
