@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import events as event_log
 from ..checks import whole_number, whole_number_arg
 from ..errors import HpcckptError, UsageError
-from ..rundir import LOGS, SCRIPT
+from ..rundir import CHECKPOINTS, EVENTS, INDEX, LOGS, SCRIPT
 from ..slurm.spec import DEFAULT_MAX_FAILURES, ChainSpec, Option, chain_spec, options
 
 DEFAULT_MAX_TASKS_FACTOR = 4  # --max-tasks default: 4 x --tasks (item 28)
@@ -125,19 +127,14 @@ def run_submit(args: argparse.Namespace) -> int:
 
     script = spec.run_dir / SCRIPT
     write_atomic(script, script_text.encode())
-    record = {
-        "tasks": spec.tasks,
-        "time_seconds": spec.time_seconds,
-        "signal": spec.signal_name,
-        "lead": spec.signal_lead if spec.signal_name else None,
-        "backend": backend,
-        "script": str(script),
-        "command": list(spec.command),
-        "max_tasks": max_tasks,
-    }
+    lead = spec.signal_lead if spec.signal_name else None
+    settings = event_log.ChainSettings(spec.time_seconds, spec.signal_name, lead, str(script), list(spec.command))
+    record = functools.partial(
+        event_log.chain_submitted, tasks=spec.tasks, backend=backend, settings=settings, max_tasks=max_tasks
+    )
     if backend == "slurm":
         job = slurm.submit(str(script))
-        store.registry.record("submit", job=job, **record)
+        store.registry.append_event(record(job=job))
         print(
             f"submitted chain {job}: {spec.tasks} task(s) of {args.time} for {spec.run_dir}"
             f"{_extension_note(spec.tasks, max_tasks)}"
@@ -149,7 +146,7 @@ def run_submit(args: argparse.Namespace) -> int:
     from ..slurm.local import run_local_chain
 
     job = str(int(time.time()))
-    store.registry.record("submit", job=job, **record)
+    store.registry.append_event(record(job=job))
     print(
         f"local chain {job}: {spec.tasks} task(s) of {args.time} for {spec.run_dir}"
         f"{_extension_note(spec.tasks, max_tasks)} (logs in {spec.run_dir / LOGS})",
@@ -169,7 +166,7 @@ def run_submit(args: argparse.Namespace) -> int:
         f"local chain {job}: {'run ' + status['event'] if status else 'tasks used up, run unfinished'}; "
         f"hpcckpt status {_q(spec.run_dir)}"
     )
-    return 1 if status is not None and status["event"] == "failed" else 0
+    return 1 if status is not None and status["event"] == event_log.FAILED else 0
 
 
 def configure_status(parser: argparse.ArgumentParser) -> None:
@@ -179,11 +176,10 @@ def configure_status(parser: argparse.ArgumentParser) -> None:
 
 def run_status(args: argparse.Namespace) -> int:
     from ..slurm.status import format_status, summarize
-    from ..slurm.tasks import chain_jobs
 
     store = open_run(args.run_dir)
     events = store.registry.events()
-    queue, note = _queue(chain_jobs(events), events, store.run_dir)
+    queue, note = _queue(event_log.chain_jobs(events), events, store.run_dir)
     status = summarize(store.run_dir, events, store.list(), queue, time.time())
     if note:
         status.warnings.append(note)
@@ -200,14 +196,13 @@ def configure_run_dir(parser: argparse.ArgumentParser) -> None:
 
 def run_cancel(args: argparse.Namespace) -> int:
     from ..slurm import commands as slurm
-    from ..slurm.tasks import chain_jobs
 
     store = open_run(args.run_dir)
-    jobs = chain_jobs(store.registry.events())
+    jobs = event_log.chain_jobs(store.registry.events())
     queued = sorted({e.array_job for e in slurm.queue(jobs)}) if jobs and slurm.available("squeue") else []
     if queued:
         slurm.cancel(queued)
-    store.registry.record("cancel", jobs=queued)
+    store.registry.append_event(event_log.cancel(jobs=queued))
     print(f"cancelled {', '.join(queued)}" if queued else f"nothing of {store.run_dir} is queued")
     return 0
 
@@ -219,7 +214,6 @@ def configure_extend(parser: argparse.ArgumentParser) -> None:
 
 def run_extend(args: argparse.Namespace) -> int:
     from ..slurm import commands as slurm
-    from ..slurm.tasks import chain_jobs
     from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
@@ -230,18 +224,20 @@ def run_extend(args: argparse.Namespace) -> int:
     if not script.is_file():
         raise HpcckptError(f"{script} is missing: extend continues a chain submitted with `hpcckpt submit`")
     status = store.registry.status()
-    if status is not None and status["event"] == "complete":
+    if status is not None and status["event"] == event_log.COMPLETE:
         raise HpcckptError(f"run {store.run_dir} is complete at step {status.get('step')}: nothing to extend")
     if status is not None:
-        store.registry.record("reopen", why="hpcckpt extend")
+        store.registry.append_event(event_log.reopen(why="hpcckpt extend"))
         print(f"reopening run {store.run_dir}, which was marked failed: {status.get('reason')}")
-    submits = [e for e in events if e.get("event") == "submit"]
+    submits = event_log.of_kind(events, event_log.SUBMIT)
     if submits and submits[-1].get("backend") == "local":
         return _extend_local(store, next(e for e in reversed(submits) if e.get("time_seconds")), args.tasks)
-    queued = sorted({e.array_job for e in slurm.queue(chain_jobs(events))})
+    queued = sorted({e.array_job for e in slurm.queue(event_log.chain_jobs(events))})
     after = [f"--dependency=afterany:{':'.join(queued)}"] if queued else []
     job = slurm.submit(str(script), [f"--array=1-{args.tasks}%1", *after])
-    store.registry.record("submit", job=job, tasks=args.tasks, extend=True, backend="slurm", script=str(script))
+    store.registry.append_event(
+        event_log.submitted(job=job, tasks=args.tasks, extend=True, backend="slurm", script=str(script))
+    )
     print(
         f"submitted {job}: {args.tasks} more task(s) for {store.run_dir}"
         f"{' after ' + ', '.join(queued) if queued else ''}"
@@ -258,13 +254,14 @@ def _extend_local(store: Any, last: dict[str, Any], tasks: int) -> int:
     with registry.locked():  # the runner decides to stop under the same lock: the tasks are never lost
         running = running_chain(store.run_dir)
         if running is not None:
-            registry.record("submit", job=str(running["job"]), tasks=tasks, extend=True, backend="local")
+            added = event_log.submitted(job=str(running["job"]), tasks=tasks, extend=True, backend="local")
+            registry.append_event(added)
     if running is not None:
         print(f"added {tasks} task(s) to local chain {running['job']} (pid {running['pid']}) for {store.run_dir}")
         return 0
     job = str(int(time.time()))
-    fields = {k: last.get(k) for k in ("time_seconds", "signal", "lead", "script", "command")}
-    registry.record("submit", job=job, tasks=tasks, extend=True, backend="local", **fields)
+    settings = event_log.ChainSettings.recorded(last)
+    registry.append_event(event_log.submitted(job=job, tasks=tasks, extend=True, backend="local", settings=settings))
     print(f"local chain {job}: {tasks} more task(s) for {store.run_dir}", flush=True)
     run_local_chain(
         store.run_dir / SCRIPT,
@@ -280,7 +277,7 @@ def _extend_local(store: Any, last: dict[str, Any], tasks: int) -> int:
         f"local chain {job}: {'run ' + status['event'] if status else 'tasks used up, run unfinished'}; "
         f"hpcckpt status {_q(store.run_dir)}"
     )
-    return 1 if status is not None and status["event"] == "failed" else 0
+    return 1 if status is not None and status["event"] == event_log.FAILED else 0
 
 
 def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
@@ -341,7 +338,7 @@ def open_run(text: str) -> Any:
     """The store of an existing run directory, for commands that read it (and ``cancel``, which records
     in it). A directory that holds none of a run's files is refused before anything is written there:
     ``cancel`` used to leave a lock and an event log in whatever directory it was given (issue 11)."""
-    from ..store.registry import CHECKPOINTS, EVENTS, INDEX, lock_mode
+    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
     if not text.strip():
@@ -521,7 +518,7 @@ def _check_writable(run_dir: Path) -> None:
 def _queue(jobs: list[str], events: list[dict[str, Any]], run_dir: Path | None = None) -> tuple[Any, str | None]:
     from ..slurm import commands as slurm
 
-    backends = {e.get("backend") for e in events if e.get("event") == "submit"}
+    backends = event_log.backends(events)
     if jobs and backends == {"local"} and run_dir is not None:
         from ..slurm.local import local_queue
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import events as event_log
+from .. import rundir
 from ..checks import whole_number
 from ..errors import HpcckptError, StoreError, UsageError
 from ..signals import SignalRecorder, parse_signal
@@ -50,7 +52,7 @@ from ..slurm.tasks import task_begin, task_end
 from ..store.fileio import write_atomic
 from ..store.registry import Registry, lock_mode
 
-RESULT_FILE = "result.pkl"
+RESULT_FILE = rundir.RESULT  # the name declared in hpcckpt.rundir
 
 log = logging.getLogger("hpcckpt")
 
@@ -124,14 +126,14 @@ class Resumable:
         cancel = self.chain_task  # a single job's array is a sweep of other runs, not a chain
         if not task_begin(self.run_dir, os.environ, self.max_failures, pid=os.getpid(), cancel=cancel):
             return stored_result(self.run_dir)
-        begun = _last_index(registry.events(), event="task-begin", pid=os.getpid())
+        begun = _last_index(registry.events(), event=event_log.TASK_BEGIN, pid=os.getpid())
         exit_status = 1
         try:
             value = self.fn(*args, **kwargs)
             exit_status = 0
         except BaseException as error:
             if _is_complete(registry):  # the training is safe; what came after it failed
-                registry.record("result-error", error=f"{type(error).__name__}: {error}"[:500])
+                registry.append_event(event_log.result_error(error=f"{type(error).__name__}: {error}"))
             raise
         finally:
             task_end(self.run_dir, os.environ, exit_status, self.max_failures, 0, log=_submitit_log(), cancel=cancel)
@@ -141,14 +143,14 @@ class Resumable:
                 try:
                     _store_result(registry, value)
                 except Exception as error:
-                    registry.record("result-error", error=f"cannot store the return value: {error}"[:500])
+                    registry.append_event(event_log.result_error(error=f"cannot store the return value: {error}"))
                     raise
             return stored_result(self.run_dir)
         if status is not None:
             raise HpcckptError(f"run {self.run_dir} is marked failed: {status.get('reason')}")
         mine = registry.events()[begun:]
-        starts = [e for e in mine if e.get("event") == "start"]
-        stops = [e for e in mine if e.get("event") == "stop"]
+        starts = event_log.of_kind(mine, event_log.START)
+        stops = event_log.of_kind(mine, event_log.STOP)
         if not starts:
             raise UsageError(
                 f"{_name(self.fn)} returned without training in run {self.run_dir}: it must train inside "
@@ -292,14 +294,13 @@ class Chain:
     def _settled(self) -> bool:
         """Failed, or complete with its value stored (which happens just after the run completes)."""
         status = self._registry.status()
-        return status is not None and (status.get("event") == "failed" or (self.run_dir / RESULT_FILE).exists())
+        return status is not None and (status["event"] == event_log.FAILED or (self.run_dir / RESULT_FILE).exists())
 
     def queued_jobs(self) -> list[str]:
         """The chain's Slurm jobs still pending or running (for every chain submitted on this run)."""
         from ..slurm import commands as slurm
-        from ..slurm.tasks import chain_jobs
 
-        jobs = chain_jobs(self._registry.events())
+        jobs = event_log.chain_jobs(self._registry.events())
         return sorted({entry.job for entry in slurm.queue(jobs)}) if jobs else []
 
     def cancel(self) -> None:
@@ -327,15 +328,18 @@ class Chain:
                 parameters.pop("array_parallelism", None)
             else:
                 parameters["array_parallelism"] = before
-        self._registry.record(
-            "submit", job=self.array_job_id, tasks=self.tasks, backend="submitit", folder=str(self.executor.folder)
+        folder = str(self.executor.folder)
+        self._registry.append_event(
+            event_log.submitted(job=self.array_job_id, tasks=self.tasks, backend="submitit", folder=folder)
         )
 
     def _submit_next(self) -> None:
         job = self.executor.submit(self._task, *self._args, **self._kwargs)
         self.jobs.append(job)
         backend = f"submitit-{self.kind}"
-        self._registry.record("submit", job=None, task=len(self.jobs), tasks=self.tasks, backend=backend)
+        self._registry.append_event(
+            event_log.submitted(job=None, task=len(self.jobs), tasks=self.tasks, backend=backend)
+        )
 
     def _drive(self, poll: float, give_up: float | None) -> Any:
         """Local and debug executors: wait for each task, submit the next while the run is unfinished."""
@@ -367,9 +371,8 @@ class Chain:
 def _open_task_queued(registry: Registry) -> list[str]:
     """The job of a task that began and has not ended (a single job, say), when Slurm still has it."""
     from ..slurm import commands as slurm
-    from ..slurm.tasks import unfinished_begin
 
-    begin = unfinished_begin(registry.events())
+    begin = event_log.open_task(registry.events())
     job = str(begin.get("job") or "") if begin else ""
     if not job or job == "-":
         return []
@@ -415,13 +418,13 @@ def stored_result(run_dir: str | os.PathLike[str]) -> Any:
     status = Registry(run_dir, lock=lock_mode(os.environ)).status()
     if status is None:
         raise HpcckptError(f"run {run_dir} is not complete: no result yet")
-    if status.get("event") == "failed":
+    if status["event"] == event_log.FAILED:
         raise HpcckptError(f"run {run_dir} is marked failed: {status.get('reason')}")
     try:
         data = _read_own_file(run_dir / RESULT_FILE)
     except FileNotFoundError:
         registry = Registry(run_dir, lock=lock_mode(os.environ))
-        failure = next((e for e in reversed(registry.events()) if e.get("event") == "result-error"), None)
+        failure = event_log.last(registry.events(), event_log.RESULT_ERROR)
         why = f"the function failed after training: {failure['error']}" if failure else "its process ended first"
         raise HpcckptError(
             f"run {run_dir} is complete at step {status.get('step')}, but the training function's return value "
@@ -468,7 +471,7 @@ def _read_own_file(path: Path) -> bytes:
 
 def _is_complete(registry: Registry) -> bool:
     status = registry.status()
-    return status is not None and status.get("event") == "complete"
+    return status is not None and status["event"] == event_log.COMPLETE
 
 
 def _store_result(registry: Registry, value: Any) -> None:
@@ -478,7 +481,7 @@ def _store_result(registry: Registry, value: Any) -> None:
     cloudpickle.dump(value, buffer)
     # Writable by its owner only, whatever the umask, so that _read_own_file accepts it (item 4).
     write_atomic(registry.run_dir / RESULT_FILE, buffer.getvalue(), private=True)
-    registry.record("result", type=type(value).__qualname__, bytes=buffer.tell())
+    registry.append_event(event_log.result(type_name=type(value).__qualname__, size=buffer.tell()))
 
 
 def _submitit_signal() -> signal_module.Signals:

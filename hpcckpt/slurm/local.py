@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import events as event_log
 from ..errors import HpcckptError
+from ..rundir import LOCAL_QUEUE, LOGS, task_log
 from ..signals import SignalRecorder
 from ..store.fileio import write_atomic
 from ..store.registry import Registry, host_identity, lock_mode
 from .commands import QueueEntry
 
 KILL_WAIT = 5.0  # Slurm's KillWait default is 30 s; a laptop chain wants seconds
-QUEUE_FILE = ".local-chain.json"  # the running local chain's queue, while it runs (item 22)
 # What stops a local chain from the terminal: Ctrl-C, kill, a closed terminal.
 STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -78,8 +79,7 @@ def run_local_chain(
     :class:`InterruptedChainError`."""
     base = dict(os.environ if environ is None else environ)
     registry = Registry(run_dir, lock=lock_mode(base))
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOGS).mkdir(parents=True, exist_ok=True)
     results: list[TaskResult] = []
     with SignalRecorder(STOPS) as stops:
         try:
@@ -90,7 +90,17 @@ def run_local_chain(
                     break
                 task += 1
                 result = _run_task(
-                    script, logs, base, task, allowed, time_seconds, signal_name, signal_lead, job_id, kill_wait, stops
+                    script,
+                    run_dir,
+                    base,
+                    task,
+                    allowed,
+                    time_seconds,
+                    signal_name,
+                    signal_lead,
+                    job_id,
+                    kill_wait,
+                    stops,
                 )
                 results.append(result)
                 print(
@@ -104,7 +114,9 @@ def run_local_chain(
     if stops.received:
         signum = int(stops.received[0].signal)
         allowed = _allowed(registry.events(), job_id, tasks)
-        registry.record("cancel", jobs=[job_id], why=f"{stops.received[0].signal.name} to the local chain")
+        registry.append_event(
+            event_log.cancel(jobs=[job_id], why=f"{stops.received[0].signal.name} to the local chain")
+        )
         left = max(0, allowed - len(results))
         raise InterruptedChainError(
             f"interrupted by {stops.received[0].signal.name}: "
@@ -130,7 +142,7 @@ def _next(
         if status is None and not stops.received and done >= allowed:
             more = extension_size(events)
             if more:
-                registry.record("submit", job=job_id, tasks=more, auto=True, backend="local")
+                registry.append_event(event_log.submitted(job=job_id, tasks=more, auto=True, backend="local"))
                 print(
                     f"[local {job_id}] run unfinished and progressing: {more} more task(s) (auto-extension)",
                     file=out,
@@ -153,8 +165,7 @@ def _next(
 
 def _allowed(events: list[dict[str, Any]], job_id: str, tasks: int) -> int:
     """The chain's tasks: its own, plus what extend and auto-extension added to it while it ran."""
-    added = sum(int(e.get("tasks") or 0) for e in events if e.get("event") == "submit" and str(e.get("job")) == job_id)
-    return max(tasks, added)
+    return max(tasks, event_log.tasks_submitted(events, job=job_id))
 
 
 def _write_queue(run_dir: Path, job_id: str, task: int, tasks: int) -> None:
@@ -163,7 +174,7 @@ def _write_queue(run_dir: Path, job_id: str, task: int, tasks: int) -> None:
 
 
 def _queue_file(run_dir: Path) -> Path:
-    return run_dir / QUEUE_FILE
+    return run_dir / LOCAL_QUEUE  # the running local chain's queue, while it runs (item 22)
 
 
 def running_chain(run_dir: Path) -> dict[str, Any] | None:
@@ -195,7 +206,7 @@ def local_queue(run_dir: Path, events: list[dict[str, Any]]) -> list[QueueEntry]
 
 def _run_task(
     script: Path,
-    logs: Path,
+    run_dir: Path,
     base: dict[str, str],
     task: int,
     tasks: int,
@@ -223,7 +234,8 @@ def _run_task(
         }
     )
     signalled: list[str] = []
-    with open(logs / f"{job_id}_{task}.out", "a") as stdout, open(logs / f"{job_id}_{task}.err", "a") as stderr:
+    out, err = (task_log(run_dir, job_id, str(task), kind) for kind in ("out", "err"))
+    with open(out, "a") as stdout, open(err, "a") as stderr:
         # Its own session: Ctrl-C in this terminal reaches this runner only, which then stops the task
         # as its time limit would (item 22), instead of killing the training mid-step.
         process = subprocess.Popen(
@@ -279,13 +291,12 @@ def _signals(result: TaskResult) -> str:
 
 
 def _where(registry: Registry) -> str:
-    stops = [e for e in registry.events() if e.get("event") in ("stop", "failed", "complete")]
-    if not stops:
+    last = event_log.last(registry.events(), event_log.STOP, event_log.FAILED, event_log.COMPLETE)
+    if last is None:
         return "no training recorded"
-    last = stops[-1]
-    if last["event"] == "failed":
+    if last["event"] == event_log.FAILED:
         return f"run FAILED: {last.get('reason')}"
-    if last["event"] == "complete":
+    if last["event"] == event_log.COMPLETE:
         return f"run complete at step {last.get('step')}"
     return (
         f"stopped at step {last.get('step')} ({last.get('reason')}{', ' + last['cause'] if last.get('cause') else ''})"

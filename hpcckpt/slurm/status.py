@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import events as event_log
 from ..store.manifest import Checkpoint
 from .commands import QueueEntry
-from .tasks import chain_jobs
 
 # "unknown": the queue could not be read (squeue failed even after retries) and no task is known to run;
 # never read as "stalled", which would tell the user to extend a chain that may be queued (item 25).
@@ -72,28 +72,28 @@ def summarize(
     queue: Sequence[QueueEntry] | None,
     now: float,
 ) -> RunStatus:
-    submits = [e for e in events if e.get("event") == "submit"]
-    jobs = chain_jobs(list(events))
+    submits = event_log.of_kind(events, event_log.SUBMIT)
+    jobs = event_log.chain_jobs(events)
     history = _history(events)
-    last_state = next((e for e in reversed(events) if e.get("event") in ("complete", "failed", "reopen")), None)
+    last_state = event_log.last_status(events)
     running = sum(e.task_count for e in queue or () if e.state in ("RUNNING", "COMPLETING", "CONFIGURING"))
     left = None if queue is None else sum(e.task_count for e in queue)
-    if last_state is not None and last_state["event"] == "complete":
+    if last_state is not None and last_state["event"] == event_log.COMPLETE:
         state: State = "complete"
-    elif last_state is not None and last_state["event"] == "failed":
+    elif last_state is not None and last_state["event"] == event_log.FAILED:
         state = "failed"
     elif running:
         state = "running"
     elif left:
         state = "pending"
-    elif queue is None and _task_open(events):
+    elif queue is None and event_log.training_open(events):
         state = "running"
     elif queue is None and jobs:
         state = "unknown"
     else:
         state = "stalled"
     latest = checkpoints[-1] if checkpoints else None
-    starts = [e for e in events if e.get("event") == "start"]
+    starts = event_log.of_kind(events, event_log.START)
     total = next((e.get("total_steps") for e in reversed(starts) if e.get("total_steps") is not None), None)
     step = latest.step if latest else None
 
@@ -118,10 +118,10 @@ def summarize(
     needed = None
     if eta is not None and task_seconds and state not in ("complete", "failed"):
         needed = math.ceil(eta / (0.9 * float(task_seconds)))
-    max_tasks = next((int(e["max_tasks"]) for e in reversed(submits) if e.get("max_tasks") is not None), None)
+    max_tasks = event_log.max_tasks(events)
     extension_left = None
     if max_tasks is not None:
-        extension_left = max(0, max_tasks - sum(int(e.get("tasks") or 0) for e in submits))
+        extension_left = max(0, max_tasks - event_log.tasks_submitted(events))
     if needed is not None and left is not None and state in ("running", "pending") and task_seconds:
         short = needed - left - (extension_left or 0)
         if short > 0:
@@ -149,7 +149,7 @@ def summarize(
             "size": latest.size,
             "save_seconds": latest.save_seconds,
         },
-        tasks_used=len([e for e in events if e.get("event") == "task-begin"]) or len(starts),
+        tasks_used=len(event_log.of_kind(events, event_log.TASK_BEGIN)) or len(starts),
         tasks_left=left,
         tasks_running=running,
         jobs=jobs,
@@ -173,18 +173,18 @@ def _history(events: Sequence[dict[str, Any]]) -> list[TaskRecord]:
     current: dict[str, Any] | None = None
     for event in events:
         kind = event.get("event")
-        if kind == "task-begin" or (kind == "start" and (current is None or "start" in current)):
+        if kind == event_log.TASK_BEGIN or (kind == event_log.START and (current is None or "start" in current)):
             current = {"job": event.get("job"), "host": event.get("host")}
             records.append(current)
         if current is None:
             continue
-        if kind == "start":
+        if kind == event_log.START:
             current.update(start=event, host=event.get("host"), resumed_step=event.get("resumed_step"))
-        elif kind == "stop":
+        elif kind == event_log.STOP:
             current["stop"] = event
-        elif kind == "crash":
+        elif kind == event_log.CRASH:
             current["crash"] = event
-        elif kind == "task-end":
+        elif kind == event_log.TASK_END:
             current["end"] = event
             current = None
     result = []
@@ -210,15 +210,6 @@ def _history(events: Sequence[dict[str, Any]]) -> list[TaskRecord]:
             )
         )
     return result
-
-
-def _task_open(events: Sequence[dict[str, Any]]) -> bool:
-    for event in reversed(events):
-        if event.get("event") in ("task-end", "stop"):
-            return False
-        if event.get("event") in ("task-begin", "start"):
-            return True
-    return False
 
 
 def _tail(path: str | None, lines: int = 15) -> str | None:

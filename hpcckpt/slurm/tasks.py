@@ -29,12 +29,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import events as event_log
+from ..rundir import SCRIPT, task_log
 from ..store.manifest import Checkpoint
 from ..store.registry import Registry, lock_mode
 from ..store.store import CheckpointStore
 from .env import SlurmEnv, read_slurm_env
-
-SCRIPT = "chain.sbatch"
 
 
 def task_begin(
@@ -56,34 +56,26 @@ def task_begin(
         )
         return False
     events = registry.events()
-    unfinished = unfinished_begin(events)
+    unfinished = event_log.open_task(events)
     if unfinished is not None:
         latest = store.latest()
-        registry.record(
-            "task-end",
-            job=unfinished.get("job"),
-            status=None,
-            killed=True,
-            progress=_progressed(unfinished, latest),
-            latest_step=latest.step if latest else None,
-        )
+        progress, step = _progressed(unfinished, latest), latest.step if latest else None
+        registry.append_event(event_log.task_killed(job=unfinished.get("job"), progress=progress, latest_step=step))
         events = registry.events()
     if _breaker_tripped(events, max_failures):
         _fail(registry, slurm, environ, max_failures, events, cancel)
         return False
     latest = store.latest()
-    registry.record(
-        "task-begin",
-        job=slurm.job_label,
-        array_job=slurm.array_job_id,
-        task=slurm.array_task_id,
-        restart=slurm.restart_count,
-        host=socket.gethostname(),
-        pid=os.getppid() if pid is None else pid,
-        latest=latest.name if latest else None,
-        latest_step=latest.step if latest else None,
-        latest_created=latest.created if latest else None,
-        latest_seq=latest.seq if latest else None,
+    registry.append_event(
+        event_log.task_begin(
+            job=slurm.job_label,
+            array_job=slurm.array_job_id,
+            task=slurm.array_task_id,
+            restart=slurm.restart_count,
+            host=socket.gethostname(),
+            pid=os.getppid() if pid is None else pid,
+            latest=latest,
+        )
     )
     return True
 
@@ -106,20 +98,20 @@ def task_end(
     registry = store.registry
     slurm = read_slurm_env(environ)
     events = registry.events()
-    begin = _last_begin(events)
+    begin = event_log.last(events, event_log.TASK_BEGIN)
     latest = store.latest()
     ended_by = _signal_after_save(events, exit_status)
-    registry.record(
-        "task-end",
-        job=slurm.job_label,
-        status=exit_status,
-        killed=False,
-        progress=_progressed(begin, latest) if begin else latest is not None,
-        latest_step=latest.step if latest else None,
-        clean=exit_status == 0 or ended_by is not None,
-        ended_by=ended_by,
-        exited=exited_at,
-        log=log or _log_path(run_dir, slurm, "err"),
+    registry.append_event(
+        event_log.task_end(
+            job=slurm.job_label,
+            status=exit_status,
+            progress=_progressed(begin, latest) if begin else latest is not None,
+            latest_step=latest.step if latest else None,
+            clean=exit_status == 0 or ended_by is not None,
+            ended_by=ended_by,
+            exited=exited_at,
+            log=log or _log_path(run_dir, slurm, "err"),
+        )
     )
     if ended_by is not None:
         _say(f"the training saved and stopped, then {ended_by} ended it (exit {exit_status}): a clean stop")
@@ -127,26 +119,27 @@ def task_end(
     status = registry.status()
     if status is not None:
         _cancel_rest(registry, slurm, environ, cancel)
-        if status["event"] == "complete":
+        if status["event"] == event_log.COMPLETE:
             rest = "; the rest of the chain is cancelled" if cancel else ""
             _say(f"run {run_dir} is complete at step {status.get('step')}{rest}")
         return
     if _breaker_tripped(events, max_failures):
         _fail(registry, slurm, environ, max_failures, events, cancel)
         return
-    if environ.get("HPCCKPT_BACKEND") != "local" and _capped(events):
+    if environ.get("HPCCKPT_BACKEND") != "local" and event_log.max_tasks(events) is not None:
         if _last_task_of_array(slurm) and cancel:
             _auto_extend(run_dir, registry, slurm, events)
         return
     if auto_extend and _last_task_of_array(slurm) and environ.get("HPCCKPT_BACKEND") != "local":
-        used = sum(1 for e in events if e.get("event") == "submit" and e.get("auto"))
+        used = sum(1 for e in event_log.of_kind(events, event_log.SUBMIT) if e.get("auto"))
         if used < auto_extend:
             from . import commands as slurm_commands
 
             job = slurm_commands.submit(str(run_dir / SCRIPT))
-            registry.record(
-                "submit", job=job, tasks=slurm.array_task_max, auto=True, backend="slurm", script=str(run_dir / SCRIPT)
+            submitted = event_log.submitted(
+                job=job, tasks=slurm.array_task_max, auto=True, backend="slurm", script=str(run_dir / SCRIPT)
             )
+            registry.append_event(submitted)
             _say(f"run {run_dir} is unfinished after the last task; auto-extend {used + 1}/{auto_extend}: job {job}")
         else:
             _say(f"run {run_dir} is unfinished and auto-extend is used up ({used}/{auto_extend})")
@@ -159,54 +152,31 @@ def extension_size(events: list[dict[str, Any]]) -> int:
     (rendered and submitted by hand, or by an earlier hpcckpt) is not extended here. The breaker still
     ends a run that stops progressing: it is checked before this, and a task without progress is never
     extended."""
-    submits = [e for e in events if e.get("event") == "submit"]
-    capped = [e for e in submits if e.get("max_tasks") is not None]
-    if not capped or _status_of(events) is not None or _cancelled(events):
+    capped = event_log.capped_submits(events)
+    # A cancel after the newest submission: the user stopped the run, and auto-extension must not start
+    # it again (``hpcckpt extend`` submits anew and reopens it).
+    if not capped or event_log.last_status(events) is not None or event_log.cancelled(events):
         return 0
-    last_end = next((e for e in reversed(events) if e.get("event") == "task-end"), None)
+    last_end = event_log.last(events, event_log.TASK_END)
     if last_end is None or not last_end.get("progress"):
         return 0
-    submitted = sum(int(e.get("tasks") or 0) for e in submits)
+    submitted = event_log.tasks_submitted(events)
     return max(0, min(int(capped[0].get("tasks") or 1), int(capped[-1]["max_tasks"]) - submitted))
-
-
-def _cancelled(events: list[dict[str, Any]]) -> bool:
-    """``hpcckpt cancel`` (or Ctrl-C on a local chain) came after the newest submission: the user stopped
-    the run, and auto-extension must not start it again (``hpcckpt extend`` submits anew and reopens it)."""
-    for event in reversed(events):
-        if event.get("event") == "cancel":
-            return True
-        if event.get("event") == "submit":
-            return False
-    return False
-
-
-def _capped(events: list[dict[str, Any]]) -> bool:
-    return any(e.get("event") == "submit" and e.get("max_tasks") is not None for e in events)
-
-
-def _status_of(events: list[dict[str, Any]]) -> dict[str, Any] | None:
-    for event in reversed(events):
-        if event.get("event") in ("complete", "failed", "reopen"):
-            return None if event["event"] == "reopen" else event
-    return None
 
 
 def _auto_extend(run_dir: Path, registry: Registry, slurm: SlurmEnv, events: list[dict[str, Any]]) -> None:
     """The last task of the chain's newest array ended with the run unfinished: submit the next array
     (the same script, ``--array=1-K%1``, after this task), or say why not."""
-    jobs = chain_jobs(events)
+    jobs = event_log.chain_jobs(events)
     if jobs and slurm.array_job_id != jobs[-1]:
         return  # a newer array (hpcckpt extend) is queued after this one: it continues the run
     more = extension_size(events)
-    submitted = sum(int(e.get("tasks") or 0) for e in events if e.get("event") == "submit")
-    cap = next(
-        e["max_tasks"] for e in reversed(events) if e.get("event") == "submit" and e.get("max_tasks") is not None
-    )
+    submitted = event_log.tasks_submitted(events)
+    cap = event_log.max_tasks(events)
     if not more:
-        last_end: dict[str, Any] = next((e for e in reversed(events) if e.get("event") == "task-end"), {})
+        last_end = event_log.last(events, event_log.TASK_END) or {}
         why = "its last task made no progress" if not last_end.get("progress") else f"--max-tasks {cap} is reached"
-        why = "it was cancelled (hpcckpt cancel)" if _cancelled(events) else why
+        why = "it was cancelled (hpcckpt cancel)" if event_log.cancelled(events) else why
         _say(
             f"run {run_dir} is unfinished after {submitted} task(s) and is not extended: {why}. "
             f"`hpcckpt extend {run_dir} --tasks N` continues it"
@@ -220,19 +190,16 @@ def _auto_extend(run_dir: Path, registry: Registry, slurm: SlurmEnv, events: lis
     except slurm_commands.SlurmError as error:
         _say(f"run {run_dir} is unfinished and auto-extension could not submit: {error}")
         return
-    registry.record("submit", job=job, tasks=more, auto=True, backend="slurm", script=str(run_dir / SCRIPT))
+    registry.append_event(
+        event_log.submitted(job=job, tasks=more, auto=True, backend="slurm", script=str(run_dir / SCRIPT))
+    )
     _say(f"run {run_dir} is unfinished and progressing: {more} more task(s) as job {job} ({submitted + more}/{cap})")
-
-
-def chain_jobs(events: list[dict[str, Any]]) -> list[str]:
-    """Array job ids of the chain, from its submit events, oldest first."""
-    return list(dict.fromkeys(str(e["job"]) for e in events if e.get("event") == "submit" and e.get("job")))
 
 
 def _cancel_rest(registry: Registry, slurm: SlurmEnv, environ: Mapping[str, str], cancel: bool = True) -> None:
     if not cancel or environ.get("HPCCKPT_BACKEND") == "local":
         return
-    jobs = chain_jobs(registry.events())
+    jobs = event_log.chain_jobs(registry.events())
     if slurm.array_job_id and slurm.array_job_id not in jobs:
         jobs.append(slurm.array_job_id)
     if not jobs:
@@ -253,10 +220,10 @@ def _fail(
     events: list[dict[str, Any]],
     cancel: bool = True,
 ) -> None:
-    ends = [e for e in events if e.get("event") == "task-end"][-max_failures:]
+    ends = event_log.of_kind(events, event_log.TASK_END)[-max_failures:]
     statuses = ", ".join("killed" if e.get("killed") else f"exit {e.get('status')}" for e in ends)
     reason = f"{max_failures} consecutive tasks made no progress (no new checkpoint): {statuses}"
-    registry.record("failed", reason=reason, log=ends[-1].get("log") if ends else None)
+    registry.append_event(event_log.failed(reason=reason, log=ends[-1].get("log") if ends else None))
     _cancel_rest(registry, slurm, environ, cancel)
     _say(
         f"run {registry.run_dir} is marked failed: {reason}{'; the rest of the chain is cancelled' if cancel else ''}. "
@@ -265,25 +232,13 @@ def _fail(
 
 
 def _breaker_tripped(events: list[dict[str, Any]], max_failures: int) -> bool:
+    """``max_failures`` tasks in a row ended without progress, since the run was last reopened."""
     streak = 0
-    for event in reversed(events):
-        kind = event.get("event")
-        if kind == "reopen":
+    for event in reversed(event_log.of_kind(events, event_log.REOPEN, event_log.TASK_END)):
+        if event["event"] == event_log.REOPEN or event.get("progress"):
             break
-        if kind == "task-end":
-            if event.get("progress"):
-                break
-            streak += 1
+        streak += 1
     return streak >= max_failures
-
-
-def unfinished_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
-    for event in reversed(events):
-        if event.get("event") == "task-end":
-            return None
-        if event.get("event") == "task-begin":
-            return dict(event)
-    return None
 
 
 def _signal_after_save(events: list[dict[str, Any]], exit_status: int) -> str | None:
@@ -296,20 +251,10 @@ def _signal_after_save(events: list[dict[str, Any]], exit_status: int) -> str | 
         return None
     if name not in ("SIGTERM", "SIGKILL"):  # the time limit's, or its SIGKILL KillWait seconds later
         return None
-    stop = None
-    for event in reversed(events):
-        if event.get("event") == "task-begin":
-            break
-        if event.get("event") in ("stop", "crash"):
-            stop = event
-            break
-    if stop is None or stop.get("event") != "stop" or stop.get("saved") is not True:
+    stop = event_log.stop_since_begin(events)
+    if stop is None or stop["event"] != event_log.STOP or stop.get("saved") is not True:
         return None
     return name
-
-
-def _last_begin(events: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((e for e in reversed(events) if e.get("event") == "task-begin"), None)
 
 
 def _progressed(begin: dict[str, Any], latest: Checkpoint | None) -> bool:
@@ -339,7 +284,7 @@ def _last_task_of_array(slurm: SlurmEnv) -> bool:
 def _log_path(run_dir: Path, slurm: SlurmEnv, kind: str) -> str | None:
     if slurm.array_job_id is None or slurm.array_task_id is None:
         return None
-    return str(run_dir / "logs" / f"{slurm.array_job_id}_{slurm.array_task_id}.{kind}")
+    return str(task_log(run_dir, slurm.array_job_id, str(slurm.array_task_id), kind))
 
 
 def _say(message: str) -> None:

@@ -36,8 +36,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import events as event_log
 from ..errors import CorruptCheckpointError, StoreError, UsageError
-from ..rundir import CHECKPOINTS as CHECKPOINTS  # the run directory's names, re-exported for old importers
+
+# The run directory's names, declared in hpcckpt.rundir; re-exported for the store's modules.
+from ..rundir import CHECKPOINTS as CHECKPOINTS
 from ..rundir import EVENTS as EVENTS
 from ..rundir import INDEX as INDEX
 from ..rundir import LOCK as LOCK
@@ -152,25 +155,19 @@ class Registry:
 
     def events(self) -> list[dict[str, Any]]:
         """Every event, oldest first. A line torn by a crash is skipped; a field of the wrong kind is
-        dropped from its event with a warning naming the line and the field (see :func:`checked_event`)."""
+        dropped from its event with a warning naming the line and the field (see :func:`events.parse`)."""
         try:
             text = read_nofollow(self.events_path).decode(errors="replace")
         except FileNotFoundError:
             return []
-        events = []
-        for number, line in enumerate(text.splitlines(), 1):
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict):
-                    events.append(checked_event(event, f"{self.events_path}, line {number}"))
+        events, problems = event_log.parse(text, str(self.events_path))
+        for problem in problems:
+            warn(problem)
         return events
 
     def status(self) -> dict[str, Any] | None:
         """The last run-state event (``complete`` or ``failed``), or None while the run is open."""
-        for event in reversed(self.events()):
-            if event.get("event") in ("complete", "failed", "reopen"):
-                return None if event["event"] == "reopen" else event
-        return None
+        return event_log.last_status(self.events())
 
     # -- writing ------------------------------------------------------------------------------------------
     def commit(
@@ -200,11 +197,9 @@ class Registry:
                 # The index drops the doomed first; a crash before they are moved away leaves them on disk,
                 # where the next reader adopts them again: nothing is ever listed that is not there.
                 self._write_index([c for c in entries if c.name not in doomed_names])
-                self._append([{"event": "commit", **checkpoint.summary()}])
+                self._append([event_log.commit(checkpoint.summary())])
                 if doomed:
-                    self._append(
-                        [{"event": "delete", "name": c.name, "step": c.step, "why": "retention"} for c in doomed]
-                    )
+                    self._append([event_log.delete(c.name, c.step) for c in doomed])
                 trashed = [trash for c in doomed if (trash := self._trash(c)) is not None]
             except Exception as error:
                 warn(
@@ -216,8 +211,11 @@ class Registry:
         return checkpoint, doomed
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
-        """Append one event (task start, stop, completion...) to the log, durably."""
-        entry = {"event": event, **fields}
+        """Append one event of kind ``event`` (``Run``'s start, stop, completion...) to the log, durably."""
+        return self.append_event({"event": event, **fields})
+
+    def append_event(self, entry: event_log.Event) -> event_log.Event:
+        """Append one event built by :mod:`hpcckpt.events` (a task's begin and end...) to the log, durably."""
         with self.locked():
             self._append([entry], durable=True)
         return entry
@@ -452,8 +450,7 @@ class Registry:
     def _append(self, events: Sequence[Mapping[str, Any]], *, durable: bool = False) -> None:
         """Append events. Commit and delete events need no fsync of their own: the checkpoint they
         describe is durable by itself, and its manifest says the same; run-state events pass durable."""
-        now = time.time()
-        lines = "".join(json.dumps({"time": now, **e}, separators=(",", ":")) + "\n" for e in events)
+        lines = event_log.encode(events, time.time())
         fd = open_nofollow(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             size = os.fstat(fd).st_size
@@ -469,49 +466,6 @@ class Registry:
 def probe_name() -> str:
     """This process's bandwidth probe file name, inside ``checkpoints/``."""
     return f"{PROBE_PREFIX}{host_identity()}-{os.getpid()}"
-
-
-# The kind of every event field that hpcckpt's readers (status, the breaker, results) use, checked when
-# read (issue 11, item 13); null is accepted for each. Other fields are left as they are.
-_EVENT_FIELDS: dict[str, str] = {
-    **dict.fromkeys(("time", "lead", "time_seconds", "time_left", "latest_created", "deadline"), "a number"),
-    **dict.fromkeys(
-        (
-            *("step", "steps_done", "steps_lost", "resumed_step", "total_steps", "latest_step", "tasks"),
-            *("status", "max_tasks", "latest_seq"),
-        ),
-        "a whole number",
-    ),
-    **dict.fromkeys(("saved", "killed", "progress", "auto", "extend"), "true or false"),
-    **dict.fromkeys(("event", "host", "reason", "cause", "log", "checkpoint", "error"), "a string"),
-    "job": "a string or a whole number",
-    "jobs": "a list of strings",
-}
-_EVENT_KINDS: dict[str, Callable[[Any], bool]] = {
-    "a number": lambda v: type(v) in (int, float),
-    "a whole number": lambda v: type(v) is int,
-    "true or false": lambda v: type(v) is bool,
-    "a string": lambda v: isinstance(v, str),
-    "a string or a whole number": lambda v: isinstance(v, str) or type(v) is int,
-    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(j, str) for j in v),
-}
-
-
-def checked_event(event: dict[str, Any], where: str) -> dict[str, Any]:
-    """``event`` without the fields that are not of their kind, each warned about naming ``where`` (the file
-    and line), the field, its value and the accepted form: the rest of the log stays usable."""
-    bad = [
-        name
-        for name, value in event.items()
-        if value is not None and name in _EVENT_FIELDS and not _EVENT_KINDS[_EVENT_FIELDS[name]](value)
-    ]
-    for name in bad:
-        shown = json.dumps(event[name], default=str)
-        warn(
-            f"{where}: field {name!r} is {shown if len(shown) <= 60 else shown[:57] + '...'}; expected "
-            f"{_EVENT_FIELDS[name]} or null; ignoring that field"
-        )
-    return {k: v for k, v in event.items() if k not in bad} if bad else event
 
 
 def host_identity() -> str:
