@@ -30,6 +30,12 @@ preemption, no known deadline) and any SIGTERM stop at the next step.
 
 Exit status: the script ends normally (0) after completion, a budget stop and a signal stop, saved or
 not, so the array goes on to its next task; an exception in the training code propagates (non-zero).
+
+``Run`` sequences; each decision lives with its concept (issue 12): whether a step and a save still fit,
+and the first save's and the teardown's estimates, in :mod:`hpcckpt.budget`; why a signal came in
+:func:`hpcckpt.signals.stop_cause`; whether a save is due in :meth:`hpcckpt.Interval.due`; the loader's
+mid-epoch resume in :func:`hpcckpt.state.epoch_batches`. ``Run`` is an entry point: it reads the
+environment when it is built and entered, and hands values to the rest.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ So hpcckpt shields the workers of every loader it is given (``run.batches(loader
 
 The workers then end the way PyTorch ends them: the main process finishes or drops the iterator, or dies
 (a worker watches its parent). Loaders that hpcckpt is not given can use :func:`worker_init_fn`.
+
+The stop signals are given (``Run`` passes its warning signal); only :func:`worker_init_fn`, the entry point
+a DataLoader calls in a new worker, reads ``HPCCKPT_SIGNAL`` from the environment.
 """
 
 from __future__ import annotations
