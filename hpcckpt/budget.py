@@ -9,6 +9,9 @@ exit, DataLoader workers, the chain's ``task-end``), measured by earlier tasks o
 (:func:`measured_teardown`): without it, the time limit's SIGTERM came during the exit and a task that had
 saved was reported killed, ``exit 143`` (issue 11, item 23).
 
+Before a task has saved, its save time is a guess (:func:`first_save_guess`): earlier saves of the run
+scaled by size, else the state's size over the measured write bandwidth.
+
 The deadline is the job's real end time (:func:`find_deadline`), never a fraction of its time limit
 (submitit #1656 misread jobs shorter than 10 minutes that way).
 """
@@ -21,10 +24,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .slurm.env import SlurmEnv
+
+if TYPE_CHECKING:
+    from .store.manifest import Checkpoint
 
 DEFAULT_MARGIN_FLOOR = 0.5
 DEFAULT_MARGIN_FRACTION = 0.5
@@ -99,10 +105,11 @@ class Budget:
         return left is None or steps * self.predicted_step + self.predicted_save + self.teardown + self.margin <= left
 
     def room_for_save(self, within: float | None = None) -> bool:
-        """True when a save fits before the deadline (and within ``within`` seconds, when given)."""
-        left = self.remaining()
-        limits = [x for x in (left, within) if x is not None]
-        return not limits or self.predicted_save + self.margin_floor <= min(limits)
+        """True when a save and the margin floor fit in ``within`` seconds, when given (the grace window
+        after SIGTERM: SIGKILL follows the signal, whether the deadline is before or after it), else
+        before the deadline (always, without one)."""
+        left = self.remaining() if within is None else within
+        return left is None or self.predicted_save + self.margin_floor <= left
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,33 @@ def find_deadline(
                 f"Invalid HPCCKPT_DEADLINE={raw!r}: expected Unix time in seconds, e.g. 1795300000"
             ) from None
     return Deadline(None, "none (no Slurm end time, no HPCCKPT_DEADLINE): no budget")
+
+
+def first_save_guess(
+    recent: Sequence[Checkpoint], state_size: Callable[[], int], directory: os.PathLike[str] | str
+) -> float:
+    """Seconds the first save of a task is expected to take, before it has saved: the slowest rate of the
+    run's ``recent`` checkpoints (seconds per byte) times the newest one's size; without any, small states
+    (under 1 MiB, from ``state_size()``) 0.05 s, larger ones twice their size over the write bandwidth
+    measured in ``directory`` (the first save also pays for the page cache)."""
+    history = [c for c in recent if c.save_seconds and c.size]
+    if history:
+        return max(c.save_seconds / c.size for c in history) * max(history[-1].size, 1)  # type: ignore[operator]
+    size = state_size()
+    if size < (1 << 20):
+        return 0.05
+    return 2.0 * size / measure_write_bandwidth(directory) + 0.05
+
+
+def expected_teardown(in_job: bool, events: Callable[[], Sequence[Mapping[str, Any]]]) -> float:
+    """Seconds from the last save to the task's end: as earlier tasks of the run took (``events()``, the
+    run's event log, read only in a job), else :data:`DEFAULT_TEARDOWN`. Outside a Slurm job (or the local
+    backend's) the deadline is the caller's (``HPCCKPT_DEADLINE``, ``deadline=``): the time by which the
+    state must be saved, so nothing is set aside after it."""
+    if not in_job:
+        return 0.0
+    measured = measured_teardown(events())
+    return DEFAULT_TEARDOWN if measured is None else measured
 
 
 def measured_teardown(events: Sequence[Mapping[str, Any]]) -> float | None:

@@ -10,6 +10,10 @@ job's), its port ``HPCCKPT_MASTER_PORT`` or one derived from the job id, so that
 do not collide. Under ``torchrun`` its own variables win (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``). Outside both, a single process (rank 0 of 1).
 
+The Slurm variables come from :func:`hpcckpt.slurm.env.read_slurm_env` (one table of their names);
+:func:`dist_env` is a pure function of the mapping it is given, and only :func:`init_process_group`, the
+entry point, falls back to ``os.environ``.
+
 torch is imported when a process group is started, not when this module is.
 """
 
@@ -23,6 +27,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from .errors import UsageError
+from .slurm.env import read_slurm_env
 
 Launcher = Literal["torchrun", "srun", "single"]
 PORT_BASE, PORT_SPAN = 20000, 20000
@@ -38,33 +43,33 @@ class DistEnv:
     launcher: Launcher
 
 
-def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Rank, world size, local rank and rendezvous address from the launcher's variables."""
-    env = os.environ if environ is None else environ
-    if env.get("RANK") is not None and env.get("WORLD_SIZE") is not None:
+def dist_env(environ: Mapping[str, str]) -> DistEnv:
+    """Rank, world size, local rank and rendezvous address from the launcher's variables in ``environ``."""
+    if environ.get("RANK") is not None and environ.get("WORLD_SIZE") is not None:
         return DistEnv(
-            rank=_int(env, "RANK"),
-            world_size=_int(env, "WORLD_SIZE"),
-            local_rank=_int(env, "LOCAL_RANK", 0),
-            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
-            master_port=_int(env, "MASTER_PORT", 29500),
+            rank=_int(environ, "RANK"),
+            world_size=_int(environ, "WORLD_SIZE"),
+            local_rank=_int(environ, "LOCAL_RANK", 0),
+            master_addr=environ.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=_int(environ, "MASTER_PORT", 29500),
             launcher="torchrun",
         )
-    if env.get("SLURM_PROCID") is not None and env.get("SLURM_NTASKS") is not None:
-        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+    slurm = read_slurm_env(environ)
+    if slurm.procid is not None and slurm.ntasks is not None:
+        nodes = slurm.step_node_list or slurm.node_list or ""
         hosts = expand_nodelist(nodes)
         if not hosts:
             raise UsageError(f"Invalid SLURM_STEP_NODELIST/SLURM_JOB_NODELIST={nodes!r}: expected e.g. gpu[01-04]")
-        job = _int(env, "SLURM_JOB_ID", 0)
+        job = _whole(slurm.job_id, "SLURM_JOB_ID", 0)
         return DistEnv(
-            rank=_int(env, "SLURM_PROCID"),
-            world_size=_int(env, "SLURM_NTASKS"),
-            local_rank=_int(env, "SLURM_LOCALID", 0),
+            rank=slurm.procid,
+            world_size=slurm.ntasks,
+            local_rank=0 if slurm.localid is None else slurm.localid,
             master_addr=hosts[0],
-            master_port=_int(env, "HPCCKPT_MASTER_PORT", PORT_BASE + job % PORT_SPAN),
+            master_port=_int(environ, "HPCCKPT_MASTER_PORT", PORT_BASE + job % PORT_SPAN),
             launcher="srun",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", _int(env, "HPCCKPT_MASTER_PORT", 29500), "single")
+    return DistEnv(0, 1, 0, "127.0.0.1", _int(environ, "HPCCKPT_MASTER_PORT", 29500), "single")
 
 
 def init_process_group(
@@ -75,7 +80,7 @@ def init_process_group(
     import torch
     import torch.distributed as dist
 
-    env = dist_env(environ)
+    env = dist_env(os.environ if environ is None else environ)
     if env.world_size == 1 or dist.is_initialized():
         return env
     if backend is None:
@@ -186,7 +191,10 @@ def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
-    raw = env.get(name)
+    return _whole(env.get(name), name, default)
+
+
+def _whole(raw: str | None, name: str, default: int | None = None) -> int:
     if raw is None or raw == "":
         if default is None:
             raise UsageError(f"{name} is not set: expected a whole number")

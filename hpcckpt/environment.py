@@ -1,8 +1,9 @@
 """Every ``HPCCKPT_*`` environment variable, in one table, with the parser that checks it.
 
-The variables are read where they are used (the run directory by ``Run``, the lock mode by the registry,
-the warning lead when a signal arrives), some of them only late: ``HPCCKPT_SIGNAL_LEAD=5m`` used to crash
-``Run`` when the warning came, so that nothing was saved (issue 11, item 10). ``Run`` and the CLI call
+The variables are read by entry points: ``Run`` takes ``HPCCKPT_GRACE``, ``HPCCKPT_MARGIN`` and
+``HPCCKPT_SIGNAL_LEAD`` from the values :func:`check_environment` parsed, when it is built; they used to be
+read where they were used, some of them only late: ``HPCCKPT_SIGNAL_LEAD=5m`` crashed ``Run`` when the
+warning came, so that nothing was saved (issue 11, item 10). ``Run`` and the CLI call
 :func:`check_environment` when they start, so a bad value is an error at once, naming the variable, its
 value and the accepted form. An empty value counts as unset, as everywhere it is read. A ``HPCCKPT_``
 name not in the table (a typo, or a variable of a newer hpcckpt) is reported, not refused.

@@ -30,6 +30,12 @@ preemption, no known deadline) and any SIGTERM stop at the next step.
 
 Exit status: the script ends normally (0) after completion, a budget stop and a signal stop, saved or
 not, so the array goes on to its next task; an exception in the training code propagates (non-zero).
+
+``Run`` sequences; each decision lives with its concept (issue 12): whether a step and a save still fit,
+and the first save's and the teardown's estimates, in :mod:`hpcckpt.budget`; why a signal came in
+:func:`hpcckpt.signals.stop_cause`; whether a save is due in :meth:`hpcckpt.Interval.due`; the loader's
+mid-epoch resume in :func:`hpcckpt.state.epoch_batches`. ``Run`` is an entry point: it reads the
+environment when it is built and entered, and hands values to the rest.
 """
 
 from __future__ import annotations
@@ -48,21 +54,21 @@ from types import TracebackType
 from typing import Any, Literal
 
 from .budget import (
-    DEFAULT_TEARDOWN,
+    DEFAULT_MARGIN_FLOOR,
     Budget,
     Deadline,
+    expected_teardown,
     find_deadline,
+    first_save_guess,
     is_time_limit_warning,
-    measure_write_bandwidth,
-    measured_teardown,
 )
 from .checks import whole_number
 from .distributed import Agreement, broadcast_object, world
 from .environment import check_environment
 from .errors import HpcckptError, UsageError
-from .signals import Received, SignalRecorder, leave_recording, warning_signal
+from .signals import Cause, Received, SignalRecorder, leave_recording, stop_cause, warning_signal
 from .slurm.env import read_slurm_env
-from .state import RestoreOptions, Stateful, TrainState
+from .state import RestoreOptions, TrainState, batch_done, epoch_batches, state_bytes
 from .store.formats import DCP_FORMAT
 from .store.manifest import Checkpoint
 from .store.registry import lock_mode
@@ -73,10 +79,8 @@ from .workers import child_exits_deferred, shield, stop_signals
 
 StopReason = Literal["completed", "budget", "signal"]
 Decision = Literal["continue", "budget", "signal", "save"]  # "save": go on after an interval save
-Cause = Literal["timeout", "preemption", "unknown"]
 
 DEFAULT_GRACE = 5.0  # seconds between SIGTERM and SIGKILL assumed when nothing says otherwise
-TERM_AT_LIMIT = 30.0  # a SIGTERM this close to the end time is the time limit's (clocks and squeue rounding)
 
 log = logging.getLogger("hpcckpt")
 
@@ -84,11 +88,35 @@ log = logging.getLogger("hpcckpt")
 class Run:
     """A resumable, budgeted, signal-aware training loop over one run directory.
 
-    ``run_dir`` defaults to ``HPCCKPT_RUN_DIR``. ``total_steps`` ends the run after that many steps;
-    with :meth:`epochs` the epoch count ends it. ``save_every`` is ``"500ba"`` (steps), ``"2ep"`` (epochs)
-    or ``"30min"`` (wall time); a save also happens at every stop. ``signal`` is the time-limit warning
-    (``HPCCKPT_SIGNAL``, else SIGUSR1); SIGTERM is always watched. ``grace`` is how long a save may take
-    after SIGTERM (``HPCCKPT_GRACE``, else 5 s: Slurm sends SIGKILL KillWait seconds after it).
+    Every parameter; a bad value is a :class:`~hpcckpt.UsageError` at construction, naming it:
+
+    - ``run_dir``: the run directory (created if missing); default ``HPCCKPT_RUN_DIR``, which hpcckpt's
+      sbatch template exports. One of them is required.
+    - ``state``: the :class:`~hpcckpt.TrainState` to restore into and save (required).
+    - ``total_steps``: the run is complete after that many steps (a whole number >= 0); ``None`` with
+      :meth:`epochs`, whose count ends the run, or for a loop that only the budget or a signal stops.
+    - ``save_every``: ``"500ba"`` (steps), ``"2ep"`` (epochs), ``"30min"``, ``"90s"``, ``"2h"`` (wall time
+      since the last save) or an :class:`~hpcckpt.Interval`; ``None``: no interval saves. Every stop saves
+      anyway, and so does the end of the run.
+    - ``keep_last``: how many of the newest checkpoints retention keeps (default 3; ``None``: all).
+    - ``keep_best``: ``(metric, "min" | "max", count)`` or a :class:`~hpcckpt.KeepBest`: also keep the
+      ``count`` best checkpoints by a metric given to :meth:`report`.
+    - ``signal``: the time limit's warning signal, a name (``"USR2"``, ``"SIGUSR2"``) or number; default
+      ``HPCCKPT_SIGNAL`` (the template's ``--signal``), else SIGUSR1. SIGTERM is always watched.
+    - ``grace``: seconds a save may take after SIGTERM, before SIGKILL (Slurm sends it KillWait seconds
+      later); default ``HPCCKPT_GRACE``, else 5.
+    - ``margin_floor``: the budget's smallest safety margin in seconds (the margin is otherwise half the
+      predicted save); default ``HPCCKPT_MARGIN``, else 0.5.
+    - ``restore``: what to restore from the latest checkpoint (:class:`~hpcckpt.RestoreOptions`; default
+      everything, strictly).
+    - ``metadata``: values written into every checkpoint's manifest (a learning rate, a git commit).
+    - ``clock``: returns Unix time (default :func:`time.time`); tests pass their own to move time.
+    - ``environ``: the environment read for ``HPCCKPT_*`` and ``SLURM_*`` values (default ``os.environ``).
+      ``Run`` is an entry point: it reads the environment here, once, and hands values to the library.
+    - ``deadline``: the task's end as a :class:`~hpcckpt.budget.Deadline`, instead of finding it
+      (``SLURM_JOB_END_TIME``, squeue/scontrol, ``HPCCKPT_DEADLINE``).
+    - ``agree_every``: with many ranks, agree on stopping every that many steps (a whole number >= 1;
+      default 1); the budget looks that much further ahead. Alone, a process agrees with itself.
     """
 
     def __init__(
@@ -111,7 +139,7 @@ class Run:
         agree_every: int = 1,
     ) -> None:
         self.environ = os.environ if environ is None else environ
-        check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
+        values = check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
         if run_dir is None:
             run_dir = self.environ.get("HPCCKPT_RUN_DIR") or None
             if run_dir is None:
@@ -126,8 +154,11 @@ class Run:
         self.total_epochs: int | None = None
         self.save_every = None if save_every is None else Interval.parse(save_every)
         self.warning = warning_signal(signal, self.environ)
-        self.grace = _seconds("grace", grace, self.environ.get("HPCCKPT_GRACE"), DEFAULT_GRACE)
-        self.margin_floor = _seconds("margin_floor", margin_floor, self.environ.get("HPCCKPT_MARGIN"), 0.5)
+        self.grace = _seconds("grace", grace, values.get("HPCCKPT_GRACE", DEFAULT_GRACE))
+        self.margin_floor = _seconds("margin_floor", margin_floor, values.get("HPCCKPT_MARGIN", DEFAULT_MARGIN_FLOOR))
+        self._signal_lead: float = values.get("HPCCKPT_SIGNAL_LEAD", 0.0)
+        # Under submitit the time limit's warning stays a stop: see _leave_to_budget.
+        self._under_submitit = "SUBMITIT_EXECUTOR" in self.environ
         self.restore_options = restore or RestoreOptions()
         self.clock = clock
         self._deadline = deadline
@@ -186,8 +217,10 @@ class Run:
         deadline, guess, teardown = broadcast_object(
             (
                 self._deadline or find_deadline(self.environ, slurm),
-                self._first_save_guess(),
-                self._teardown_guess(slurm.in_job),
+                first_save_guess(
+                    self.store.list()[-5:], lambda: state_bytes(self.state), self.store.registry.checkpoint_dir
+                ),
+                expected_teardown(slurm.in_job, self.store.registry.events),
             )
             if self.rank == 0
             else None
@@ -254,8 +287,7 @@ class Run:
             if self.state.epoch >= count:
                 self._complete()
                 return
-            every = self.save_every
-            if every is not None and every.unit == "epochs" and self.state.epoch % int(every.value) == 0:
+            if self._save_due(epoch=self.state.epoch):
                 self._save("interval")
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
@@ -291,12 +323,13 @@ class Run:
                 self.state.step += 1
                 self.steps_done += 1
                 if epoch_mode:
-                    self.state.loader_position["batch"] = int(self.state.loader_position.get("batch", 0)) + 1
+                    batch_done(self.state)
                 self.budget.observe_step(self.clock() - started)
                 if self.total_steps is not None and self.state.step >= self.total_steps:
                     self._complete()
                     return
-                if self._interval_due():
+                # A wall-time save with ranks is agreed at the boundary instead: their clocks differ.
+                if self._save_due(step=self.state.step, by_clock=self._agreement is None):
                     self._save("interval")
                 if not self._boundary_checks():
                     return
@@ -304,47 +337,14 @@ class Run:
     def _epoch_batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """The loader's batches for the current epoch, positioned after those already trained on."""
         shield(loader, self._stop_signals)
-        if isinstance(loader, Stateful) and self.state.dataloader is loader:
-            yield from loader  # a stateful loader (torchdata's StatefulDataLoader) resumes itself
-            return
-        import torch
+        yield from epoch_batches(self.state, loader)
 
-        position = self.state.loader_position
-        done = int(position.get("batch", 0)) if position.get("epoch") == self.state.epoch else 0
-        if done == 0:
-            # Record the RNG as the iterator draws its shuffling and worker seeds from it.
-            self.state.loader_position = {"epoch": self.state.epoch, "batch": 0, "rng": torch.get_rng_state()}
-            yield from loader
-            return
-        # Mid-epoch resume: rebuild the same shuffling from the epoch's starting RNG, skip the batches
-        # already trained on, then put back the RNG the checkpoint saved.
-        resumed_rng = torch.get_rng_state()
-        torch.set_rng_state(position["rng"])
-        iterator = iter(loader)
-        skipped = 0
-        for _ in range(done):
-            try:
-                next(iterator)
-            except StopIteration:
-                break
-            skipped += 1
-        torch.set_rng_state(resumed_rng)
-        log.info("hpcckpt: resumed epoch %s after batch %s (%s batches skipped)", self.state.epoch, done, skipped)
-        yield from iterator
-
-    def _interval_due(self) -> bool:
+    def _save_due(self, *, step: int | None = None, epoch: int | None = None, by_clock: bool = False) -> bool:
+        """``save_every`` says save now: after ``step`` steps, at the end of epoch count ``epoch``, or (when
+        ``by_clock``) as the wall time since the last save."""
         every = self.save_every
-        if every is None:
-            return False
-        if every.unit == "steps":
-            return self.state.step % int(every.value) == 0
-        if every.unit == "seconds" and self._agreement is None:
-            return self._time_save_due()
-        return False  # epochs: at epoch ends; wall time with ranks: agreed at the boundary, as ranks' clocks differ
-
-    def _time_save_due(self) -> bool:
-        every = self.save_every
-        return every is not None and every.unit == "seconds" and self.clock() - self._last_save_time >= every.value
+        elapsed = (lambda: self.clock() - self._last_save_time) if by_clock else None
+        return every is not None and every.due(step=step, epoch=epoch, elapsed=elapsed)
 
     def _boundary_checks(self) -> bool:
         """At a step boundary: True to run the next step, False once the run stops (after saving)."""
@@ -380,7 +380,7 @@ class Run:
         ahead = 1 if self._agreement is None else 1 + self._agreement.lag
         if not self.budget.room_for_step(ahead):
             return "budget"
-        if self._agreement is not None and self._time_save_due():
+        if self._agreement is not None and self._save_due(by_clock=True):
             return "save"
         return "continue"
 
@@ -415,16 +415,14 @@ class Run:
         """The time limit's warning, in a task that has nothing to do after training but exit. Under
         submitit the warning stays a stop: its checkpoint-and-requeue, which runs after the loop, needs the
         lead (``signal_delay_s`` is how long submitit takes to requeue)."""
-        return "SUBMITIT_EXECUTOR" not in self.environ and self._is_time_limit_warning(item)
-
-    def _is_time_limit_warning(self, item: Received) -> bool:
-        lead = float(self.environ.get("HPCCKPT_SIGNAL_LEAD") or 0)
-        return is_time_limit_warning(item.time, self.budget.deadline, lead, self._started_at)
+        if self._under_submitit:
+            return False
+        return is_time_limit_warning(item.time, self.budget.deadline, self._signal_lead, self._started_at)
 
     def _stop_for_signal(self, first: Received | None) -> None:
         if first is None:  # another rank got the signal: stop as for the warning signal
             first = Received(self.warning, self.clock())
-        cause = self._cause(first)
+        cause = stop_cause(first, self.budget.deadline, self._signal_lead, self._started_at)
         saved = False
         warned = any(item.signal == self.warning for item in self._acting_signals())
         term_only = first.signal == signal_module.SIGTERM and not warned
@@ -433,7 +431,7 @@ class Run:
         if term_only:
             # Preemption or the time limit: SIGKILL follows after the grace window.
             left_in_grace = max(0.0, self.grace - (self.clock() - first.time))
-            fits = self.budget.predicted_save + self.budget.margin_floor <= left_in_grace
+            fits = self.budget.room_for_save(within=left_in_grace)
             if self._agreement is not None:  # a sharded save needs every rank, or none
                 fits = self._agreement.all_ranks(fits, "all")
             if fits:
@@ -450,20 +448,6 @@ class Run:
             saved = self._save("signal") is not None
         log.info("hpcckpt: got %s (%s); %s", first.signal.name, cause, "saved" if saved else "not saved")
         self._finish("signal", cause, first.signal.name)
-
-    def _cause(self, first: Received) -> Cause:
-        """Timeout or preemption, from the deadline: a signal near the job's end is its time limit."""
-        deadline = self.budget.deadline
-        if deadline is None:
-            return "unknown"
-        left = deadline - first.time
-        if first.signal == signal_module.SIGTERM:
-            # Slurm's own SIGTERM at the time limit comes at the end time; one earlier is a preemption.
-            return "timeout" if left <= TERM_AT_LIMIT else "preemption"
-        if float(self.environ.get("HPCCKPT_SIGNAL_LEAD") or 0):
-            # The lead is known: the warning is the time limit's only where Slurm sends it.
-            return "timeout" if self._is_time_limit_warning(first) else "preemption"
-        return "timeout" if left <= 600.0 else "preemption"  # unknown lead: the last 10 minutes
 
     def _save(self, why: str) -> Checkpoint | None:
         if self._saved_at == self.state.step:
@@ -524,34 +508,9 @@ class Run:
         if self.rank == 0:
             self.store.registry.record(event, **fields)
 
-    def _teardown_guess(self, in_job: bool) -> float:
-        """Seconds from the last save to the task's end, as earlier tasks of the run took; else a default.
-        Outside a Slurm job (or the local backend's) the deadline is the caller's (``HPCCKPT_DEADLINE``,
-        ``deadline=``): the time by which the state must be saved, so nothing is set aside after it."""
-        if not in_job:
-            return 0.0
-        measured = measured_teardown(self.store.registry.events())
-        return DEFAULT_TEARDOWN if measured is None else measured
-
-    def _first_save_guess(self) -> float:
-        """Save time expected before this task has saved: earlier saves scaled by size, else size/bandwidth."""
-        history = [c for c in self.store.list()[-5:] if c.save_seconds and c.size]
-        if history:
-            return max(c.save_seconds / c.size for c in history) * max(history[-1].size, 1)  # type: ignore[operator]
-        size = _state_bytes(self.state)
-        if size < (1 << 20):
-            return 0.05
-        bandwidth = measure_write_bandwidth(self.store.registry.checkpoint_dir)
-        return 2.0 * size / bandwidth + 0.05  # twice the estimate: the first save also pays for the page cache
-
     def _require_entered(self) -> None:
         if not self._entered:
             raise HpcckptError("use Run as a context manager: `with Run(...) as run: for step in run: ...`")
-
-    @property
-    def exit_code(self) -> int:
-        """0 for every stop that is not a crash (the chain goes on); kept for scripts that sys.exit()."""
-        return 0
 
 
 def _worker_deaths_deferred() -> contextlib.AbstractContextManager[None]:
@@ -561,40 +520,17 @@ def _worker_deaths_deferred() -> contextlib.AbstractContextManager[None]:
     return child_exits_deferred()
 
 
-def _seconds(name: str, explicit: float | None, from_env: str | None, default: float) -> float:
-    if explicit is not None:
-        value: Any = explicit
-        origin = name
-    elif from_env:
-        value, origin = from_env, f"HPCCKPT_{name.split('_')[0].upper()}"
-    else:
+def _seconds(name: str, explicit: float | None, default: float) -> float:
+    """``explicit`` as seconds, else ``default`` (the environment's value, checked by check_environment)."""
+    if explicit is None:
         return default
     try:
-        seconds = float(value)
+        seconds = float(explicit)
     except (TypeError, ValueError):
-        raise UsageError(f"Invalid {origin}={value!r}: expected seconds, e.g. 5 or 0.5") from None
+        raise UsageError(f"Invalid {name}={explicit!r}: expected seconds, e.g. 5 or 0.5") from None
     if seconds < 0:
-        raise UsageError(f"Invalid {origin}={value!r}: expected seconds >= 0")
+        raise UsageError(f"Invalid {name}={explicit!r}: expected seconds >= 0")
     return seconds
-
-
-def _state_bytes(state: TrainState) -> int:
-    import torch
-
-    total = 0
-    for obj in (state.model, state.optimizer):
-        if obj is None:
-            continue
-        stack: list[Any] = [obj.state_dict()]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, torch.Tensor):
-                total += item.numel() * item.element_size()
-            elif isinstance(item, Mapping):
-                stack.extend(item.values())
-            elif isinstance(item, list | tuple):
-                stack.extend(item)
-    return total
 
 
 def _ensure_log_handler(*, quiet: bool = False) -> None:

@@ -8,6 +8,11 @@ Recorders nest: one installed while another is active starts with what the outer
 the same signals, and hands back what it received when it leaves (``hpcckpt.integrations.submitit`` watches the
 signals for a whole submitit job, ``Run`` for the training loop inside it).
 
+Why a signal came (:func:`stop_cause`) is decided from the job's real end time, never from a fraction of
+its time limit (submitit #1656 misread jobs shorter than 10 minutes that way): Slurm's own SIGTERM at the
+time limit comes at the end time, its warning where :func:`hpcckpt.budget.is_time_limit_warning` says;
+anything earlier is a preemption.
+
 A forked process that still runs the inherited handler ignores the signal (it acts only in the process
 that installed it). DataLoader workers do not keep it (PyTorch installs its own SIGTERM handler, and
 spawned workers inherit none): ``hpcckpt.workers`` shields them (issue 11, item 7; KempnerForge #177).
@@ -26,11 +31,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
+from .budget import is_time_limit_warning
 from .errors import UsageError
 
+Cause = Literal["timeout", "preemption", "unknown"]
+
 DEFAULT_SIGNAL = "USR1"
+TERM_AT_LIMIT = 30.0  # a SIGTERM this close to the end time is the time limit's (clocks and squeue rounding)
+WARNING_UNKNOWN_LEAD = 600.0  # without a known lead, a warning in the job's last 10 minutes is the time limit's
 _ACCEPTED = "a signal name such as USR1, USR2, SIGUSR1, TERM, INT or HUP"
 
 
@@ -66,6 +76,21 @@ def warning_signal(explicit: str | int | signal.Signals | None, environ: Mapping
 class Received:
     signal: signal.Signals
     time: float
+
+
+def stop_cause(first: Received, deadline: float | None, lead: float, started: float) -> Cause:
+    """Timeout or preemption, from the job's end (``deadline``, Unix time): a signal near it is the time
+    limit's. ``lead`` is the ``--signal`` lead (0 when unknown), ``started`` when the job started."""
+    if deadline is None:
+        return "unknown"
+    left = deadline - first.time
+    if first.signal == signal.SIGTERM:
+        # Slurm's own SIGTERM at the time limit comes at the end time; one earlier is a preemption.
+        return "timeout" if left <= TERM_AT_LIMIT else "preemption"
+    if lead:
+        # The lead is known: the warning is the time limit's only where Slurm sends it.
+        return "timeout" if is_time_limit_warning(first.time, deadline, lead, started) else "preemption"
+    return "timeout" if left <= WARNING_UNKNOWN_LEAD else "preemption"
 
 
 class SignalRecorder:

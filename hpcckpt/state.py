@@ -11,12 +11,18 @@ Layout of a :class:`TrainState` checkpoint (a plain dict, loadable by ``torch.lo
 Entries for objects that were not given are absent. Models wrapped by DistributedDataParallel,
 DataParallel or ``torch.compile`` are saved unwrapped (no ``module.`` prefix), so the weights load into a
 plain model.
+
+A plain DataLoader resumes mid-epoch (:func:`epoch_batches`): ``loader_position`` holds the epoch, the
+batches trained on and the RNG state from which the epoch's iterator drew its shuffling and worker seeds;
+a resumed task rebuilds the same order from that RNG and goes on after those batches. A loader that keeps
+its own state (torchdata's ``StatefulDataLoader``, given as ``TrainState(dataloader=...)``) resumes itself.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 LAYOUT_VERSION = 1
+log = logging.getLogger("hpcckpt")
 _OBJECT_KEYS = ("model", "optimizer", "scheduler", "scaler", "dataloader")
 
 
@@ -127,6 +134,63 @@ class TrainState:
         if options.progress:
             self.step = int(payload.get("step", self.step))
             self.epoch = int(payload.get("epoch", self.epoch))
+
+
+def epoch_batches(state: TrainState, loader: Iterable[Any]) -> Iterator[Any]:
+    """The loader's batches for ``state``'s current epoch, after those already trained on (counted by
+    :func:`batch_done`)."""
+    if isinstance(loader, Stateful) and state.dataloader is loader:
+        yield from loader  # a stateful loader (torchdata's StatefulDataLoader) resumes itself
+        return
+    import torch
+
+    position = state.loader_position
+    done = int(position.get("batch", 0)) if position.get("epoch") == state.epoch else 0
+    if done == 0:
+        # Record the RNG as the iterator draws its shuffling and worker seeds from it.
+        state.loader_position = {"epoch": state.epoch, "batch": 0, "rng": torch.get_rng_state()}
+        yield from loader
+        return
+    # Mid-epoch resume: rebuild the same shuffling from the epoch's starting RNG, skip the batches
+    # already trained on, then put back the RNG the checkpoint saved.
+    resumed_rng = torch.get_rng_state()
+    torch.set_rng_state(position["rng"])
+    iterator = iter(loader)
+    skipped = 0
+    for _ in range(done):
+        try:
+            next(iterator)
+        except StopIteration:
+            break
+        skipped += 1
+    torch.set_rng_state(resumed_rng)
+    log.info("hpcckpt: resumed epoch %s after batch %s (%s batches skipped)", state.epoch, done, skipped)
+    yield from iterator
+
+
+def batch_done(state: TrainState) -> None:
+    """One more batch of the epoch trained on: where :func:`epoch_batches` resumes."""
+    state.loader_position["batch"] = int(state.loader_position.get("batch", 0)) + 1
+
+
+def state_bytes(state: TrainState) -> int:
+    """Bytes of the model's and the optimizer's tensors: what a save writes, nearly."""
+    import torch
+
+    total = 0
+    for obj in (state.model, state.optimizer):
+        if obj is None:
+            continue
+        stack: list[Any] = [obj.state_dict()]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+            elif isinstance(item, Mapping):
+                stack.extend(item.values())
+            elif isinstance(item, list | tuple):
+                stack.extend(item)
+    return total
 
 
 def _keys(payload: Mapping[str, Any]) -> str:

@@ -6,6 +6,7 @@ Pure parsing; each error names the bad value and the accepted forms.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,6 +57,19 @@ class Interval:
     def __str__(self) -> str:
         suffix = {"steps": "ba", "epochs": "ep", "seconds": "s"}[self.unit]
         return f"{self.value:g}{suffix}"
+
+    def due(
+        self, *, step: int | None = None, epoch: int | None = None, elapsed: Callable[[], float] | None = None
+    ) -> bool:
+        """Is a save due? The one place that switches on the unit: a step interval after ``step`` steps
+        (a multiple of it), an epoch interval at the end of epoch count ``epoch``, a wall-time interval once
+        ``elapsed()`` seconds have passed since the last save. A count of another unit is never due, and
+        ``elapsed`` is called only for a wall-time interval (it reads a clock)."""
+        if self.unit == "steps":
+            return step is not None and step % int(self.value) == 0
+        if self.unit == "epochs":
+            return epoch is not None and epoch % int(self.value) == 0
+        return elapsed is not None and elapsed() >= self.value
 
 
 # sbatch(1) --time: "minutes", "minutes:seconds", "hours:minutes:seconds", "days-hours",

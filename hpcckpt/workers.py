@@ -19,6 +19,9 @@ So hpcckpt shields the workers of every loader it is given (``run.batches(loader
 
 The workers then end the way PyTorch ends them: the main process finishes or drops the iterator, or dies
 (a worker watches its parent). Loaders that hpcckpt is not given can use :func:`worker_init_fn`.
+
+The stop signals are given (``Run`` passes its warning signal); only :func:`worker_init_fn`, the entry point
+a DataLoader calls in a new worker, reads ``HPCCKPT_SIGNAL`` from the environment.
 """
 
 from __future__ import annotations
@@ -28,23 +31,18 @@ import os
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import FrameType
 from typing import Any
 
 from .errors import UsageError
-from .signals import DEFAULT_SIGNAL, blocked, parse_signal
+from .signals import DEFAULT_SIGNAL, blocked, parse_signal, warning_signal
 
 _STARTER = "_get_iterator"  # DataLoader.__iter__ starts its workers through this method (torch >= 1.7)
 
 
-def stop_signals(warning: signal.Signals | None = None) -> tuple[signal.Signals, ...]:
-    """SIGTERM and the warning signal (``HPCCKPT_SIGNAL`` in this process's environment when not given)."""
-    if warning is None:
-        try:
-            warning = parse_signal(os.environ.get("HPCCKPT_SIGNAL") or DEFAULT_SIGNAL)
-        except UsageError:  # a worker is no place to report it: Run and the CLI do
-            warning = parse_signal(DEFAULT_SIGNAL)
+def stop_signals(warning: signal.Signals) -> tuple[signal.Signals, ...]:
+    """SIGTERM and the warning signal."""
     return tuple(dict.fromkeys((signal.SIGTERM, warning)))
 
 
@@ -78,8 +76,20 @@ def _leave_on_parents_term(parent: int) -> None:
 def worker_init_fn(worker_id: int) -> None:
     """A ``worker_init_fn`` for DataLoaders that hpcckpt does not see: the worker ignores SIGTERM and the
     warning signal, so a signal Slurm sends to every process of the job cannot kill it before the main
-    process has saved. ``DataLoader(..., worker_init_fn=hpcckpt.worker_init_fn)``."""
-    ignore_stop_signals(stop_signals())
+    process has saved. ``DataLoader(..., worker_init_fn=hpcckpt.worker_init_fn)``.
+
+    An entry point: DataLoader calls it first thing in a new worker process, where nothing can hand it a
+    value, so it reads the warning signal from the worker's environment (``HPCCKPT_SIGNAL``)."""
+    ignore_stop_signals(stop_signals(_warning_in(os.environ)))
+
+
+def _warning_in(environ: Mapping[str, str]) -> signal.Signals:
+    """The warning signal ``HPCCKPT_SIGNAL`` names, else SIGUSR1; a bad name counts as unset here: a worker
+    is no place to report it (Run and the CLI refuse it when they start)."""
+    try:
+        return warning_signal(None, environ)
+    except UsageError:
+        return parse_signal(DEFAULT_SIGNAL)
 
 
 class ShieldedInit:

@@ -21,6 +21,7 @@ _VARIABLES: Mapping[str, str] = {
     "restart_count": "SLURM_RESTART_COUNT",
     "node_name": "SLURMD_NODENAME",
     "node_list": "SLURM_JOB_NODELIST",
+    "step_node_list": "SLURM_STEP_NODELIST",  # srun(1): the nodes of this job step
     "procid": "SLURM_PROCID",
     "localid": "SLURM_LOCALID",
     "ntasks": "SLURM_NTASKS",
@@ -43,6 +44,7 @@ class SlurmEnv:
     restart_count: int | None = None
     node_name: str | None = None
     node_list: str | None = None
+    step_node_list: str | None = None
     procid: int | None = None
     localid: int | None = None
     ntasks: int | None = None
