@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import events as event_log
 from .errors import UsageError
 from .slurm.env import SlurmEnv
 
@@ -185,11 +186,11 @@ def measured_teardown(events: Sequence[Mapping[str, Any]]) -> float | None:
     stop: Mapping[str, Any] | None = None
     for event in events:
         kind = event.get("event")
-        if kind == "task-begin":
+        if kind == event_log.TASK_BEGIN:
             stop = None
-        elif kind == "stop":
+        elif kind == event_log.STOP:
             stop = event
-        elif kind == "task-end" and stop is not None:
+        elif kind == event_log.TASK_END and stop is not None:
             exited = event.get("exited")
             seconds = _number(event.get("time") if exited is None else exited) - _number(stop.get("time"))
             if seconds == seconds and 0 <= seconds < 600:  # a number, and not a stop of another day

@@ -15,8 +15,8 @@ Invariants every reader keeps:
   (``time`` first, then ``event``, then the fields), so old runs read as before.
 
 Writers build records with the constructors below (one per kind, keyword-only, typed) and hand them to
-:meth:`hpcckpt.store.registry.Registry.append_event`; ``Run`` records ``start``, ``stop``, ``crash`` and
-``complete`` itself. This module imports nothing of hpcckpt's but the run directory's names.
+:meth:`hpcckpt.store.registry.Registry.append_event`. This module imports nothing of hpcckpt's but the run
+directory's names.
 """
 
 from __future__ import annotations
@@ -79,6 +79,76 @@ class Latest(Protocol):
 
 
 # -- constructors: what each writer appends ----------------------------------------------------------------
+def start(
+    *,
+    job: str,
+    host: str,
+    pid: int,
+    resumed_step: int,
+    resumed_from: str | None,
+    deadline: float | None,
+    deadline_source: str,
+    signal: str,
+    teardown: float,
+    total_steps: int | None,
+    world_size: int,
+) -> Event:
+    """``Run`` began training in this task: where it resumed, its deadline and where that came from."""
+    return {
+        "event": START,
+        "job": job,
+        "host": host,
+        "pid": pid,
+        "resumed_step": resumed_step,
+        "resumed_from": resumed_from,
+        "deadline": deadline,
+        "deadline_source": deadline_source,
+        "signal": signal,
+        "teardown": teardown,
+        "total_steps": total_steps,
+        "world_size": world_size,
+    }
+
+
+def stop(
+    *,
+    reason: str,
+    cause: str | None,
+    signal: str | None,
+    step: int,
+    steps_done: int,
+    saved: bool,
+    checkpoint: str | None,
+    save_seconds: float | None,
+    time_left: float | None,
+    steps_lost: int,
+) -> Event:
+    """``Run`` stopped training (completed, budget, signal...), and whether its last step is saved."""
+    return {
+        "event": STOP,
+        "reason": reason,
+        "cause": cause,
+        "signal": signal,
+        "step": step,
+        "steps_done": steps_done,
+        "saved": saved,
+        "checkpoint": checkpoint,
+        "save_seconds": save_seconds,
+        "time_left": time_left,
+        "steps_lost": steps_lost,
+    }
+
+
+def crash(*, step: int, steps_done: int, error: str) -> Event:
+    """The training loop raised; nothing was saved (the state may be mid-step)."""
+    return {"event": CRASH, "step": step, "steps_done": steps_done, "error": error[:500]}
+
+
+def complete(*, step: int, epoch: int, checkpoint: str | None) -> Event:
+    """The run is done: its final checkpoint is committed."""
+    return {"event": COMPLETE, "step": step, "epoch": epoch, "checkpoint": checkpoint}
+
+
 def commit(summary: Mapping[str, Any]) -> Event:
     """A checkpoint was committed; ``summary`` is its manifest summary (name, step, size, seq...)."""
     return {"event": COMMIT, **summary}

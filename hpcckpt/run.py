@@ -53,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from . import events as event_log
 from .budget import (
     DEFAULT_MARGIN_FLOOR,
     Budget,
@@ -203,7 +204,7 @@ class Run:
         self._entered = True
         slurm = read_slurm_env(self.environ)
         status = broadcast_object(self.store.registry.status() if self.rank == 0 else None)
-        if status is not None and status.get("event") == "complete":
+        if status is not None and status.get("event") == event_log.COMPLETE:
             self.completed, self.stop_reason, self._stopping = True, "completed", True
             self.state.step = int(status.get("step", self.state.step))
             log.info("hpcckpt: run %s is already complete at step %s; nothing to do", self.run_dir, self.state.step)
@@ -234,18 +235,19 @@ class Run:
         self._signals.__enter__()
         left = self.budget.remaining()
         self._record(
-            "start",
-            job=slurm.job_label,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            resumed_step=self.state.step,
-            resumed_from=self.resumed_from.name if self.resumed_from else None,
-            deadline=deadline.at,
-            deadline_source=deadline.source,
-            signal=self.warning.name,
-            teardown=teardown,
-            total_steps=self.total_steps,
-            world_size=self.world_size,
+            event_log.start(
+                job=slurm.job_label,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                resumed_step=self.state.step,
+                resumed_from=self.resumed_from.name if self.resumed_from else None,
+                deadline=deadline.at,
+                deadline_source=deadline.source,
+                signal=self.warning.name,
+                teardown=teardown,
+                total_steps=self.total_steps,
+                world_size=self.world_size,
+            )
         )
         where = f"step {self.state.step} ({self.resumed_from.name})" if self.resumed_from else "scratch (step 0)"
         budget = "no deadline" if left is None else f"{left:.0f} s left ({deadline.source})"
@@ -264,7 +266,7 @@ class Run:
         if kind is not None and self.stop_reason is None:
             # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
             self._record(
-                "crash", step=self.state.step, steps_done=self.steps_done, error=f"{kind.__name__}: {error}"[:500]
+                event_log.crash(step=self.state.step, steps_done=self.steps_done, error=f"{kind.__name__}: {error}")
             )
 
     # -- the loops ----------------------------------------------------------------------------------------
@@ -466,10 +468,11 @@ class Run:
             self._save("final")
             self.completed = True
             self._record(
-                "complete",
-                step=self.state.step,
-                epoch=self.state.epoch,
-                checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
+                event_log.complete(
+                    step=self.state.step,
+                    epoch=self.state.epoch,
+                    checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
+                )
             )
             self._finish("completed", None)
 
@@ -481,17 +484,18 @@ class Run:
         lost = self.state.step - (self._saved_at if self._saved_at is not None else 0)
         left = self.budget.remaining()
         self._record(
-            "stop",
-            reason=reason,
-            cause=cause,
-            signal=signal_name,
-            step=self.state.step,
-            steps_done=self.steps_done,
-            saved=self._saved_at == self.state.step,
-            checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
-            save_seconds=self.budget.predicted_save if self._saved_at == self.state.step else None,
-            time_left=left,
-            steps_lost=lost,
+            event_log.stop(
+                reason=reason,
+                cause=cause,
+                signal=signal_name,
+                step=self.state.step,
+                steps_done=self.steps_done,
+                saved=self._saved_at == self.state.step,
+                checkpoint=self.last_checkpoint.name if self.last_checkpoint else None,
+                save_seconds=self.budget.predicted_save if self._saved_at == self.state.step else None,
+                time_left=left,
+                steps_lost=lost,
+            )
         )
         log.info(
             "hpcckpt: stop (%s%s) at step %s after %s steps; %s%s",
@@ -503,10 +507,10 @@ class Run:
             f"; {lost} steps lost" if lost else "",
         )
 
-    def _record(self, event: str, **fields: Any) -> None:
+    def _record(self, event: event_log.Event) -> None:
         """Registry events are rank 0's: one record per task, not one per rank."""
         if self.rank == 0:
-            self.store.registry.record(event, **fields)
+            self.store.registry.append_event(event)
 
     def _require_entered(self) -> None:
         if not self._entered:

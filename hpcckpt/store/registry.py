@@ -210,7 +210,7 @@ class Registry:
             shutil.rmtree(trash, ignore_errors=True)
         return checkpoint, doomed
 
-    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+    def record(self, event: event_log.Kind, **fields: Any) -> dict[str, Any]:
         """Append one event of kind ``event`` (``Run``'s start, stop, completion...) to the log, durably."""
         return self.append_event({"event": event, **fields})
 
