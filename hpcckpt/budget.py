@@ -106,11 +106,16 @@ class Budget:
         return left is None or steps * self.predicted_step + self.predicted_save + self.teardown + self.margin <= left
 
     def room_for_save(self, within: float | None = None) -> bool:
-        """True when a save and the margin floor fit in ``within`` seconds, when given (the grace window
-        after SIGTERM: SIGKILL follows the signal, whether the deadline is before or after it), else
-        before the deadline (always, without one)."""
-        left = self.remaining() if within is None else within
-        return left is None or self.predicted_save + self.margin_floor <= left
+        """True when a save fits before the deadline (and within ``within`` seconds, when given)."""
+        left = self.remaining()
+        limits = [x for x in (left, within) if x is not None]
+        return not limits or self.save_fits_in(min(limits))
+
+    def save_fits_in(self, seconds: float) -> bool:
+        """True when a save and the margin floor fit in ``seconds``: the grace window after SIGTERM, where
+        SIGKILL follows the signal whether the deadline is before or after it (the time limit's own SIGTERM
+        comes at the deadline, with the window still ahead)."""
+        return self.predicted_save + self.margin_floor <= seconds
 
 
 @dataclass(frozen=True)

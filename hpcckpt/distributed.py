@@ -27,10 +27,12 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from .errors import UsageError
-from .slurm.env import read_slurm_env
+from .slurm.env import is_set, read_slurm_env, variable
 
 Launcher = Literal["torchrun", "srun", "single"]
 PORT_BASE, PORT_SPAN = 20000, 20000
+# What an srun rank's rendezvous needs; another Slurm variable, malformed or not, is not dist_env's business.
+_SRUN_FIELDS = ("procid", "ntasks", "localid", "node_list", "step_node_list", "job_id")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,11 @@ def dist_env(environ: Mapping[str, str]) -> DistEnv:
             master_port=_int(environ, "MASTER_PORT", 29500),
             launcher="torchrun",
         )
-    slurm = read_slurm_env(environ)
-    if slurm.procid is not None and slurm.ntasks is not None:
+    if is_set(environ, "procid") and is_set(environ, "ntasks"):
+        slurm = read_slurm_env(environ, fields=_SRUN_FIELDS)  # a bad variable srun does not need is no matter
+        if slurm.procid is None or slurm.ntasks is None:  # set, but empty
+            missing = variable("procid" if slurm.procid is None else "ntasks")
+            raise UsageError(f"{missing} is not set: expected a whole number")
         nodes = slurm.step_node_list or slurm.node_list or ""
         hosts = expand_nodelist(nodes)
         if not hosts:

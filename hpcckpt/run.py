@@ -433,7 +433,7 @@ class Run:
         if term_only:
             # Preemption or the time limit: SIGKILL follows after the grace window.
             left_in_grace = max(0.0, self.grace - (self.clock() - first.time))
-            fits = self.budget.room_for_save(within=left_in_grace)
+            fits = self.budget.save_fits_in(left_in_grace)
             if self._agreement is not None:  # a sharded save needs every rank, or none
                 fits = self._agreement.all_ranks(fits, "all")
             if fits:

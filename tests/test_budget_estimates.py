@@ -82,7 +82,11 @@ def test_a_save_fits_the_grace_window_even_after_the_deadline() -> None:
     # window, not the passed deadline, says whether the save fits (what Run has always done).
     clock = Clock(1000.0)
     budget = Budget(999.0, clock=clock, margin_floor=0.5, save_guess=3.0)
-    assert budget.room_for_save(within=5.0)
-    assert not budget.room_for_save(within=3.4)
+    assert budget.save_fits_in(5.0)
+    assert not budget.save_fits_in(3.4)
+    # The public room_for_save keeps its meaning: the deadline and the window both limit.
+    assert not budget.room_for_save(within=5.0), "the deadline has passed"
     assert not budget.room_for_save(), "without a window, the deadline counts: it has passed"
+    assert Budget(1010.0, clock=clock, margin_floor=0.5, save_guess=3.0).room_for_save(within=5.0)
+    assert not Budget(1010.0, clock=clock, margin_floor=0.5, save_guess=3.0).room_for_save(within=3.4)
     assert Budget(None, clock=clock, save_guess=1e6).room_for_save(), "no deadline, no window: always"

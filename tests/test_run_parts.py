@@ -121,6 +121,18 @@ def test_srun_without_a_node_list_or_with_a_bad_job_id_is_a_clear_error() -> Non
         dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "abc"})
 
 
+def test_srun_ranks_read_only_what_the_rendezvous_needs_and_refuse_an_empty_count() -> None:
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[3-4]", "SLURM_JOB_ID": "7"}
+    # Another Slurm variable, even malformed, is not the rendezvous's business (as before issue 12).
+    env = dist_env({**srun, "SLURM_JOB_END_TIME": "soon", "SLURM_ARRAY_TASK_ID": "x"})
+    assert (env.rank, env.world_size, env.master_addr) == (1, 2, "n3")
+    # srun set the count but left it empty: an error, not a world of one whose ranks all write as rank 0.
+    with pytest.raises(UsageError, match=r"^SLURM_NTASKS is not set: expected a whole number$"):
+        dist_env({**srun, "SLURM_NTASKS": ""})
+    with pytest.raises(UsageError, match=r"^SLURM_PROCID is not set: expected a whole number$"):
+        dist_env({**srun, "SLURM_PROCID": ""})
+
+
 # -- workers: the signals a worker ignores are given, not read ---------------------------------------------
 def test_stop_signals_are_sigterm_and_the_given_warning_once_each() -> None:
     assert stop_signals(signal.SIGUSR2) == (signal.SIGTERM, signal.SIGUSR2)

@@ -91,3 +91,28 @@ def test_the_hpcckpt_command_takes_the_lock_mode_from_its_environment(held: Path
     assert result.returncode == 0, result.stderr
     assert "1 ok, 0 corrupt" in result.stdout
     assert json.loads((held / "registry.json").read_text())["checkpoints"][0]["name"] == "step_000000005"
+
+
+OWN_STORE = """
+import sys, torch
+from hpcckpt import CheckpointStore, read_slurm_env
+store = CheckpointStore(sys.argv[1], keep_last=None)
+print(store.save({"w": torch.ones(2)}, step=7).name, flush=True)
+print(CheckpointStore(sys.argv[1], keep_last=None, job=read_slurm_env({})).save({"w": torch.ones(2)}, step=8).name)
+"""
+
+
+def test_a_store_a_user_makes_follows_the_environment_for_what_it_is_not_given(held: Path) -> None:
+    """A user's own script (an evaluation next to a running chain) is an entry point: left out, the lock
+    mode and the job's ids come from its environment, as they did before the store stopped reading it."""
+    env = _env(HPCCKPT_LOCK="soft", SLURM_JOB_ID="77", SLURM_ARRAY_JOB_ID="70", SLURM_ARRAY_TASK_ID="2")
+    result = subprocess.run(
+        [sys.executable, "-c", OWN_STORE, str(held)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["step_000000007", "step_000000008"]
+    ids = [
+        json.loads((held / "checkpoints" / name / "manifest.json").read_text())
+        for name in ("step_000000007", "step_000000008")
+    ]
+    assert [(m["job_id"], m["array_job_id"], m["array_task_id"]) for m in ids] == [("77", "70", 2), (None, None, None)]

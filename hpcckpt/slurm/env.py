@@ -7,7 +7,7 @@ Nothing here writes the environment.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from ..errors import UsageError
@@ -63,12 +63,13 @@ class SlurmEnv:
         return self.job_id or "-"
 
 
-def read_slurm_env(environ: Mapping[str, str]) -> SlurmEnv:
-    """Parse the ``SLURM_*`` variables of ``environ``; a malformed number is a :class:`UsageError`."""
+def read_slurm_env(environ: Mapping[str, str], fields: Collection[str] | None = None) -> SlurmEnv:
+    """Parse the ``SLURM_*`` variables of ``environ`` (only those of ``fields``, when given: the others stay
+    None); a malformed number is a :class:`UsageError`."""
     values: dict[str, str | int | None] = {}
     for field, variable in _VARIABLES.items():
         raw = environ.get(variable)
-        if raw is None or raw == "":
+        if raw is None or raw == "" or (fields is not None and field not in fields):
             values[field] = None
         elif field in _INTEGER_FIELDS:
             try:
@@ -78,3 +79,13 @@ def read_slurm_env(environ: Mapping[str, str]) -> SlurmEnv:
         else:
             values[field] = raw
     return SlurmEnv(**values)  # type: ignore[arg-type]
+
+
+def variable(field: str) -> str:
+    """The Slurm variable a :class:`SlurmEnv` field comes from, e.g. ``SLURM_NTASKS`` for ``ntasks``."""
+    return _VARIABLES[field]
+
+
+def is_set(environ: Mapping[str, str], field: str) -> bool:
+    """Whether ``environ`` has the variable of ``field`` at all (an empty value counts as set)."""
+    return environ.get(_VARIABLES[field]) is not None

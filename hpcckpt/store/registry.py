@@ -1,11 +1,9 @@
 """The file-locked registry of a run directory: which checkpoints are committed, and what happened.
 
-Files in the run directory::
-
-    registry.json     the index: every committed checkpoint (a cache, rebuilt from manifests when lost)
-    events.jsonl      append-only log, one JSON object a line (commits, deletions, task starts and stops)
-    .hpcckpt.lock     the lock guarding both (``.hpcckpt.softlock`` in soft-lock mode)
-    checkpoints/      one directory per committed checkpoint, plus ``.tmp-*`` ones being written
+It owns three of the run directory's files (their names are :mod:`hpcckpt.rundir`'s): the index
+(``registry.json``, every committed checkpoint: a cache, rebuilt from manifests when lost), the event log
+(``events.jsonl``, :mod:`hpcckpt.events`), and the lock guarding both; ``checkpoints/`` holds one
+directory per committed checkpoint, plus ``.tmp-*`` ones being written.
 
 The files are the truth: a checkpoint directory with a final name and a valid manifest is committed
 (the rename is the commit point), whether or not the index lists it yet. Readers compare the index with

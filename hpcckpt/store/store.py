@@ -7,8 +7,10 @@ temporary directory and raises :class:`StoreError`; the previous checkpoints are
 restoring go through the format a checkpoint's manifest names; they always use
 ``torch.load(weights_only=True)`` unless the caller passes ``unsafe_allow_pickle=True`` by name.
 
-The store reads no environment variable: the lock mode and the job's ids are its caller's arguments
-(``Run``, the ``hpcckpt`` command and the chain's task guard read them where they start).
+The registry, the transaction and the formats read no environment variable: the lock mode and the job's
+ids are arguments. ``CheckpointStore``'s constructor is where a user's own script starts, so it is an entry
+point: a ``lock`` or ``job`` left out is read there, once, from ``HPCCKPT_LOCK`` and Slurm's variables
+(``Run``, the ``hpcckpt`` commands and the chain's task guard pass them from the environment they were given).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Any
 from .._version import __version__
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
 from ..rundir import CHECKPOINTS
+from ..slurm.env import read_slurm_env
 from ..state import RestoreOptions, TrainState
 from .fileio import SyncedWriter, fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
 from .manifest import Checkpoint, verify_file
-from .registry import LockMode, Registry, warn
+from .registry import LockMode, Registry, lock_mode, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .transaction import JobIds, SaveRequest
 
@@ -43,9 +46,10 @@ class CheckpointStore:
     ``metadata`` (hyper-parameters, a git commit...) is written into every manifest. ``format`` names
     how checkpoints are written (``"torch"``: one file; ``"dcp"``: sharded, saved by every rank together).
     ``lock`` is the registry's lock mode (``"auto"``: fcntl, a marker file where the filesystem refuses
-    fcntl locks; ``"fcntl"``; ``"soft"``: the marker) and ``lock_timeout`` how long to wait for it.
-    ``job`` is the batch job saving (its ids go into every manifest; ``read_slurm_env(os.environ)`` gives
-    the Slurm job's); ``create`` makes the run directory when it does not exist.
+    fcntl locks; ``"fcntl"``; ``"soft"``: the marker; left out: ``HPCCKPT_LOCK``, else ``"auto"``) and
+    ``lock_timeout`` how long to wait for it. ``job`` is the batch job saving, whose ids go into every
+    manifest (left out: this process's Slurm job, from its environment; ``read_slurm_env({})`` for none);
+    ``create`` makes the run directory when it does not exist.
     """
 
     def __init__(
@@ -56,7 +60,7 @@ class CheckpointStore:
         *,
         metadata: Mapping[str, Any] | None = None,
         format: str = "torch",
-        lock: LockMode = "auto",
+        lock: LockMode | None = None,
         lock_timeout: float = 300.0,
         create: bool = True,
         job: JobIds | None = None,
@@ -65,7 +69,11 @@ class CheckpointStore:
         self.keep_last = check_keep_last(keep_last)
         self.keep_best = KeepBest.parse(keep_best)
         self.metadata = dict(metadata or {})
-        self.job = job
+        # The constructor is a user's entry point: what the caller leaves out comes from the environment,
+        # read here once (as before issue 12), never deeper in the store.
+        self.job = read_slurm_env(os.environ) if job is None else job
+        if lock is None:
+            lock = lock_mode(os.environ)
         if format not in FORMATS:
             raise UsageError(f"Invalid checkpoint format {format!r}: expected one of {sorted(FORMATS)}")
         self.format: CheckpointFormat = FORMATS[format]
