@@ -26,8 +26,7 @@ from typing import Any
 
 import submitit
 
-from hpcckpt import Run, TrainState
-from hpcckpt.integrations.submitit import Resumable, submit_chain
+from hpcckpt import Resumable, Run, TrainState, submit_chain
 
 
 def train(total_steps: int, step_sleep: float) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """hpcckpt: train PyTorch models for days on Slurm clusters whose jobs last hours.
 
 ``import hpcckpt`` stays free of torch and submitit: the CLI that renders and submits jobs runs on login
-nodes and must start fast. Modules that need torch import it where they use it; ``hpcckpt.integrations.submitit``
-imports submitit only when a job runs or is submitted.
+nodes and must start fast. Modules that need torch import it where they use it; the submitit integration
+(``hpcckpt.integrations.submitit``) imports submitit only when a job runs or is submitted.
 """
 
 from ._version import __version__ as __version__
@@ -18,6 +18,7 @@ from .errors import UsageError as UsageError
 from .integrations.submitit import Chain as Chain
 from .integrations.submitit import Resumable as Resumable
 from .integrations.submitit import Unfinished as Unfinished
+from .integrations.submitit import stored_result as stored_result
 from .integrations.submitit import submit_chain as submit_chain
 from .run import Run as Run
 from .slurm.env import SlurmEnv as SlurmEnv
@@ -58,6 +59,7 @@ __all__ = [
     "__version__",
     "init_process_group",
     "read_slurm_env",
+    "stored_result",
     "submit_chain",
     "template_dir",
     "worker_init_fn",

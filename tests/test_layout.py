@@ -7,6 +7,8 @@ runs later, but it still ties the two modules together, which is what the redesi
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,3 +150,19 @@ def test_the_checks_see_a_cycle_and_a_private_import(tmp_path: Path) -> None:
         "pkg.formats.dcp uses pkg.store.core._commit",
     ]
     assert "hpcckpt.store.store" in graph()["hpcckpt.run"]
+
+
+def test_the_old_submitit_module_still_imports_and_says_where_it_went() -> None:
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from hpcckpt.submitit import Resumable, stored_result, submit_chain\n"
+        "import hpcckpt\n"
+        "assert (Resumable, submit_chain, stored_result) == "
+        "(hpcckpt.Resumable, hpcckpt.submit_chain, hpcckpt.stored_result)\n"
+        "print([str(w.message) for w in caught if w.category is DeprecationWarning])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "hpcckpt.submitit is now hpcckpt.integrations.submitit" in result.stdout
