@@ -219,8 +219,8 @@ class ChainSpec:
         check=parse_slurm_time,
         help="each task's time limit, e.g. 4:00:00, 1-00:00:00, 30",
     )
-    # None: no warning signal (the budget alone stops tasks). Derived with signal_lead from --signal and
-    # the time limit (_derived).
+    # None: no warning signal (the budget alone stops tasks). Checked with signal_lead from --signal and
+    # the time limit (_check_field).
     signal_name: str | None = option(
         "--signal",
         name="signal",
@@ -315,41 +315,85 @@ class ChainSpec:
 
 def options() -> list[Option]:
     """The chain's options in the order of ``hpcckpt submit --help``, each with its keyword (``name``)."""
-    found = []
-    for spec_field in dataclasses.fields(ChainSpec):
-        declared = spec_field.metadata.get("option")
-        if declared is not None:
-            found.append(dataclasses.replace(declared, name=declared.name or spec_field.name))
-    return found
+    return list(_options_by_field().values())
+
+
+# The order chain_spec checks the fields in, so that of several bad values the same one is reported
+# first as before the options were declared once (issue 12: a refactor, no change of behaviour). It is
+# not the declaration order, which is --help's: the time limit before the signal whose lead it bounds,
+# the signal before the command, the counts, the one-line texts, the run directory last but two.
+CHECK_ORDER = (
+    "tasks",
+    "time_seconds",
+    "signal_name",  # with signal_lead: parse_signal_spec, against the time limit checked just before
+    "command",
+    "nodes",
+    "ntasks_per_node",
+    "cpus_per_task",
+    "max_failures",
+    "auto_extend",
+    "partition",
+    "account",
+    "qos",
+    "gpus",
+    "gres",
+    "mem",
+    "constraint",
+    "job_name",
+    "conda",
+    "setup",
+    "run_dir",
+    "venv",
+    "extra_directives",
+    "python",
+)
 
 
 def chain_spec(**given: Any) -> ChainSpec:
     """Validate everything a user gave and return the chain's spec; :class:`UsageError` otherwise.
 
     The keywords are the options' names (:func:`options`): ``run_dir``, ``command``, ``tasks`` and ``time``
-    are required, the rest have the options' defaults."""
+    are required, the rest have the options' defaults. The checks run in :data:`CHECK_ORDER`."""
     declared = {o.name: o for o in options()}
     unknown = sorted(set(given) - set(declared))
     missing = sorted(name for name, o in declared.items() if o.required and name not in given)
     if unknown or missing:
         raise TypeError(f"chain_spec() got unknown keyword(s) {unknown} and lacks required keyword(s) {missing}")
+    by_field = _options_by_field()
     values: dict[str, Any] = {}
-    for spec_field in dataclasses.fields(ChainSpec):
-        o = spec_field.metadata.get("option")
-        if o is not None:
-            name = o.name or spec_field.name
-            value = given.get(name, o.default)
-            values[spec_field.name] = o.check(value) if o.check is not None else value
+    for field_name in CHECK_ORDER:
+        _check_field(field_name, by_field[field_name], given, values)
+    for field_name, o in by_field.items():
+        if field_name not in values:
+            values[field_name] = given.get(o.name, o.default)
     return ChainSpec(**_derived(values, given))
 
 
+def _options_by_field() -> dict[str, Option]:
+    """Each declared field's name to its option, with the option's keyword (``name``) filled in, in the
+    order of the fields."""
+    found = {}
+    for spec_field in dataclasses.fields(ChainSpec):
+        declared = spec_field.metadata.get("option")
+        if declared is not None:
+            found[spec_field.name] = dataclasses.replace(declared, name=declared.name or spec_field.name)
+    return found
+
+
+def _check_field(field_name: str, o: Option, given: dict[str, Any], values: dict[str, Any]) -> None:
+    """Check one field's given value into ``values``; the signal's lead is checked against the time limit."""
+    value = given.get(o.name, o.default)
+    if field_name == "signal_name":
+        values["signal_name"], values["signal_lead"] = parse_signal_spec(
+            "USR1" if value is None else value, values["time_seconds"]
+        )
+    else:
+        values[field_name] = o.check(value) if o.check is not None else value
+
+
 def _derived(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """The fields that depend on others: the warning signal's lead on the time limit, the job's name on
-    the run directory, the launcher on the ranks."""
-    signal = given.get("signal")
-    values["signal_name"], values["signal_lead"] = parse_signal_spec(
-        "USR1" if signal is None else signal, values["time_seconds"]
-    )
+    """The fields that depend on others: the job's name on the run directory, the launcher on the ranks
+    (the warning signal's lead, which depends on the time limit, is checked in its place in CHECK_ORDER)."""
     values["job_name"] = values["job_name"] or f"hpcckpt-{values['run_dir'].name}"
     ranks = (values["nodes"] or 1) * (values["ntasks_per_node"] or 1)
     # More than one rank: each is a task of one srun job step; --kill-on-bad-exit ends the step when a
