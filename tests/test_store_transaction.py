@@ -73,15 +73,13 @@ def test_files_another_process_wrote_are_checksummed_and_committed(tmp_path: Pat
 
 def test_a_sharded_save_records_what_a_one_file_save_records(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "run", keep_last=None, format="dcp", metadata={"lr": 0.1})
-    checkpoint = store.save(
-        TrainState(model=nn.Linear(2, 2), step=3), metrics={"loss": 0.5}, tag="warm", metadata={"note": "x"}
-    )
+    checkpoint = store.save(TrainState(model=nn.Linear(2, 2), step=3), metrics={"loss": 0.5})
     manifest = json.loads((checkpoint.path / "manifest.json").read_text())
-    assert (manifest["format"], manifest["step"], manifest["tag"]) == ("dcp", 3, "warm")
+    assert (manifest["format"], manifest["step"], manifest["tag"]) == ("dcp", 3, None)
     assert manifest["metrics"] == {"loss": 0.5}
-    assert manifest["metadata"] == {"lr": 0.1, "note": "x"}
+    assert manifest["metadata"] == {"lr": 0.1}
     assert store.load(3)["step"] == 3
-    with pytest.raises(UsageError, match=r"Cannot save a dict sharded \(dcp\): expected a TrainState"):
+    with pytest.raises(UsageError, match=r"^a sharded \(dcp\) save takes a TrainState, without tag or metadata$"):
         store.save({"w": torch.ones(1)}, step=4)
     assert [c.step for c in store.list()] == [3]
 

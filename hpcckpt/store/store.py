@@ -104,8 +104,6 @@ class CheckpointStore:
             epoch = state.epoch if epoch is None else epoch
         elif not isinstance(state, Mapping):
             raise UsageError(f"Cannot save a {type(state).__name__}: expected a TrainState or a dict")
-        if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
-            raise UsageError(f"Invalid tag {tag!r}: expected letters, digits, '_', '.' or '-', e.g. 'pre-finetune'")
         request = SaveRequest(
             registry=self.registry,
             step=_whole("step", step),
@@ -116,6 +114,10 @@ class CheckpointStore:
             metadata={**self.metadata, **(metadata or {})},
             job=self.job,
         )
+        if self.format.name == DCP_FORMAT and (not isinstance(state, TrainState) or tag is not None or metadata):
+            raise UsageError("a sharded (dcp) save takes a TrainState, without tag or metadata")
+        if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
+            raise UsageError(f"Invalid tag {tag!r}: expected letters, digits, '_', '.' or '-', e.g. 'pre-finetune'")
         return self.format.save(request, state)
 
     def newest_valid(self, skip: Collection[str] = ()) -> Checkpoint | None:

@@ -108,23 +108,28 @@ class SaveTransaction:
         """Steps 2-4: describe, number, rename and record the checkpoint; durable and registered on return.
 
         ``files`` are those a format wrote with their checksums; None checksums every file in the directory
-        (files that other processes wrote). On any failure the transaction is aborted.
+        (files that other processes wrote). On any failure the transaction is aborted and the error raised
+        as it is (an ``OSError`` becomes the :class:`StoreError` that says what stays when the transaction
+        is left as a context manager).
         """
         try:
             records = tuple(file_records(self.directory) if files is None else files)
-            draft = self._describe(records, format)
-            checkpoint, _ = self.request.registry.commit(
-                lambda seq: self._rename_into_place(draft, seq), self.request.retention
-            )
-        except OSError as error:
-            self.abort()
-            raise self.failure(error) from error
+            checkpoint = self.record(self.describe(records, format))
         except BaseException:
             self.abort()  # not renamed: nothing was committed
             raise
+        self.owner.forget(checkpoint.path)
+        return checkpoint
+
+    def record(self, draft: Checkpoint) -> Checkpoint:
+        """Steps 3-4 for the checkpoint :meth:`describe` drafted: under the registry lock, number, rename
+        and record it, then release this process's lock on the directory (the registry commit alone, which
+        the benchmark times). Abort the transaction if this raises."""
+        checkpoint, _ = self.request.registry.commit(
+            lambda seq: self._rename_into_place(draft, seq), self.request.retention
+        )
         self.committed = checkpoint
         self.owner.release()
-        self.owner.forget(checkpoint.path)
         return checkpoint
 
     def abort(self) -> None:
@@ -149,7 +154,7 @@ class SaveTransaction:
         if isinstance(error, OSError):
             raise self.failure(error) from error
 
-    def _describe(self, files: tuple[FileRecord, ...], format_name: str) -> Checkpoint:
+    def describe(self, files: tuple[FileRecord, ...], format_name: str) -> Checkpoint:
         """The checkpoint's record under its intended final name (written as the manifest at the commit)."""
         request, job = self.request, self.request.job
         final = _final_path(request.registry, request.step)

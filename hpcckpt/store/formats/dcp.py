@@ -43,6 +43,7 @@ from . import DCP_FORMAT as NAME
 from . import CheckpointRef, CheckpointSource, restore_whole
 
 PER_RANK = "per_rank"
+REFUSED = "a sharded (dcp) save takes a TrainState, without tag or metadata"
 
 
 # -- the payload --------------------------------------------------------------------------------------------
@@ -187,9 +188,10 @@ class DcpFormat:
 
     def save(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> Checkpoint:
         """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
-        if not isinstance(state, TrainState):
-            raise UsageError(f"Cannot save a {type(state).__name__} sharded (dcp): expected a TrainState")
-        return save(request, state)
+        if not isinstance(state, TrainState) or request.tag is not None:
+            raise UsageError(REFUSED)
+        # The step and epoch are the state's own: a sharded save ignores explicit ones (as it always has).
+        return save(dataclasses.replace(request, step=int(state.step), epoch=int(state.epoch)), state)
 
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
         """The whole state in this process, every shard gathered (the export and ``load`` path). Nothing in
@@ -258,6 +260,23 @@ def _restore_one_file(
 # -- the collective save and restore ------------------------------------------------------------------------
 def save(request: SaveRequest, state: TrainState) -> Checkpoint:
     """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
+    rank, _ = world()
+    transaction, prepared = _begin_on_rank_0(request) if rank == 0 else (None, None)
+    prepared = broadcast_object(prepared)
+    if prepared is None or prepared.startswith("error: "):
+        raise StoreError(str(prepared)[7:])
+    try:
+        return _write_and_commit(request, state, transaction, prepared)
+    except BaseException:  # an interrupt (KeyboardInterrupt, SystemExit) too: rank 0 leaves no temporary
+        if transaction is not None:
+            transaction.abort()  # nothing once committed
+        raise
+
+
+def _write_and_commit(
+    request: SaveRequest, state: TrainState, transaction: SaveTransaction | None, directory: str
+) -> Checkpoint:
+    """Every rank writes its part into ``directory``; rank 0 (which holds ``transaction``) commits."""
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -266,16 +285,12 @@ def save(request: SaveRequest, state: TrainState) -> Checkpoint:
 
     rank, size = world()
     step = request.step
-    transaction, prepared = _begin_on_rank_0(request) if rank == 0 else (None, None)
-    prepared = broadcast_object(prepared)
-    if prepared is None or prepared.startswith("error: "):
-        raise StoreError(str(prepared)[7:])
     failure = None
     try:
         with single_process_quietly():
             dcp_save(
                 payload(state, step, request.epoch),
-                storage_writer=FileSystemWriter(prepared, sync_files=True),
+                storage_writer=FileSystemWriter(directory, sync_files=True),
                 no_dist=size == 1,
             )
     except Exception as error:  # another rank's failure surfaces here too, as a failed collective
@@ -308,7 +323,9 @@ def _begin_on_rank_0(request: SaveRequest) -> tuple[SaveTransaction | None, str]
     try:
         transaction = SaveTransaction.begin(request)
     except (OSError, HpcckptError) as error:
-        return None, f"error: cannot make a temporary directory in {checkpoint_dir}: {error}"
+        # The reason is the OSError itself, not the StoreError the transaction made of it: said once.
+        reason = error.__cause__ if isinstance(error, StoreError) and isinstance(error.__cause__, OSError) else error
+        return None, f"error: cannot make a temporary directory in {checkpoint_dir}: {reason}"
     return transaction, str(transaction.directory)
 
 
