@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paths import TRAIN_WORKER
 
 from hpcckpt import CheckpointStore
 from hpcckpt.budget import DEFAULT_TEARDOWN, is_time_limit_warning, measured_teardown
 
-WORKER = Path(__file__).with_name("train_worker.py")
 END = 1_800_000_000.0  # a job's end time (Unix seconds)
 
 
@@ -84,7 +84,7 @@ class Training:
         self.err = run_dir.parent / f"{run_dir.name}.stderr"
         with open(self.err, "w") as err:
             self.process = subprocess.Popen(
-                [sys.executable, str(WORKER), str(run_dir), "--steps", "1000000", "--workers", "0", *args],
+                [sys.executable, str(TRAIN_WORKER), str(run_dir), "--steps", "1000000", "--workers", "0", *args],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -147,7 +147,7 @@ def test_a_warning_without_a_known_deadline_still_stops_at_once(tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
     env["HPCCKPT_SIGNAL_LEAD"] = "20"
     process = subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp_path / "run"), "--steps", "1000000", "--workers", "0"],
+        [sys.executable, str(TRAIN_WORKER), str(tmp_path / "run"), "--steps", "1000000", "--workers", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -169,7 +169,7 @@ def slow_exit_command(run_dir: Path, exit_seconds: float, *args: str) -> list[st
         "import atexit, runpy, sys, time; atexit.register(time.sleep, float(sys.argv[1])); "
         "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    return [sys.executable, "-c", code, str(exit_seconds), str(WORKER), str(run_dir), *args]
+    return [sys.executable, "-c", code, str(exit_seconds), str(TRAIN_WORKER), str(run_dir), *args]
 
 
 def local_chain(run_dir: Path, tasks: int, time_spec: str, command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -225,7 +225,7 @@ def test_a_task_that_saved_and_was_then_ended_by_the_time_limit_is_a_clean_stop(
     # no longer dies of a TERM after its loop (item 11: it records and ignores it), so the wrapper is the
     # part the TERM ends, as torchrun or a shell script around the training would be.
     args = ["--steps", "1000000", "--step-sleep", "0.02", "--workers", "0"]
-    training = [sys.executable, str(WORKER), str(run_dir), *args]
+    training = [sys.executable, str(TRAIN_WORKER), str(run_dir), *args]
     result = local_chain(run_dir, 1, "0:12", ["bash", "-c", '"$@"; sleep 8', "wrapper", *training])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(sent TERM)" in result.stdout

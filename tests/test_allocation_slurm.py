@@ -1,7 +1,7 @@
 """The allocation on the real Slurm cluster (issue 11, items 23 and 27): 1-minute chain tasks with
 ``--signal USR1@20`` train on after Slurm's warning until the budget stops them, and leave no more of
 their minute unused than the predicted save + the measured teardown + 2 s, every task ending cleanly.
-(tests/measure_allocation.py prints the same numbers per task for a report.)"""
+(tests/support/measure_allocation.py prints the same numbers per task for a report.)"""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paths import TRAIN_WORKER
 from slurm_cluster import SlurmCluster
 
 from hpcckpt import CheckpointStore
-
-WORKER = Path(__file__).with_name("train_worker.py")
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
@@ -32,7 +31,7 @@ def test_one_minute_tasks_train_on_after_the_warning_and_leave_only_save_teardow
     options = ["--backend", "slurm", "--run-dir", str(run_dir), "--tasks", "3", "--time", "1", "--signal", "USR1@20"]
     options += ["--max-tasks", "3"]  # three tasks to measure, no auto-extension (item 28)
     submitted = subprocess.run(
-        ["hpcckpt", "submit", *options, "--", sys.executable, str(WORKER), str(run_dir), *args],
+        ["hpcckpt", "submit", *options, "--", sys.executable, str(TRAIN_WORKER), str(run_dir), *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paths import TRAIN_WORKER
 from slurm_cluster import SlurmCluster
 
 from hpcckpt.distributed import expand_nodelist
@@ -233,7 +234,6 @@ def test_squeue_and_sbatch_that_fail_for_a_moment_are_asked_again(slurm_cluster:
 
 
 # --- item 22: the local backend driven from a terminal -------------------------------------------------
-WORKER = Path(__file__).with_name("train_worker.py")
 
 
 def hpcckpt(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -278,7 +278,7 @@ def session_members(session: int) -> list[int]:
 def test_ctrl_c_on_a_local_submit_saves_the_running_task_and_leaves_nothing_behind(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "3", "--time", "2:00", "--signal", "USR1@20"]
-    training = [sys.executable, str(WORKER), str(run_dir), "--steps", "1000000", "--step-sleep", "0.02"]
+    training = [sys.executable, str(TRAIN_WORKER), str(run_dir), "--steps", "1000000", "--step-sleep", "0.02"]
     chain = subprocess.Popen(
         ["hpcckpt", "submit", *argv, "--", *training, "--workers", "0", "--save-every", "10ba"],
         stdout=subprocess.PIPE,
@@ -323,7 +323,7 @@ def test_extend_runs_more_tasks_of_a_local_run_here(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     training = [
         sys.executable,
-        str(WORKER),
+        str(TRAIN_WORKER),
         str(run_dir),
         "--steps",
         "100000",
@@ -349,7 +349,8 @@ def test_extend_runs_more_tasks_of_a_local_run_here(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_a_local_chain_too_short_for_its_run_extends_itself_until_complete(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    training = [sys.executable, str(WORKER), str(run_dir), "--steps", "400", "--step-sleep", "0.02", "--workers", "0"]
+    training = [sys.executable, str(TRAIN_WORKER), str(run_dir), "--steps", "400", "--step-sleep", "0.02"]
+    training += ["--workers", "0"]
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "1", "--time", "0:10", "--signal", "none"]
     result = hpcckpt("submit", *argv, "--max-tasks", "30", "--", *training, timeout=580)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -367,7 +368,7 @@ def test_auto_extension_stops_at_the_default_cap_and_status_says_what_the_eta_ne
     run_dir = tmp_path / "run"
     training = [
         sys.executable,
-        str(WORKER),
+        str(TRAIN_WORKER),
         str(run_dir),
         "--steps",
         "100000",
@@ -401,7 +402,7 @@ def test_max_tasks_below_tasks_is_refused(tmp_path: Path) -> None:
 def test_a_slurm_chain_of_two_tasks_that_needs_four_extends_itself_and_completes(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
-    from test_chain_slurm import WORKER as SLURM_WORKER
+    from test_chain_slurm import TRAIN_WORKER as SLURM_WORKER
     from test_chain_slurm import assert_chain_gone, submit, wait_state
 
     run_dir = tmp_path / "chain"

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from compare import assert_same_training
 from golden import GOLDEN, SBATCH
+from paths import TRAIN_WORKER
 
 from hpcckpt import CheckpointStore
 from hpcckpt.slurm.chain import chain_spec, default_lead, render
-
-WORKER = Path(__file__).with_name("train_worker.py")
 
 
 def hpcckpt(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -27,7 +26,9 @@ def hpcckpt(*argv: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_sbatch_scripts_are_the_template_s_output(name: str) -> None:
-    assert (SBATCH / name).read_text() == render(GOLDEN[name]), "run `python tests/golden.py` after a template change"
+    assert (SBATCH / name).read_text() == render(GOLDEN[name]), (
+        "run `python tests/support/golden.py` after a template change"
+    )
     result = subprocess.run(["bash", "-n", str(SBATCH / name)], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
 
@@ -194,7 +195,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
     args = ["--epochs", "60", "--step-sleep", "0.02", "--workers", "0"]
     launched = time.time()
     reference = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path / "reference"), *args],
+        [sys.executable, str(TRAIN_WORKER), str(tmp_path / "reference"), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -221,7 +222,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
         "none",
         "--",
         sys.executable,
-        str(WORKER),
+        str(TRAIN_WORKER),
         str(run_dir),
         *args,
         timeout=500,
@@ -247,7 +248,7 @@ def _startup_seconds(tmp_path: Path) -> float:
     probe = tmp_path / "startup-probe"
     launched = time.time()
     started = subprocess.run(
-        [sys.executable, str(WORKER), str(probe), "--steps", "1", "--workers", "0"],
+        [sys.executable, str(TRAIN_WORKER), str(probe), "--steps", "1", "--workers", "0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -281,7 +282,7 @@ def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Pa
         f"USR1@{lead}",
         "--",
         sys.executable,
-        str(WORKER),
+        str(TRAIN_WORKER),
         str(run_dir),
         "--steps",
         str(steps),

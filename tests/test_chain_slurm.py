@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from compare import assert_same_training
+from paths import TRAIN_WORKER
 from slurm_cluster import SlurmCluster
 
 from hpcckpt import CheckpointStore
 
-WORKER = Path(__file__).with_name("train_worker.py")
 STEPS_PER_EPOCH = 12
 
 
@@ -70,7 +70,7 @@ def reference_run(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     """The same training, uninterrupted and without Slurm, started beside the chain."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp_path / "reference"), *args],
+        [sys.executable, str(TRAIN_WORKER), str(tmp_path / "reference"), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -102,7 +102,7 @@ def test_three_one_minute_tasks_stopped_by_the_budget(slurm_cluster: SlurmCluste
         "1",
         "--signal",
         "none",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(TRAIN_WORKER), str(run_dir), *args],
         env_extra={"HPCCKPT_MARGIN": "3"},
     )
     final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=480)
@@ -134,7 +134,7 @@ def test_real_preemption_saves_within_grace_and_the_chain_completes(
         "--time",
         "3",
         "--sbatch-arg=--exclusive",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(TRAIN_WORKER), str(run_dir), *args],
     )
     slurm_cluster.wait_for(
         lambda: events(run_dir, "start") if (run_dir / "events.jsonl").exists() else None,
@@ -172,7 +172,7 @@ def test_usr1_from_scancel_saves_at_the_next_step_and_the_next_task_resumes(
         "3",
         "--time",
         "2",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(TRAIN_WORKER), str(run_dir), *args],
     )
     slurm_cluster.wait_for(
         lambda: events(run_dir, "start") if (run_dir / "events.jsonl").exists() else None,
@@ -234,7 +234,7 @@ def test_completion_cancels_the_remaining_tasks(slurm_cluster: SlurmCluster, tmp
         "4",
         "--time",
         "2",
-        command=[sys.executable, str(WORKER), str(run_dir), "--epochs", "2", "--workers", "0"],
+        command=[sys.executable, str(TRAIN_WORKER), str(run_dir), "--epochs", "2", "--workers", "0"],
     )
     final = wait_state(slurm_cluster, run_dir, {"complete", "failed"}, timeout=200)
     assert final["state"] == "complete" and final["step"] == 2 * STEPS_PER_EPOCH
@@ -257,7 +257,7 @@ def test_extend_queues_an_array_after_the_current_one_and_cancel_removes_both(
         "2",
         command=[
             sys.executable,
-            str(WORKER),
+            str(TRAIN_WORKER),
             str(run_dir),
             "--epochs",
             "1000",
@@ -314,7 +314,7 @@ def test_auto_extend_resubmits_an_unfinished_chain_once(slurm_cluster: SlurmClus
         "none",
         "--auto-extend",
         "1",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(TRAIN_WORKER), str(run_dir), *args],
         env_extra={"HPCCKPT_MARGIN": "3"},
     )
     final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=330)

@@ -14,14 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import store_workers
+from paths import WORKERS
 
 from hpcckpt import CheckpointStore
 from hpcckpt.store.registry import Registry
-
-sys.path.insert(0, str(Path(__file__).parent))
-import store_workers
-
-TESTS = Path(__file__).parent
 
 SKEWED_CLOCK = """
 import time
@@ -49,7 +46,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=TESTS, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(argv, cwd=WORKERS, env=_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
 def _task(run_dir: Path, *, skewed: bool = False) -> int | None:

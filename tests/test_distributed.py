@@ -19,14 +19,13 @@ from typing import Any
 
 import pytest
 from compare import assert_bitwise_equal
+from paths import DDP_WORKER
 from slurm_cluster import SlurmCluster
 from test_chain_slurm import assert_chain_gone, submit, wait_state
 
 from hpcckpt import CheckpointStore
 from hpcckpt.distributed import dist_env, expand_nodelist
 
-HERE = Path(__file__).parent
-WORKER = HERE / "ddp_worker.py"
 _port = 29700 + os.getpid() % 200
 
 
@@ -57,7 +56,7 @@ class Ranks:
         deadline = ["--deadline-in", str(deadline_in)] if deadline_in else []
         self.pid_dir = run_dir.parent / f"{run_dir.name}-pids-{time.monotonic_ns()}"
         self.pid_dir.mkdir(parents=True)
-        worker = [str(WORKER), str(run_dir), "--pid-dir", str(self.pid_dir), *deadline, *args]
+        worker = [str(DDP_WORKER), str(run_dir), "--pid-dir", str(self.pid_dir), *deadline, *args]
         self.processes: list[subprocess.Popen[str]] = []
         if torchrun:
             launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port)]
@@ -294,7 +293,7 @@ def test_a_ddp_chain_across_two_nodes_survives_budget_stops_and_a_signal_to_one_
         slurm_cluster,
         run_dir,
         *("--tasks", "5", "--time", "1", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), *args],
         env_extra={"HPCCKPT_MARGIN": "3", "PYTHONPATH": os.pathsep.join(sys.path)},
     )
 
@@ -359,7 +358,7 @@ def test_under_srun_a_two_rank_checkpoint_resumes_on_one_rank(slurm_cluster: Slu
         slurm_cluster,
         run_dir,
         *("--tasks", "1", "--time", "2", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), "--steps", "100000", *args],
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), "--steps", "100000", *args],
         env_extra=env,
     )
     slurm_cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
@@ -375,7 +374,7 @@ def test_under_srun_a_two_rank_checkpoint_resumes_on_one_rank(slurm_cluster: Slu
         slurm_cluster,
         run_dir,
         *("--tasks", "1", "--time", "2", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), "--steps", str(target), *args],
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), "--steps", str(target), *args],
         env_extra=env,
     )
     final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=240)
@@ -399,7 +398,7 @@ def test_under_srun_a_rank_killed_during_a_save_commits_nothing_partial(
         slurm_cluster,
         run_dir,
         *("--tasks", "3", "--time", "2", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), *args],
         env_extra={"PYTHONPATH": os.pathsep.join(sys.path)},
     )
     checkpoints = run_dir / "checkpoints"

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from compare import assert_same_training
+from paths import TRAIN_WORKER
 
 from hpcckpt import CheckpointStore
 
-WORKER = Path(__file__).with_name("train_worker.py")
 STEPS_PER_EPOCH = 12  # 96 samples, batches of 8
 
 
@@ -33,7 +33,7 @@ class Job:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._stderr = open(run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.stderr", "w+")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), str(run_dir), *args],
+            [sys.executable, str(TRAIN_WORKER), str(run_dir), *args],
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,

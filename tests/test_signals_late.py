@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-WORKER = Path(__file__).with_name("train_worker.py")
+from paths import TRAIN_WORKER
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(run_dir), "--workers", "0", "--linger", *args],
+        [sys.executable, str(TRAIN_WORKER), str(run_dir), "--workers", "0", "--linger", *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -17,13 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+import store_workers
+from paths import WORKERS
 
 from hpcckpt import CheckpointStore
-
-sys.path.insert(0, str(Path(__file__).parent))
-import store_workers
-
-TESTS = Path(__file__).parent
 
 # Wraps fcntl.lockf: the first lock taken on a ".owner" file waits for the test (argv[1] paused, argv[2] go).
 HOLD_BEFORE_OWNER_LOCK = """
@@ -80,7 +77,7 @@ def _start(code: str, *args: str | Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
     return subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args)],
-        cwd=TESTS,
+        cwd=WORKERS,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -18,18 +18,16 @@ from typing import Any
 
 import pytest
 from compare import assert_same_training
+from paths import REPO, SUBMITIT_TRAIN, WORKERS
 from slurm_cluster import SlurmCluster
 
 from hpcckpt import CheckpointStore, HpcckptError, UsageError
 
 submitit = pytest.importorskip("submitit")
 
-from hpcckpt.integrations.submitit import Resumable, Unfinished, stored_result, submit_chain  # noqa: E402
-
-HERE = Path(__file__).parent
-TRAIN = HERE / "submitit_train.py"
-sys.path.insert(0, str(HERE))
 from submitit_train import crash, rank_zero_trains, train  # noqa: E402
+
+from hpcckpt.integrations.submitit import Resumable, Unfinished, stored_result, submit_chain  # noqa: E402
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -39,7 +37,7 @@ def job_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("SLURM_", "HPCCKPT_", "SUBMITIT_")):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(WORKERS), os.environ.get("PYTHONPATH")])))
 
 
 @pytest.fixture
@@ -58,7 +56,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, steps: int) -> Reference
         run_dir = tmp_path_factory.mktemp("reference") / "run"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_", "SUBMITIT_"))}
         out = subprocess.run(
-            [sys.executable, str(TRAIN), str(run_dir), str(steps)],
+            [sys.executable, str(SUBMITIT_TRAIN), str(run_dir), str(steps)],
             capture_output=True,
             text=True,
             env=env,
@@ -260,7 +258,7 @@ def test_the_debug_executor_runs_it_in_process(
 ) -> None:
     steps = 300
     run_dir = tmp_path / "run"
-    argv = [sys.executable, str(TRAIN), "debug", str(run_dir), str(tmp_path / "submitit"), str(steps), form]
+    argv = [sys.executable, str(SUBMITIT_TRAIN), "debug", str(run_dir), str(tmp_path / "submitit"), str(steps), form]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr
@@ -321,7 +319,7 @@ def test_bad_input_is_refused_before_anything_is_submitted(tmp_path: Path, call:
 
 @pytest.mark.timeout(300, func_only=True)
 def test_the_example_runs_a_chain_on_the_cluster(on_cluster: SlurmCluster, tmp_path: Path) -> None:
-    example = HERE.parent / "examples" / "submitit_chain.py"
+    example = REPO / "examples" / "submitit_chain.py"
     argv = [sys.executable, str(example), "--run-dir", "runs/ex", "--tasks", "4", "--time", "1", "--steps", "600"]
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=280, env=dict(os.environ))
     assert out.returncode == 0, out.stderr

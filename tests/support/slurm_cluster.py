@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-SLURM_LAB = Path(__file__).parent / "cluster" / "slurm-lab"
+SLURM_LAB = Path(__file__).resolve().parent.parent / "cluster" / "slurm-lab"
 
 # slurm-lab's exit status for "Slurm cannot run here" (not root, no apt-get, install failed).
 EXIT_UNAVAILABLE = 3
