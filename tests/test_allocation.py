@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 from paths import TRAIN_WORKER
+from runs import events
 
-from hpcckpt import CheckpointStore
 from hpcckpt.budget import DEFAULT_TEARDOWN, is_time_limit_warning, measured_teardown
 
 END = 1_800_000_000.0  # a job's end time (Unix seconds)
@@ -102,10 +102,6 @@ class Training:
         return json.loads(out.splitlines()[-1])
 
 
-def stop_event(run_dir: Path) -> dict[str, Any]:
-    return next(e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == "stop")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_time_limit_s_warning_trains_on_until_the_budget_says_stop(tmp_path: Path) -> None:
@@ -119,7 +115,7 @@ def test_the_time_limit_s_warning_trains_on_until_the_budget_says_stop(tmp_path:
     run.process.send_signal(signal.SIGUSR1)
     warned_at = time.time()
     end = run.end()
-    stop = stop_event(tmp_path / "run")
+    stop = events(tmp_path / "run", "stop")[0]
     assert (stop["reason"], stop["cause"], stop["signal"], stop["saved"]) == ("budget", "timeout", "SIGUSR1", True)
     assert stop["time"] - warned_at > lead - 3, "it trained on through the lead"
     assert 0 < stop["time_left"] < 1.5, "and stopped only when the budget said so"
@@ -135,7 +131,7 @@ def test_a_users_warning_early_in_a_short_job_stops_at_once_as_not_the_time_limi
     assert deadline - time.time() > 20 + 30 + 5, "started too late to tell a user's warning from Slurm's"
     run.process.send_signal(signal.SIGUSR1)
     run.end()
-    stop = stop_event(tmp_path / "run")
+    stop = events(tmp_path / "run", "stop")[0]
     assert (stop["reason"], stop["saved"]) == ("signal", True)
     assert stop["cause"] == "preemption", "not the time limit's: before issue 11 this was called a timeout"
     assert stop["time_left"] > 50, "left at once"
@@ -157,7 +153,7 @@ def test_a_warning_without_a_known_deadline_still_stops_at_once(tmp_path: Path) 
     process.send_signal(signal.SIGUSR1)
     process.communicate(timeout=120)
     assert process.returncode == 0
-    stop = stop_event(tmp_path / "run")
+    stop = events(tmp_path / "run", "stop")[0]
     assert (stop["reason"], stop["cause"], stop["saved"]) == ("signal", "unknown", True)
 
 
@@ -183,10 +179,6 @@ def local_chain(run_dir: Path, tasks: int, time_spec: str, command: list[str]) -
         timeout=600,
         check=False,
     )
-
-
-def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
 
 
 @pytest.mark.slow

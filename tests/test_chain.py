@@ -15,6 +15,7 @@ import pytest
 from compare import assert_same_training
 from golden import GOLDEN, SBATCH
 from paths import TRAIN_WORKER
+from runs import events
 
 from hpcckpt import CheckpointStore
 from hpcckpt.slurm.chain import chain_spec, default_lead, render
@@ -184,10 +185,6 @@ def test_awkward_paths_and_arguments_render_and_run_unchanged(tmp_path: Path) ->
     assert (run_dir / "logs").is_dir()
 
 
-def _events(run_dir: Path, kind: str) -> list[dict]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -205,7 +202,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
     # The tasks' length follows this machine's measured start-up (process start to the first step): about 5 s
     # of 14.4 s of training per task, so the run needs three or four of its six tasks however busy the machine
     # is (with a fixed 7 s, start-up under load left almost nothing and the six tasks did not suffice).
-    startup = _events(tmp_path / "reference", "start")[0]["time"] - launched
+    startup = events(tmp_path / "reference", "start")[0]["time"] - launched
     task = math.ceil(startup + 8)
     run_dir = tmp_path / "chain"
     result = hpcckpt(
@@ -228,12 +225,12 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
         timeout=500,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    stops = _events(run_dir, "stop")
+    stops = events(run_dir, "stop")
     assert len(stops) >= 3, result.stdout
     assert [s["reason"] for s in stops[:-1]] == ["budget"] * (len(stops) - 1)
     assert stops[-1]["reason"] == "completed"
     assert all(s["steps_lost"] == 0 and s["saved"] for s in stops)
-    starts = _events(run_dir, "start")
+    starts = events(run_dir, "start")
     assert [s["resumed_step"] for s in starts[1:]] == [s["step"] for s in stops[:-1]], "each task resumed exactly"
     assert_same_training(
         CheckpointStore(tmp_path / "reference", create=False).load(), CheckpointStore(run_dir, create=False).load()
@@ -255,7 +252,7 @@ def _startup_seconds(tmp_path: Path) -> float:
         check=False,
     )
     assert started.returncode == 0, started.stderr
-    return float(_events(probe, "start")[0]["time"]) - launched
+    return float(events(probe, "start")[0]["time"]) - launched
 
 
 @pytest.mark.slow
@@ -293,14 +290,14 @@ def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Pa
         timeout=250,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    first = _events(run_dir, "stop")[0]
+    first = events(run_dir, "stop")[0]
     # 8 s before the end of the task: the time limit's warning, not a preemption; the budget knows when
     # to stop, so the task trains on until it says so (issue 11, item 27), and then saves.
     assert (first["reason"], first["saved"], first["steps_lost"]) == ("budget", True, 0)
     assert (first["cause"], first["signal"]) == ("timeout", "SIGUSR1")
-    assert _events(run_dir, "start")[1]["resumed_step"] == first["step"]
+    assert events(run_dir, "start")[1]["resumed_step"] == first["step"]
     assert "(sent USR1)" in result.stdout
-    assert _events(run_dir, "complete")
+    assert events(run_dir, "complete")
 
 
 @pytest.mark.slow
@@ -326,7 +323,7 @@ def test_local_crash_loop_is_broken_after_max_failures(tmp_path: Path) -> None:
         crash,
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert len(_events(run_dir, "task-begin")) == 2
+    assert len(events(run_dir, "task-begin")) == 2
     assert "the remaining 3 task(s) are cancelled" in result.stdout
     status = hpcckpt("status", str(run_dir))
     assert "state    FAILED" in status.stdout
@@ -347,5 +344,5 @@ def test_local_crash_loop_is_broken_after_max_failures(tmp_path: Path) -> None:
         "-c",
         crash,
     )
-    assert len(_events(run_dir, "task-begin")) == 2, "a failed run starts no more tasks"
+    assert len(events(run_dir, "task-begin")) == 2, "a failed run starts no more tasks"
     assert again.returncode == 1

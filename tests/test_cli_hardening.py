@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from golden import GOLDEN, SBATCH
+from runs import events
 
 from hpcckpt import CheckpointStore, UsageError
 from hpcckpt.cli.chain import command_target
@@ -454,5 +455,5 @@ def test_task_end_records_the_task_when_the_exit_time_is_unreadable(tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
     result = hpcckpt("task-end", "--run-dir", str(run), "--status", "0", "--exited-at", exited_at, env=env)
     assert result.returncode == 0, result.stderr
-    [end] = [e for e in CheckpointStore(run, create=False).registry.events() if e["event"] == "task-end"]
+    [end] = events(run, "task-end")
     assert (end["status"], end["exited"]) == (0, None)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from compare import assert_same_training
 from paths import TRAIN_WORKER
+from runs import events
 
 from hpcckpt import CheckpointStore
 
@@ -80,10 +81,6 @@ def final_state(run_dir: Path) -> dict[str, Any]:
     return CheckpointStore(run_dir, create=False).load()
 
 
-def stops(run_dir: Path) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == "stop"]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_interrupted_training_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path: Path) -> None:
@@ -119,9 +116,9 @@ def test_interrupted_training_ends_bitwise_identical_to_an_uninterrupted_one(tmp
 
     assert len(interruptions) >= 5, interruptions
     assert {"budget", "usr1", "term"} <= set(interruptions)
-    stopped_at = [e["step"] for e in stops(run_dir) if e["reason"] != "completed"]
+    stopped_at = [e["step"] for e in events(run_dir, "stop") if e["reason"] != "completed"]
     assert any(step % STEPS_PER_EPOCH for step in stopped_at), f"no stop fell mid-epoch: {stopped_at}"
-    assert all(e["steps_lost"] == 0 for e in stops(run_dir)), "a stop lost steps"
+    assert all(e["steps_lost"] == 0 for e in events(run_dir, "stop")), "a stop lost steps"
 
     assert_same_training(final_state(tmp_path / "reference"), final_state(run_dir))
 
@@ -195,7 +192,7 @@ def test_term_with_a_tiny_grace_window_leaves_at_once_with_the_last_checkpoint_i
     assert latest is not None and latest.step == end["saved"] and latest.step % 20 == 0
     store.verify(latest)
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")] == []
-    (stop,) = stops(run_dir)
+    (stop,) = events(run_dir, "stop")
     assert stop["steps_lost"] == end["step"] - end["saved"] and stop["saved"] is False
     resumed = Job(run_dir, *args)
     assert resumed.wait_started()["step"] == end["saved"]
@@ -208,7 +205,7 @@ def test_completion_makes_the_next_task_a_no_op(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = Job(run_dir, "--epochs", "1", "--workers", "0").end()
     assert first["completed"] and first["step"] == STEPS_PER_EPOCH
-    events_before = CheckpointStore(run_dir, create=False).registry.events()
+    events_before = events(run_dir)
     started = time.monotonic()
     again = Job(run_dir, "--epochs", "1", "--workers", "0")
     assert again.wait_started()["step"] == STEPS_PER_EPOCH
@@ -216,7 +213,7 @@ def test_completion_makes_the_next_task_a_no_op(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
     assert (end["completed"], end["reason"], end["step"]) == (True, "completed", STEPS_PER_EPOCH)
     assert "already complete at step 12; nothing to do" in again.stderr
-    events_after = CheckpointStore(run_dir, create=False).registry.events()
+    events_after = events(run_dir)
     assert events_after == events_before, "a no-op task records nothing and trains nothing"
 
 
@@ -226,9 +223,8 @@ def test_a_budget_stop_loses_no_step_and_records_the_task(tmp_path: Path) -> Non
     args = ("--steps", "100000", "--workers", "0", "--step-sleep", "0.01")
     end = Job(run_dir, *args, deadline_in=4.0).end()
     assert (end["reason"], end["saved"]) == ("budget", end["step"])
-    events = CheckpointStore(run_dir, create=False).registry.events()
-    start = next(e for e in events if e["event"] == "start")
-    stop = next(e for e in events if e["event"] == "stop")
+    start = events(run_dir, "start")[0]
+    stop = events(run_dir, "stop")[0]
     assert start["resumed_step"] == 0 and start["deadline_source"] == "HPCCKPT_DEADLINE"
     assert stop["steps_done"] == end["step"] and stop["steps_lost"] == 0
     assert 0 < stop["time_left"] < 1.5, "stopped close to the deadline, with the save done"

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from compare import assert_same_training
 from paths import REPO, SUBMITIT_TRAIN, WORKERS
+from runs import events, wait_started
 from slurm_cluster import SlurmCluster
 
 from hpcckpt import CheckpointStore, HpcckptError, UsageError
@@ -65,10 +66,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory, steps: int) -> Reference
         )
         _references[steps] = json.loads(out.stdout.splitlines()[-1]), CheckpointStore(run_dir, create=False).load()
     return _references[steps]
-
-
-def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
 
 
 def assert_like_reference(
@@ -132,7 +129,7 @@ def test_a_preempted_slurm_job_saves_and_resumes(
     run_dir = tmp_path / "run"
     executor = slurm_executor(tmp_path / "submitit", timeout_min=5, slurm_additional_parameters={"exclusive": True})
     job = executor.submit(Resumable(train, run_dir), steps, 0.05)
-    on_cluster.wait_for(lambda: (run_dir / "events.jsonl").exists() and events(run_dir, "start"), 120, what="start")
+    wait_started(run_dir, 120)
     time.sleep(5)
     high = on_cluster.sbatch(
         "#!/bin/bash\nsleep 5\n", "-p", "high", "-N", "2", "--exclusive", "--time=1", "--output=/dev/null", cwd=tmp_path
@@ -154,7 +151,7 @@ def test_an_scancelled_slurm_job_saves_and_stays_cancelled(on_cluster: SlurmClus
     run_dir = tmp_path / "run"
     executor = slurm_executor(tmp_path / "submitit", timeout_min=5)
     job = executor.submit(Resumable(train, run_dir), 10**6, 0.01)
-    on_cluster.wait_for(lambda: (run_dir / "events.jsonl").exists() and events(run_dir, "start"), 120, what="start")
+    wait_started(run_dir, 120)
     time.sleep(2)
     on_cluster.cancel(job.job_id)
     on_cluster.wait_for(lambda: events(run_dir, "task-end"), 60, what="the task to end")
@@ -350,7 +347,7 @@ def test_sigterm_far_from_the_time_limit_is_not_requeued(job_env: None, tmp_path
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit", max_num_timeout=10)
     executor.update_parameters(timeout_min=5)
     job = executor.submit(Resumable(train, run_dir), 10**6, 0.01)
-    SlurmCluster.wait_for(lambda: (run_dir / "events.jsonl").exists() and events(run_dir, "start"), 60, what="start")
+    wait_started(run_dir, 60)
     time.sleep(1)
     job._process.send_signal(signal.SIGTERM)  # the local controller forwards it to the task
     with pytest.raises(submitit.core.utils.UncompletedJobError, match="has not produced any output"):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runs import events
 
 from hpcckpt import CheckpointStore
 from hpcckpt.slurm.tasks import task_begin, task_end
@@ -125,8 +126,7 @@ def test_the_breaker_trips_at_task_begin_when_the_killed_task_was_the_last_straw
     state = chain.state()
     assert state is not None and state["event"] == "failed"
     assert state["reason"] == "1 consecutive tasks made no progress (no new checkpoint): killed"
-    events = chain.store.registry.events()
-    assert [e["event"] for e in events] == ["task-begin", "task-end", "failed"]
+    assert [e["event"] for e in events(chain.run_dir)] == ["task-begin", "task-end", "failed"]
 
 
 def test_a_killed_task_that_had_saved_is_not_a_failure(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_a_killed_task_that_had_saved_is_not_a_failure(tmp_path: Path) -> None:
     chain.store.save({"step_seen": 1}, step=1)  # then killed before task-end
     assert chain.begin()
     assert chain.state() is None
-    killed_end = [e for e in chain.store.registry.events() if e["event"] == "task-end"]
+    killed_end = events(chain.run_dir, "task-end")
     assert [(e["killed"], e["progress"], e["latest_step"]) for e in killed_end] == [(True, True, 1)]
 
 
@@ -159,8 +159,8 @@ def test_a_complete_run_sends_every_later_task_away_without_counting_it(
     chain = Chain(tmp_path / "run", max_failures=1)
     chain.saving_task()
     chain.store.registry.record("complete", step=1)
-    before = chain.store.registry.events()
+    before = events(chain.run_dir)
 
     assert not chain.begin()
-    assert chain.store.registry.events() == before  # nothing recorded: not a failure, not a task
+    assert events(chain.run_dir) == before  # nothing recorded: not a failure, not a task
     assert f"run {tmp_path / 'run'} is complete; this task has nothing to do" in capsys.readouterr().err

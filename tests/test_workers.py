@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from compare import assert_same_training
 from paths import TRAIN_WORKER
+from runs import events
 
 from hpcckpt import CheckpointStore
 
@@ -66,10 +67,6 @@ class GroupJob:
         self._stderr.close()
         ends = [json.loads(line) for line in out.splitlines() if '"end"' in line]
         return self.process.returncode, (ends[-1] if ends else None), err
-
-
-def stop_events(run_dir: Path) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == "stop"]
 
 
 @pytest.mark.slow
@@ -132,8 +129,8 @@ def test_sigterm_to_the_whole_process_group_still_saves_and_resumes_bitwise(
         pytest.fail(f"the run never completed after {stops} stops")
 
     assert stops >= 3, f"only {stops} of the SIGTERMs came before the run completed"
-    events = stop_events(run_dir)
-    assert [e["steps_lost"] for e in events] == [0] * len(events), events
+    stop_events = events(run_dir, "stop")
+    assert [e["steps_lost"] for e in stop_events] == [0] * len(stop_events), stop_events
     if exact:
         assert_same_training(
             CheckpointStore(tmp_path / "reference", create=False).load(),
