@@ -5,8 +5,6 @@ tests/test_allocation_slurm.py."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +14,7 @@ from typing import Any
 
 import pytest
 from paths import TRAIN_WORKER
-from runs import events
+from runs import TrainWorker, clean_env, events, train_command
 
 from hpcckpt.budget import DEFAULT_TEARDOWN, is_time_limit_warning, measured_teardown
 
@@ -73,33 +71,19 @@ def test_teardown_is_the_slowest_stop_to_task_end_of_the_last_tasks() -> None:
 
 
 # -- a real training process ---------------------------------------------------------------------------
-class Training:
+class Training(TrainWorker):
     """train_worker.py with a deadline and a --signal lead, as a chain task sees them."""
 
     def __init__(self, run_dir: Path, deadline: float, lead: int | None, *args: str, job: bool = False) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
-        env["HPCCKPT_DEADLINE"] = str(deadline)
+        env = clean_env(HPCCKPT_DEADLINE=str(deadline))
         if lead is not None:
             env["HPCCKPT_SIGNAL_LEAD"] = str(lead)
-        self.err = run_dir.parent / f"{run_dir.name}.stderr"
-        with open(self.err, "w") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, str(TRAIN_WORKER), str(run_dir), "--steps", "1000000", "--workers", "0", *args],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                env=env,
-            )
-
-    def wait_started(self) -> None:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line and json.loads(line)["event"] == "started", self.err.read_text()
+        super().__init__(run_dir, "--steps", "1000000", "--workers", "0", *args, env=env)
 
     def end(self) -> dict[str, Any]:
-        out, _ = self.process.communicate(timeout=300)
-        assert self.process.returncode == 0, self.err.read_text()
-        return json.loads(out.splitlines()[-1])
+        ends = self.finish(timeout=300)
+        assert self.process.returncode == 0, self.stderr
+        return ends[-1]
 
 
 @pytest.mark.slow
@@ -140,10 +124,10 @@ def test_a_users_warning_early_in_a_short_job_stops_at_once_as_not_the_time_limi
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_warning_without_a_known_deadline_still_stops_at_once(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     env["HPCCKPT_SIGNAL_LEAD"] = "20"
     process = subprocess.Popen(
-        [sys.executable, str(TRAIN_WORKER), str(tmp_path / "run"), "--steps", "1000000", "--workers", "0"],
+        train_command(tmp_path / "run", "--steps", "1000000", "--workers", "0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -217,7 +201,7 @@ def test_a_task_that_saved_and_was_then_ended_by_the_time_limit_is_a_clean_stop(
     # no longer dies of a TERM after its loop (item 11: it records and ignores it), so the wrapper is the
     # part the TERM ends, as torchrun or a shell script around the training would be.
     args = ["--steps", "1000000", "--step-sleep", "0.02", "--workers", "0"]
-    training = [sys.executable, str(TRAIN_WORKER), str(run_dir), *args]
+    training = train_command(run_dir, *args)
     result = local_chain(run_dir, 1, "0:12", ["bash", "-c", '"$@"; sleep 8', "wrapper", *training])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(sent TERM)" in result.stdout

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 from chains import SlurmChain
-from paths import TRAIN_WORKER
-from runs import events, wait_for
+from runs import events, train_command, wait_for
 from slurm_cluster import SlurmCluster
 
 from hpcckpt.distributed import expand_nodelist
@@ -264,7 +263,7 @@ def session_members(session: int) -> list[int]:
 def test_ctrl_c_on_a_local_submit_saves_the_running_task_and_leaves_nothing_behind(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "3", "--time", "2:00", "--signal", "USR1@20"]
-    training = [sys.executable, str(TRAIN_WORKER), str(run_dir), "--steps", "1000000", "--step-sleep", "0.02"]
+    training = train_command(run_dir, "--steps", "1000000", "--step-sleep", "0.02")
     chain = subprocess.Popen(
         ["hpcckpt", "submit", *argv, "--", *training, "--workers", "0", "--save-every", "10ba"],
         stdout=subprocess.PIPE,
@@ -307,17 +306,7 @@ def test_ctrl_c_on_a_local_submit_saves_the_running_task_and_leaves_nothing_behi
 @pytest.mark.timeout(400)
 def test_extend_runs_more_tasks_of_a_local_run_here(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    training = [
-        sys.executable,
-        str(TRAIN_WORKER),
-        str(run_dir),
-        "--steps",
-        "100000",
-        "--step-sleep",
-        "0.02",
-        "--workers",
-        "0",
-    ]
+    training = train_command(run_dir, "--steps", "100000", "--step-sleep", "0.02", "--workers", "0")
     base = ["--run-dir", str(run_dir), "--time", "0:12", "--signal", "none"]
     first = hpcckpt("submit", "--backend", "local", *base, "--tasks", "1", "--max-tasks", "1", "--", *training)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -335,8 +324,7 @@ def test_extend_runs_more_tasks_of_a_local_run_here(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_a_local_chain_too_short_for_its_run_extends_itself_until_complete(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    training = [sys.executable, str(TRAIN_WORKER), str(run_dir), "--steps", "400", "--step-sleep", "0.02"]
-    training += ["--workers", "0"]
+    training = train_command(run_dir, "--steps", "400", "--step-sleep", "0.02", "--workers", "0")
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "1", "--time", "0:10", "--signal", "none"]
     result = hpcckpt("submit", *argv, "--max-tasks", "30", "--", *training, timeout=580)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -352,17 +340,7 @@ def test_a_local_chain_too_short_for_its_run_extends_itself_until_complete(tmp_p
 @pytest.mark.timeout(600)
 def test_auto_extension_stops_at_the_default_cap_and_status_says_what_the_eta_needs(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    training = [
-        sys.executable,
-        str(TRAIN_WORKER),
-        str(run_dir),
-        "--steps",
-        "100000",
-        "--step-sleep",
-        "0.02",
-        "--workers",
-        "0",
-    ]
+    training = train_command(run_dir, "--steps", "100000", "--step-sleep", "0.02", "--workers", "0")
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "1", "--time", "0:08", "--signal", "none"]
     result = hpcckpt("submit", *argv, "--", *training, timeout=580)
     assert result.returncode == 0, result.stdout + result.stderr

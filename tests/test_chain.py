@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from compare import assert_same_training
 from golden import GOLDEN, SBATCH
-from paths import TRAIN_WORKER
-from runs import events
+from runs import events, train_command
 
 from hpcckpt import CheckpointStore
 from hpcckpt.slurm.chain import chain_spec, default_lead, render
@@ -192,7 +191,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
     args = ["--epochs", "60", "--step-sleep", "0.02", "--workers", "0"]
     launched = time.time()
     reference = subprocess.run(
-        [sys.executable, str(TRAIN_WORKER), str(tmp_path / "reference"), *args],
+        train_command(tmp_path / "reference", *args),
         capture_output=True,
         text=True,
         timeout=300,
@@ -218,10 +217,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
         "--signal",
         "none",
         "--",
-        sys.executable,
-        str(TRAIN_WORKER),
-        str(run_dir),
-        *args,
+        *train_command(run_dir, *args),
         timeout=500,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -245,7 +241,7 @@ def _startup_seconds(tmp_path: Path) -> float:
     probe = tmp_path / "startup-probe"
     launched = time.time()
     started = subprocess.run(
-        [sys.executable, str(TRAIN_WORKER), str(probe), "--steps", "1", "--workers", "0"],
+        train_command(probe, "--steps", "1", "--workers", "0"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -278,15 +274,7 @@ def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Pa
         "--signal",
         f"USR1@{lead}",
         "--",
-        sys.executable,
-        str(TRAIN_WORKER),
-        str(run_dir),
-        "--steps",
-        str(steps),
-        "--step-sleep",
-        "0.02",
-        "--workers",
-        "0",
+        *train_command(run_dir, "--steps", str(steps), "--step-sleep", "0.02", "--workers", "0"),
         timeout=250,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,7 +3,6 @@ completion cancelling what is left, extend and cancel. Each asserts what Slurm a
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,8 +12,7 @@ from typing import Any
 import pytest
 from chains import SlurmChain
 from compare import assert_same_training
-from paths import TRAIN_WORKER
-from runs import events
+from runs import clean_env, events, train_command
 
 from hpcckpt import CheckpointStore
 
@@ -23,9 +21,9 @@ STEPS_PER_EPOCH = 12
 
 def reference_run(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     """The same training, uninterrupted and without Slurm, started beside the chain."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     return subprocess.Popen(
-        [sys.executable, str(TRAIN_WORKER), str(tmp_path / "reference"), *args],
+        train_command(tmp_path / "reference", *args),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

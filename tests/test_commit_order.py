@@ -8,7 +8,6 @@ be the latest, retention must keep them, and the crash-loop breaker must see the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import store_workers
 from paths import WORKERS
+from runs import clean_env
 
 from hpcckpt import CheckpointStore
 from hpcckpt.store.registry import Registry
@@ -40,7 +40,7 @@ print(resumed, flush=True)
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     env["HPCCKPT_BACKEND"] = "local"  # nothing to cancel in a queue
     return env
 

@@ -21,7 +21,7 @@ import pytest
 from chains import SlurmChain
 from compare import assert_bitwise_equal
 from paths import DDP_WORKER
-from runs import events
+from runs import clean_env, events
 
 from hpcckpt import CheckpointStore
 from hpcckpt.distributed import dist_env, expand_nodelist
@@ -29,10 +29,9 @@ from hpcckpt.distributed import dist_env, expand_nodelist
 _port = 29700 + os.getpid() % 200
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_", "RANK", "WORLD_SIZE"))}
-    env.update(extra)
-    return env
+def rank_env(**extra: str) -> dict[str, str]:
+    """A rank's environment: nothing of an outer job or launcher, plus ``extra``."""
+    return clean_env("RANK", "WORLD_SIZE", **extra)
 
 
 # torch 2.13 with gloo, on this 2-core machine under load, sometimes ends a launch with one rank aborting
@@ -60,12 +59,12 @@ class Ranks:
         self.processes: list[subprocess.Popen[str]] = []
         if torchrun:
             launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port)]
-            self.processes.append(self._start([sys.executable, *launcher, *worker], clean_env(**extra)))
+            self.processes.append(self._start([sys.executable, *launcher, *worker], rank_env(**extra)))
         else:
             for rank in range(nproc):
                 variables = {"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank)}
                 variables |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port)} if nproc > 1 else {}
-                env = clean_env(**extra, **variables) if nproc > 1 else clean_env(**extra)
+                env = rank_env(**extra, **variables) if nproc > 1 else rank_env(**extra)
                 self.processes.append(self._start([sys.executable, *worker], env))
         self.nproc = nproc
 

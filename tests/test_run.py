@@ -2,71 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from compare import assert_same_training
-from paths import TRAIN_WORKER
-from runs import events
+from runs import TrainWorker, events
 
 from hpcckpt import CheckpointStore
 
 STEPS_PER_EPOCH = 12  # 96 samples, batches of 8
 
 
-class Job:
+class Job(TrainWorker):
     """One training process: started, optionally signalled, then read to its end line."""
 
-    def __init__(self, run_dir: Path, *args: str, deadline_in: float | None = None) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
-        if deadline_in is not None:
-            # Counted from when the worker has built its model, not from here: under load the imports alone
-            # took the whole 2.5-3.5 s budget, and the budget then stopped before the first step (item 32).
-            args = (*args, "--deadline-in", str(deadline_in))
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._stderr = open(run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.stderr", "w+")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, str(TRAIN_WORKER), str(run_dir), *args],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env=env,
-        )
-
-    def wait_started(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line, self.stderr
-        started = json.loads(line)
-        assert started["event"] == "started"
-        return started
-
-    @property
-    def stderr(self) -> str:
-        if self._stderr.closed:
-            return self._stderr_text
-        self._stderr.seek(0)
-        return self._stderr.read()
-
-    def send(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
     def end(self, timeout: float = 120) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        out = self.process.stdout.read()  # what readline() already buffered comes first
-        self.process.wait(timeout=timeout)
-        self.process.stdout.close()
-        err = self._stderr_text = self.stderr
-        self._stderr.close()
-        ends = [json.loads(line) for line in out.splitlines() if '"end"' in line]
+        ends = self.finish(timeout)
+        err = self.stderr
         if self.process.returncode in (-signal.SIGUSR1, -signal.SIGTERM) and ends:
             # The signal came after Run had finished (completed, or stopped and saved) and restored the
             # previous handlers, here the default ones: only the script's tail was cut short.

@@ -9,7 +9,6 @@ file, and goes on when the test creates another; in between, the test runs a cle
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import store_workers
 from paths import WORKERS
+from runs import clean_env
 
 from hpcckpt import CheckpointStore
 
@@ -74,7 +74,7 @@ print("completed" if run.completed else "not completed", flush=True)
 
 
 def _start(code: str, *args: str | Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     return subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args)],
         cwd=WORKERS,

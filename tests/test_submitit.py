@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from compare import assert_same_training
 from paths import REPO, SUBMITIT_TRAIN, WORKERS
-from runs import events, wait_started
+from runs import clean_env, events, wait_started
 from slurm_cluster import SlurmCluster
 
 from hpcckpt import CheckpointStore, HpcckptError, UsageError
@@ -55,7 +55,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, steps: int) -> Reference
     """(return value, final state) of the same training run straight through, in a plain process."""
     if steps not in _references:
         run_dir = tmp_path_factory.mktemp("reference") / "run"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_", "SUBMITIT_"))}
+        env = clean_env("SUBMITIT_")
         out = subprocess.run(
             [sys.executable, str(SUBMITIT_TRAIN), str(run_dir), str(steps)],
             capture_output=True,

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paths import TRAIN_WORKER
-from runs import events, wait_started
+from runs import events, train_command, wait_started
 from slurm_cluster import SlurmCluster
 
 # How long the CLI may take against the cluster (sbatch and squeue retry a controller that is slow).
@@ -45,7 +43,7 @@ class SlurmChain:
 
     def train(self, *args: str) -> list[str]:
         """The toy training job (tests/workers/train_worker.py) on this run directory, as a command."""
-        return [sys.executable, str(TRAIN_WORKER), str(self.run_dir), *args]
+        return train_command(self.run_dir, *args)
 
     def submit(self, *options: str, command: list[str], env_extra: dict[str, str] | None = None) -> str:
         """``hpcckpt submit --backend slurm`` with ``options``; the chain's array job id."""

@@ -6,9 +6,16 @@ is one edit here.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from paths import TRAIN_WORKER
 
 from hpcckpt import CheckpointStore
 from hpcckpt.rundir import EVENTS
@@ -40,3 +47,78 @@ def wait_started(run_dir: Path, timeout: float = 120, count: int = 1) -> list[di
         return starts if len(starts) >= count else None
 
     return wait_for(started, timeout, what=f"training to start in {run_dir.name} ({count} task(s))")
+
+
+def clean_env(*also: str, **extra: str) -> dict[str, str]:
+    """This process's environment without what tells a process it runs in a job (``SLURM_*``, ``HPCCKPT_*``
+    and the prefixes in ``also``), plus ``extra``: a test's job knows only what the test gives it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_", *also))}
+    env.update(extra)
+    return env
+
+
+def train_command(run_dir: Path, *args: str) -> list[str]:
+    """The toy training job (tests/workers/train_worker.py) on ``run_dir``, as a command line."""
+    return [sys.executable, str(TRAIN_WORKER), str(run_dir), *args]
+
+
+class TrainWorker:
+    """tests/workers/train_worker.py in a process of its own, outside any job: its JSON lines on stdout
+    (``started``, ``end``), its stderr in a file beside the run directory (a pipe nobody reads could fill
+    and block it). ``deadline_in`` sets the budget's deadline counted from the built model (under load the
+    imports alone once took the whole budget: item 32); ``group`` makes it lead its own process group,
+    so that a signal can reach it and its DataLoader workers at once, as Slurm's does."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *args: str,
+        deadline_in: float | None = None,
+        group: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if deadline_in is not None:
+            args = (*args, "--deadline-in", str(deadline_in))
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._stderr = open(run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.stderr", "w+")  # noqa: SIM115
+        self._stderr_text = ""
+        self.process = subprocess.Popen(
+            train_command(run_dir, *args),
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=clean_env() if env is None else env,
+            start_new_session=group,
+        )
+
+    def next_line(self, event: str) -> dict[str, Any]:
+        """The next JSON line, which must be ``event``'s (stderr in the message when the process is gone)."""
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, self.stderr
+        record = json.loads(line)
+        assert record["event"] == event, record
+        return dict(record)
+
+    def wait_started(self) -> dict[str, Any]:
+        return self.next_line("started")
+
+    @property
+    def stderr(self) -> str:
+        if self._stderr.closed:
+            return self._stderr_text
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def send(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        """Wait for the exit (its status is ``process.returncode``); the end lines it printed."""
+        assert self.process.stdout is not None
+        out = self.process.stdout.read()  # what readline() already buffered comes first
+        self.process.wait(timeout=timeout)
+        self.process.stdout.close()
+        self._stderr_text = self.stderr
+        self._stderr.close()
+        return [json.loads(line) for line in out.splitlines() if '"end"' in line]
