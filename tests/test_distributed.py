@@ -21,7 +21,7 @@ import pytest
 from chains import SlurmChain
 from compare import assert_bitwise_equal
 from paths import DDP_WORKER
-from runs import clean_env, events
+from runs import clean_env, events, wait_for
 
 from hpcckpt import CheckpointStore
 from hpcckpt.distributed import dist_env, expand_nodelist
@@ -116,6 +116,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory, nproc: int, steps: int) 
         Ranks(run_dir, nproc, "--steps", str(steps)).end()
         _references[nproc, steps] = training(CheckpointStore(run_dir, create=False).load())
     return _references[nproc, steps]
+
+
+def save_under_way(checkpoints: Path) -> bool:
+    """A temporary checkpoint directory exists (poll it often: a rank's save lasts a fraction of a second)."""
+    return checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
 
 
 # --- the launcher's environment ------------------------------------------------------------------------
@@ -247,7 +252,7 @@ def test_a_rank_killed_during_a_save_commits_nothing_partial(
     ranks = Ranks(run_dir, 2, *args)
     victim = ranks.pids()[1]
     checkpoints = run_dir / "checkpoints"
-    wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir()), 60)
+    wait_for(lambda: save_under_way(checkpoints), 60, "a save to start", interval=0.005)
     os.kill(victim, signal.SIGKILL)
     ranks.end(check=False)
     assert ranks.returncode != 0
@@ -264,14 +269,6 @@ def test_a_rank_killed_during_a_save_commits_nothing_partial(
     expected = reference(tmp_path_factory, 2, steps)["model"]
     got = training(store.load())["model"]
     assert_bitwise_equal(expected, {key: got[key] for key in expected})
-
-
-def wait_for(predicate: Any, timeout: float) -> None:
-    """Poll often: a save of the victim's rank lasts a fraction of a second."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for a save to start"
-        time.sleep(0.005)
 
 
 # --- srun on the two-node test cluster -----------------------------------------------------------------
@@ -390,7 +387,7 @@ def test_under_srun_a_rank_killed_during_a_save_commits_nothing_partial(
     )
     checkpoints = run_dir / "checkpoints"
     slurm_chain.cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
-    wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir()), 60)
+    wait_for(lambda: save_under_way(checkpoints), 60, "a save to start", interval=0.005)
     os.kill(int((pid_dir / "1.pid").read_text()), signal.SIGKILL)  # the rank on node2, mid-save
     final = slurm_chain.wait_state({"complete", "failed", "stalled"}, timeout=300)
     assert final["state"] == "complete", final

@@ -1,7 +1,8 @@
-"""Reading a run directory as the tests check it: its events, and waiting for training to start.
+"""Running the toy training and reading its run directory, as the tests do: a clean job environment, the
+worker's command and process, the run's events, waiting on a condition or for training to start.
 
-One reader for every test file (it was written out in nine), so a change to how the event log is read
-is one edit here.
+One of each for every test file (the events reader was written out in ten), so a change to how the
+event log is read, or the worker started, is one edit here.
 """
 
 from __future__ import annotations
