@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from runs import events, train_command, wait_started
+from runs import events, train_command, wait_for, wait_started
 from slurm_cluster import SlurmCluster
 
 # How long the CLI may take against the cluster (sbatch and squeue retry a controller that is slow).
@@ -68,9 +69,7 @@ class SlurmChain:
             status = self.status()
             return status if status["state"] in states else None
 
-        return self.cluster.wait_for(
-            reached, timeout=timeout, interval=2, what=f"{self.run_dir.name} to reach {states}"
-        )
+        return dict(wait_for(reached, timeout, f"{self.run_dir.name} to reach {states}", interval=2))
 
     def wait_started(self, timeout: float = 120, count: int = 1) -> list[dict[str, Any]]:
         """Wait until ``count`` tasks have started training; their Run start events."""
@@ -82,9 +81,10 @@ class SlurmChain:
     def assert_gone(self, *jobs: str, timeout: float = 60) -> None:
         """Wait until ``jobs`` (by default every job this chain submitted) have left the queue."""
         for job in jobs or tuple(self.jobs):
-            self.cluster.wait_for(
-                lambda job=job: not self.cluster.squeue_ids(job), timeout=timeout, what=f"{job} to leave the queue"
-            )
+            wait_for(partial(self._gone, job), timeout, f"{job} to leave the queue")
+
+    def _gone(self, job: str) -> bool:
+        return not self.cluster.squeue_ids(job)
 
     def cancel_leftovers(self) -> None:
         """Cancel every array the run's events or this object know of; ended ones are no error."""

@@ -47,7 +47,8 @@ def wait_started(run_dir: Path, timeout: float = 120, count: int = 1) -> list[di
         starts = events(run_dir, "start")
         return starts if len(starts) >= count else None
 
-    return wait_for(started, timeout, what=f"training to start in {run_dir.name} ({count} task(s))")
+    starts: list[dict[str, Any]] = wait_for(started, timeout, f"training to start in {run_dir.name} ({count} task(s))")
+    return starts
 
 
 def clean_env(*also: str, **extra: str) -> dict[str, str]:
