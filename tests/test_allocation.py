@@ -145,9 +145,11 @@ def test_a_warning_without_a_known_deadline_still_stops_at_once(tmp_path: Path) 
 def slow_exit_command(run_dir: Path, exit_seconds: float, *args: str) -> list[str]:
     """train_worker.py whose interpreter takes ``exit_seconds`` to exit after Run has stopped (as DataLoader
     workers and a big interpreter do)."""
+    # The script's folder first on sys.path, as `python SCRIPT` puts it: the worker imports toy.py beside it.
     code = (
-        "import atexit, runpy, sys, time; atexit.register(time.sleep, float(sys.argv[1])); "
-        "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+        "import atexit, os, runpy, sys, time; atexit.register(time.sleep, float(sys.argv[1])); "
+        "sys.argv = sys.argv[2:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     return [sys.executable, "-c", code, str(exit_seconds), str(TRAIN_WORKER), str(run_dir), *args]
 
