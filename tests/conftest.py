@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from chains import SlurmChain
 from slurm_cluster import SlurmCluster, SlurmStartError, SlurmUnavailableError, start_cluster, stop_cluster
 
 # --- Slurm cluster (tests/cluster/slurm-lab) ---------------------------------------------------------
@@ -38,3 +40,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # --- end of Slurm cluster ----------------------------------------------------------------------------
+
+
+# --- a chain on that cluster (tests/support/chains.py) -----------------------------------------------
+@pytest.fixture
+def slurm_chain(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[SlurmChain]:
+    """A chain on ``tmp_path / "chain"``; what it still has queued is cancelled when the test ends."""
+    chain = SlurmChain(slurm_cluster, tmp_path / "chain")
+    try:
+        yield chain
+    finally:
+        chain.cancel_leftovers()

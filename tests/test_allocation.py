@@ -5,8 +5,6 @@ tests/test_allocation_slurm.py."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from paths import TRAIN_WORKER
+from runs import TrainWorker, clean_env, events, train_command
 
-from hpcckpt import CheckpointStore
 from hpcckpt.budget import DEFAULT_TEARDOWN, is_time_limit_warning, measured_teardown
 
-WORKER = Path(__file__).with_name("train_worker.py")
 END = 1_800_000_000.0  # a job's end time (Unix seconds)
 
 
@@ -73,37 +71,19 @@ def test_teardown_is_the_slowest_stop_to_task_end_of_the_last_tasks() -> None:
 
 
 # -- a real training process ---------------------------------------------------------------------------
-class Training:
+class Training(TrainWorker):
     """train_worker.py with a deadline and a --signal lead, as a chain task sees them."""
 
     def __init__(self, run_dir: Path, deadline: float, lead: int | None, *args: str, job: bool = False) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
-        env["HPCCKPT_DEADLINE"] = str(deadline)
+        env = clean_env(HPCCKPT_DEADLINE=str(deadline))
         if lead is not None:
             env["HPCCKPT_SIGNAL_LEAD"] = str(lead)
-        self.err = run_dir.parent / f"{run_dir.name}.stderr"
-        with open(self.err, "w") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, str(WORKER), str(run_dir), "--steps", "1000000", "--workers", "0", *args],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                env=env,
-            )
-
-    def wait_started(self) -> None:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line and json.loads(line)["event"] == "started", self.err.read_text()
+        super().__init__(run_dir, "--steps", "1000000", "--workers", "0", *args, env=env)
 
     def end(self) -> dict[str, Any]:
-        out, _ = self.process.communicate(timeout=300)
-        assert self.process.returncode == 0, self.err.read_text()
-        return json.loads(out.splitlines()[-1])
-
-
-def stop_event(run_dir: Path) -> dict[str, Any]:
-    return next(e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == "stop")
+        ends = self.finish(timeout=300)
+        assert self.process.returncode == 0, self.stderr
+        return ends[-1]
 
 
 @pytest.mark.slow
@@ -119,7 +99,7 @@ def test_the_time_limit_s_warning_trains_on_until_the_budget_says_stop(tmp_path:
     run.process.send_signal(signal.SIGUSR1)
     warned_at = time.time()
     end = run.end()
-    stop = stop_event(tmp_path / "run")
+    stop = events(tmp_path / "run", "stop")[0]
     assert (stop["reason"], stop["cause"], stop["signal"], stop["saved"]) == ("budget", "timeout", "SIGUSR1", True)
     assert stop["time"] - warned_at > lead - 3, "it trained on through the lead"
     assert 0 < stop["time_left"] < 1.5, "and stopped only when the budget said so"
@@ -135,7 +115,7 @@ def test_a_users_warning_early_in_a_short_job_stops_at_once_as_not_the_time_limi
     assert deadline - time.time() > 20 + 30 + 5, "started too late to tell a user's warning from Slurm's"
     run.process.send_signal(signal.SIGUSR1)
     run.end()
-    stop = stop_event(tmp_path / "run")
+    stop = events(tmp_path / "run", "stop")[0]
     assert (stop["reason"], stop["saved"]) == ("signal", True)
     assert stop["cause"] == "preemption", "not the time limit's: before issue 11 this was called a timeout"
     assert stop["time_left"] > 50, "left at once"
@@ -144,10 +124,10 @@ def test_a_users_warning_early_in_a_short_job_stops_at_once_as_not_the_time_limi
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_warning_without_a_known_deadline_still_stops_at_once(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     env["HPCCKPT_SIGNAL_LEAD"] = "20"
     process = subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp_path / "run"), "--steps", "1000000", "--workers", "0"],
+        train_command(tmp_path / "run", "--steps", "1000000", "--workers", "0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -157,7 +137,7 @@ def test_a_warning_without_a_known_deadline_still_stops_at_once(tmp_path: Path) 
     process.send_signal(signal.SIGUSR1)
     process.communicate(timeout=120)
     assert process.returncode == 0
-    stop = stop_event(tmp_path / "run")
+    stop = events(tmp_path / "run", "stop")[0]
     assert (stop["reason"], stop["cause"], stop["saved"]) == ("signal", "unknown", True)
 
 
@@ -165,11 +145,13 @@ def test_a_warning_without_a_known_deadline_still_stops_at_once(tmp_path: Path) 
 def slow_exit_command(run_dir: Path, exit_seconds: float, *args: str) -> list[str]:
     """train_worker.py whose interpreter takes ``exit_seconds`` to exit after Run has stopped (as DataLoader
     workers and a big interpreter do)."""
+    # The script's folder first on sys.path, as `python SCRIPT` puts it: the worker imports toy.py beside it.
     code = (
-        "import atexit, runpy, sys, time; atexit.register(time.sleep, float(sys.argv[1])); "
-        "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+        "import atexit, os, runpy, sys, time; atexit.register(time.sleep, float(sys.argv[1])); "
+        "sys.argv = sys.argv[2:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    return [sys.executable, "-c", code, str(exit_seconds), str(WORKER), str(run_dir), *args]
+    return [sys.executable, "-c", code, str(exit_seconds), str(TRAIN_WORKER), str(run_dir), *args]
 
 
 def local_chain(run_dir: Path, tasks: int, time_spec: str, command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -183,10 +165,6 @@ def local_chain(run_dir: Path, tasks: int, time_spec: str, command: list[str]) -
         timeout=600,
         check=False,
     )
-
-
-def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
 
 
 @pytest.mark.slow
@@ -225,7 +203,7 @@ def test_a_task_that_saved_and_was_then_ended_by_the_time_limit_is_a_clean_stop(
     # no longer dies of a TERM after its loop (item 11: it records and ignores it), so the wrapper is the
     # part the TERM ends, as torchrun or a shell script around the training would be.
     args = ["--steps", "1000000", "--step-sleep", "0.02", "--workers", "0"]
-    training = [sys.executable, str(WORKER), str(run_dir), *args]
+    training = train_command(run_dir, *args)
     result = local_chain(run_dir, 1, "0:12", ["bash", "-c", '"$@"; sleep 8', "wrapper", *training])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(sent TERM)" in result.stdout

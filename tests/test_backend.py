@@ -10,12 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from chains import SlurmChain
+from runs import events, train_command, wait_for
 from slurm_cluster import SlurmCluster
 
 from hpcckpt.distributed import expand_nodelist
@@ -233,31 +233,16 @@ def test_squeue_and_sbatch_that_fail_for_a_moment_are_asked_again(slurm_cluster:
 
 
 # --- item 22: the local backend driven from a terminal -------------------------------------------------
-WORKER = Path(__file__).with_name("train_worker.py")
 
 
 def hpcckpt(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["hpcckpt", *argv], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    from hpcckpt import CheckpointStore
-
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
-
-
 def status_json(run_dir: Path) -> dict[str, Any]:
     result = hpcckpt("status", str(run_dir), "--json", timeout=120)
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.2)
-    return value
 
 
 def session_members(session: int) -> list[int]:
@@ -278,7 +263,7 @@ def session_members(session: int) -> list[int]:
 def test_ctrl_c_on_a_local_submit_saves_the_running_task_and_leaves_nothing_behind(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "3", "--time", "2:00", "--signal", "USR1@20"]
-    training = [sys.executable, str(WORKER), str(run_dir), "--steps", "1000000", "--step-sleep", "0.02"]
+    training = train_command(run_dir, "--steps", "1000000", "--step-sleep", "0.02")
     chain = subprocess.Popen(
         ["hpcckpt", "submit", *argv, "--", *training, "--workers", "0", "--save-every", "10ba"],
         stdout=subprocess.PIPE,
@@ -290,7 +275,7 @@ def test_ctrl_c_on_a_local_submit_saves_the_running_task_and_leaves_nothing_behi
         from hpcckpt import CheckpointStore
 
         saved = lambda: (run_dir / "registry.json").exists() and CheckpointStore(run_dir, create=False).list()  # noqa: E731
-        first = wait_for(saved, 240, "a first periodic save")[0]
+        first = wait_for(saved, 240, "a first periodic save", interval=0.2)[0]
         now = status_json(run_dir)
         assert (now["state"], now["tasks_left"], now["tasks_running"]) == ("running", 3, 1), now
         extended = hpcckpt("extend", str(run_dir), "--tasks", "2")
@@ -321,17 +306,7 @@ def test_ctrl_c_on_a_local_submit_saves_the_running_task_and_leaves_nothing_behi
 @pytest.mark.timeout(400)
 def test_extend_runs_more_tasks_of_a_local_run_here(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    training = [
-        sys.executable,
-        str(WORKER),
-        str(run_dir),
-        "--steps",
-        "100000",
-        "--step-sleep",
-        "0.02",
-        "--workers",
-        "0",
-    ]
+    training = train_command(run_dir, "--steps", "100000", "--step-sleep", "0.02", "--workers", "0")
     base = ["--run-dir", str(run_dir), "--time", "0:12", "--signal", "none"]
     first = hpcckpt("submit", "--backend", "local", *base, "--tasks", "1", "--max-tasks", "1", "--", *training)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -349,7 +324,7 @@ def test_extend_runs_more_tasks_of_a_local_run_here(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_a_local_chain_too_short_for_its_run_extends_itself_until_complete(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    training = [sys.executable, str(WORKER), str(run_dir), "--steps", "400", "--step-sleep", "0.02", "--workers", "0"]
+    training = train_command(run_dir, "--steps", "400", "--step-sleep", "0.02", "--workers", "0")
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "1", "--time", "0:10", "--signal", "none"]
     result = hpcckpt("submit", *argv, "--max-tasks", "30", "--", *training, timeout=580)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -365,17 +340,7 @@ def test_a_local_chain_too_short_for_its_run_extends_itself_until_complete(tmp_p
 @pytest.mark.timeout(600)
 def test_auto_extension_stops_at_the_default_cap_and_status_says_what_the_eta_needs(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    training = [
-        sys.executable,
-        str(WORKER),
-        str(run_dir),
-        "--steps",
-        "100000",
-        "--step-sleep",
-        "0.02",
-        "--workers",
-        "0",
-    ]
+    training = train_command(run_dir, "--steps", "100000", "--step-sleep", "0.02", "--workers", "0")
     argv = ["--backend", "local", "--run-dir", str(run_dir), "--tasks", "1", "--time", "0:08", "--signal", "none"]
     result = hpcckpt("submit", *argv, "--", *training, timeout=580)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -398,37 +363,23 @@ def test_max_tasks_below_tasks_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(720, func_only=True)
-def test_a_slurm_chain_of_two_tasks_that_needs_four_extends_itself_and_completes(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    from test_chain_slurm import WORKER as SLURM_WORKER
-    from test_chain_slurm import assert_chain_gone, submit, wait_state
-
-    run_dir = tmp_path / "chain"
+def test_a_slurm_chain_of_two_tasks_that_needs_four_extends_itself_and_completes(slurm_chain: SlurmChain) -> None:
     args = ["--epochs", "320", "--step-sleep", "0.05", "--workers", "0"]  # ~3.5 one-minute tasks of training
-    first = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "2",
-        "--time",
-        "1",
-        "--signal",
-        "none",
-        command=[sys.executable, str(SLURM_WORKER), str(run_dir), *args],
+    first = slurm_chain.submit(
+        *("--tasks", "2", "--time", "1", "--signal", "none"),
+        command=slurm_chain.train(*args),
         env_extra={"HPCCKPT_MARGIN": "3"},
     )
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=660)
+    final = slurm_chain.wait_state({"complete", "failed", "stalled"}, timeout=660)
     assert final["state"] == "complete", final
-    submits = events(run_dir, "submit")
+    submits = slurm_chain.events("submit")
     assert submits[0]["max_tasks"] == 8, "default --max-tasks: 4 x --tasks"
     assert len(submits) >= 2 and all(s["auto"] and s["tasks"] == 2 for s in submits[1:]), submits
     assert final["jobs"][0] == first and len(final["jobs"]) == len(submits)
-    stops = events(run_dir, "stop")
+    stops = slurm_chain.events("stop")
     assert [s["reason"] for s in stops] == ["budget"] * (len(stops) - 1) + ["completed"]
     assert len(stops) >= 3 and all(s["saved"] and s["steps_lost"] == 0 for s in stops)
-    for job in final["jobs"]:
-        assert_chain_gone(slurm_cluster, job)
+    slurm_chain.assert_gone(*final["jobs"])
 
 
 def test_auto_extension_stops_once_the_run_is_cancelled() -> None:

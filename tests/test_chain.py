@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 from compare import assert_same_training
 from golden import GOLDEN, SBATCH
+from runs import events, train_command
 
 from hpcckpt import CheckpointStore
 from hpcckpt.slurm.script import render
 from hpcckpt.slurm.spec import chain_spec, default_lead
-
-WORKER = Path(__file__).with_name("train_worker.py")
 
 
 def hpcckpt(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -28,7 +27,9 @@ def hpcckpt(*argv: str, env: dict[str, str] | None = None, timeout: float = 300)
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_sbatch_scripts_are_the_template_s_output(name: str) -> None:
-    assert (SBATCH / name).read_text() == render(GOLDEN[name]), "run `python tests/golden.py` after a template change"
+    assert (SBATCH / name).read_text() == render(GOLDEN[name]), (
+        "run `python tests/support/golden.py` after a template change"
+    )
     result = subprocess.run(["bash", "-n", str(SBATCH / name)], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
 
@@ -184,10 +185,6 @@ def test_awkward_paths_and_arguments_render_and_run_unchanged(tmp_path: Path) ->
     assert (run_dir / "logs").is_dir()
 
 
-def _events(run_dir: Path, kind: str) -> list[dict]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -195,7 +192,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
     args = ["--epochs", "60", "--step-sleep", "0.02", "--workers", "0"]
     launched = time.time()
     reference = subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path / "reference"), *args],
+        train_command(tmp_path / "reference", *args),
         capture_output=True,
         text=True,
         timeout=300,
@@ -205,7 +202,7 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
     # The tasks' length follows this machine's measured start-up (process start to the first step): about 5 s
     # of 14.4 s of training per task, so the run needs three or four of its six tasks however busy the machine
     # is (with a fixed 7 s, start-up under load left almost nothing and the six tasks did not suffice).
-    startup = _events(tmp_path / "reference", "start")[0]["time"] - launched
+    startup = events(tmp_path / "reference", "start")[0]["time"] - launched
     task = math.ceil(startup + 8)
     run_dir = tmp_path / "chain"
     result = hpcckpt(
@@ -221,19 +218,16 @@ def test_local_chain_stopped_by_the_budget_each_time_ends_like_an_uninterrupted_
         "--signal",
         "none",
         "--",
-        sys.executable,
-        str(WORKER),
-        str(run_dir),
-        *args,
+        *train_command(run_dir, *args),
         timeout=500,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    stops = _events(run_dir, "stop")
+    stops = events(run_dir, "stop")
     assert len(stops) >= 3, result.stdout
     assert [s["reason"] for s in stops[:-1]] == ["budget"] * (len(stops) - 1)
     assert stops[-1]["reason"] == "completed"
     assert all(s["steps_lost"] == 0 and s["saved"] for s in stops)
-    starts = _events(run_dir, "start")
+    starts = events(run_dir, "start")
     assert [s["resumed_step"] for s in starts[1:]] == [s["step"] for s in stops[:-1]], "each task resumed exactly"
     assert_same_training(
         CheckpointStore(tmp_path / "reference", create=False).load(), CheckpointStore(run_dir, create=False).load()
@@ -248,14 +242,14 @@ def _startup_seconds(tmp_path: Path) -> float:
     probe = tmp_path / "startup-probe"
     launched = time.time()
     started = subprocess.run(
-        [sys.executable, str(WORKER), str(probe), "--steps", "1", "--workers", "0"],
+        train_command(probe, "--steps", "1", "--workers", "0"),
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert started.returncode == 0, started.stderr
-    return float(_events(probe, "start")[0]["time"]) - launched
+    return float(events(probe, "start")[0]["time"]) - launched
 
 
 @pytest.mark.slow
@@ -281,26 +275,18 @@ def test_local_chain_warning_signal_saves_and_the_next_task_resumes(tmp_path: Pa
         "--signal",
         f"USR1@{lead}",
         "--",
-        sys.executable,
-        str(WORKER),
-        str(run_dir),
-        "--steps",
-        str(steps),
-        "--step-sleep",
-        "0.02",
-        "--workers",
-        "0",
+        *train_command(run_dir, "--steps", str(steps), "--step-sleep", "0.02", "--workers", "0"),
         timeout=250,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    first = _events(run_dir, "stop")[0]
+    first = events(run_dir, "stop")[0]
     # 8 s before the end of the task: the time limit's warning, not a preemption; the budget knows when
     # to stop, so the task trains on until it says so (issue 11, item 27), and then saves.
     assert (first["reason"], first["saved"], first["steps_lost"]) == ("budget", True, 0)
     assert (first["cause"], first["signal"]) == ("timeout", "SIGUSR1")
-    assert _events(run_dir, "start")[1]["resumed_step"] == first["step"]
+    assert events(run_dir, "start")[1]["resumed_step"] == first["step"]
     assert "(sent USR1)" in result.stdout
-    assert _events(run_dir, "complete")
+    assert events(run_dir, "complete")
 
 
 @pytest.mark.slow
@@ -326,7 +312,7 @@ def test_local_crash_loop_is_broken_after_max_failures(tmp_path: Path) -> None:
         crash,
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert len(_events(run_dir, "task-begin")) == 2
+    assert len(events(run_dir, "task-begin")) == 2
     assert "the remaining 3 task(s) are cancelled" in result.stdout
     status = hpcckpt("status", str(run_dir))
     assert "state    FAILED" in status.stdout
@@ -347,5 +333,5 @@ def test_local_crash_loop_is_broken_after_max_failures(tmp_path: Path) -> None:
         "-c",
         crash,
     )
-    assert len(_events(run_dir, "task-begin")) == 2, "a failed run starts no more tasks"
+    assert len(events(run_dir, "task-begin")) == 2, "a failed run starts no more tasks"
     assert again.returncode == 1

@@ -3,8 +3,6 @@ completion cancelling what is left, extend and cancel. Each asserts what Slurm a
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -12,65 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chains import SlurmChain
 from compare import assert_same_training
-from slurm_cluster import SlurmCluster
+from runs import clean_env, events, train_command
 
 from hpcckpt import CheckpointStore
 
-WORKER = Path(__file__).with_name("train_worker.py")
 STEPS_PER_EPOCH = 12
-
-
-def submit(
-    cluster: SlurmCluster, run_dir: Path, *options: str, command: list[str], env_extra: dict[str, str] | None = None
-) -> str:
-    env = {**cluster.env, **(env_extra or {})}
-    result = subprocess.run(
-        ["hpcckpt", "submit", "--backend", "slurm", "--run-dir", str(run_dir), *options, "--", *command],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-        cwd=run_dir.parent,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    job = result.stdout.split()[2].rstrip(":")
-    assert job.isdigit(), result.stdout
-    return job
-
-
-def status(cluster: SlurmCluster, run_dir: Path) -> dict[str, Any]:
-    result = subprocess.run(
-        ["hpcckpt", "status", str(run_dir), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=cluster.env,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def wait_state(cluster: SlurmCluster, run_dir: Path, states: set[str], timeout: float) -> dict[str, Any]:
-    return cluster.wait_for(
-        lambda: (s := status(cluster, run_dir))["state"] in states and s,
-        timeout=timeout,
-        interval=2,
-        what=f"{run_dir.name} to reach {states}",
-    )
-
-
-def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
 
 
 def reference_run(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     """The same training, uninterrupted and without Slurm, started beside the chain."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(tmp_path / "reference"), *args],
+        train_command(tmp_path / "reference", *args),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -84,28 +37,17 @@ def finish_reference(process: subprocess.Popen[str], tmp_path: Path) -> dict[str
     return CheckpointStore(tmp_path / "reference", create=False).load()
 
 
-def assert_chain_gone(cluster: SlurmCluster, job: str) -> None:
-    cluster.wait_for(lambda: not cluster.squeue_ids(job), timeout=60, what=f"chain {job} to leave the queue")
-
-
 @pytest.mark.timeout(600, func_only=True)
-def test_three_one_minute_tasks_stopped_by_the_budget(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+def test_three_one_minute_tasks_stopped_by_the_budget(slurm_chain: SlurmChain, tmp_path: Path) -> None:
     args = ["--epochs", "200", "--step-sleep", "0.05", "--workers", "0"]  # ~2.3 tasks of training
     reference = reference_run(tmp_path, *args)
-    run_dir = tmp_path / "chain"
-    job = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "4",
-        "--time",
-        "1",
-        "--signal",
-        "none",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+    run_dir = slurm_chain.run_dir
+    slurm_chain.submit(
+        *("--tasks", "4", "--time", "1", "--signal", "none"),
+        command=slurm_chain.train(*args),
         env_extra={"HPCCKPT_MARGIN": "3"},
     )
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=480)
+    final = slurm_chain.wait_state({"complete", "failed", "stalled"}, timeout=480)
     assert final["state"] == "complete", final
     stops = events(run_dir, "stop")
     assert len(stops) >= 3
@@ -116,39 +58,28 @@ def test_three_one_minute_tasks_stopped_by_the_budget(slurm_cluster: SlurmCluste
     assert [s["resumed_step"] for s in starts[1:]] == [s["step"] for s in stops[:-1]]
     assert all(0 < s["time_left"] < 6 for s in stops[:-1]), "each task used its minute"
     assert_same_training(finish_reference(reference, tmp_path), CheckpointStore(run_dir, create=False).load())
-    assert_chain_gone(slurm_cluster, job)
+    slurm_chain.assert_gone()
 
 
 @pytest.mark.timeout(600, func_only=True)
-def test_real_preemption_saves_within_grace_and_the_chain_completes(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
+def test_real_preemption_saves_within_grace_and_the_chain_completes(slurm_chain: SlurmChain, tmp_path: Path) -> None:
     args = ["--epochs", "150", "--step-sleep", "0.02", "--workers", "0"]  # ~40 s of training
     reference = reference_run(tmp_path, *args)
-    run_dir = tmp_path / "chain"
-    job = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "3",
-        "--time",
-        "3",
-        "--sbatch-arg=--exclusive",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+    run_dir = slurm_chain.run_dir
+    slurm_chain.submit(
+        *("--tasks", "3", "--time", "3", "--sbatch-arg=--exclusive"),
+        command=slurm_chain.train(*args),
     )
-    slurm_cluster.wait_for(
-        lambda: events(run_dir, "start") if (run_dir / "events.jsonl").exists() else None,
-        timeout=120,
-        what="the first task to start training",
-    )
+    slurm_chain.wait_started()
     time.sleep(5)
-    high = slurm_cluster.sbatch(
+    cluster = slurm_chain.cluster
+    high = cluster.sbatch(
         "#!/bin/bash\nsleep 5\n", "-p", "high", "-N", "2", "--exclusive", "--time=1", "--output=/dev/null", cwd=tmp_path
     )
     try:
-        final = wait_state(slurm_cluster, run_dir, {"complete", "failed"}, timeout=420)
+        final = slurm_chain.wait_state({"complete", "failed"}, timeout=420)
     finally:
-        slurm_cluster.cancel(high)
+        cluster.cancel(high)
     assert final["state"] == "complete", final
     first = events(run_dir, "stop")[0]
     assert (first["reason"], first["cause"], first["saved"], first["steps_lost"]) == ("signal", "preemption", True, 0)
@@ -156,170 +87,84 @@ def test_real_preemption_saves_within_grace_and_the_chain_completes(
     assert any(t["cause"] == "preemption" for t in final["history"])
     assert final["steps_lost_to_preemption"] == 0
     assert_same_training(finish_reference(reference, tmp_path), CheckpointStore(run_dir, create=False).load())
-    assert_chain_gone(slurm_cluster, job)  # the requeued task and the rest were cancelled at completion
+    slurm_chain.assert_gone()  # the requeued task and the rest were cancelled at completion
 
 
 @pytest.mark.timeout(420, func_only=True)
-def test_usr1_from_scancel_saves_at_the_next_step_and_the_next_task_resumes(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "chain"
+def test_usr1_from_scancel_saves_at_the_next_step_and_the_next_task_resumes(slurm_chain: SlurmChain) -> None:
+    run_dir = slurm_chain.run_dir
     args = ["--epochs", "100", "--step-sleep", "0.02", "--workers", "0"]
-    job = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "3",
-        "--time",
-        "2",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
-    )
-    slurm_cluster.wait_for(
-        lambda: events(run_dir, "start") if (run_dir / "events.jsonl").exists() else None,
-        timeout=120,
-        what="the first task to start training",
-    )
+    job = slurm_chain.submit(*("--tasks", "3", "--time", "2"), command=slurm_chain.train(*args))
+    slurm_chain.wait_started()
     time.sleep(4)
     # On 22.05 this form signals just this task yet exits 229 ("Invalid job id"); the task's own numeric
     # id would be worse: Slurm then signals every later task of the array too, 5 s after it starts.
-    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], check=False)
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed"}, timeout=300)
+    slurm_chain.cluster.run(["scancel", "--signal=USR1", "--batch", f"{job}_1"], check=False)
+    final = slurm_chain.wait_state({"complete", "failed"}, timeout=300)
     assert final["state"] == "complete", final
     first = events(run_dir, "stop")[0]
     assert (first["reason"], first["saved"], first["steps_lost"]) == ("signal", True, 0)
     assert 0 < first["step"] < 100 * STEPS_PER_EPOCH
     assert events(run_dir, "start")[1]["resumed_step"] == first["step"]
     assert [s["reason"] for s in events(run_dir, "stop")[1:]] == ["completed"], "only the signalled task stopped"
-    assert_chain_gone(slurm_cluster, job)
+    slurm_chain.assert_gone()
 
 
 @pytest.mark.timeout(300, func_only=True)
-def test_a_crash_loop_is_broken_and_the_rest_cancelled(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    run_dir = tmp_path / "chain"
+def test_a_crash_loop_is_broken_and_the_rest_cancelled(slurm_chain: SlurmChain) -> None:
     crash = "import sys; print('RuntimeError: CUDA error: out of memory', file=sys.stderr); sys.exit(3)"
-    job = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "5",
-        "--time",
-        "1",
-        "--max-failures",
-        "2",
-        command=[sys.executable, "-c", crash],
-    )
-    final = wait_state(slurm_cluster, run_dir, {"failed"}, timeout=200)
+    slurm_chain.submit(*("--tasks", "5", "--time", "1", "--max-failures", "2"), command=[sys.executable, "-c", crash])
+    final = slurm_chain.wait_state({"failed"}, timeout=200)
     assert final["reason"] == "2 consecutive tasks made no progress (no new checkpoint): exit 3, exit 3"
     assert "CUDA error: out of memory" in final["log_tail"]
-    assert_chain_gone(slurm_cluster, job)
-    assert len(events(run_dir, "task-begin")) == 2
-    text = subprocess.run(
-        ["hpcckpt", "status", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=slurm_cluster.env,
-    ).stdout
+    slurm_chain.assert_gone()
+    assert len(slurm_chain.events("task-begin")) == 2
+    text = slurm_chain.hpcckpt("status", str(slurm_chain.run_dir)).stdout
     assert "state    FAILED" in text and "| RuntimeError: CUDA error: out of memory" in text
 
 
 @pytest.mark.timeout(300, func_only=True)
-def test_completion_cancels_the_remaining_tasks(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    run_dir = tmp_path / "chain"
-    job = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "4",
-        "--time",
-        "2",
-        command=[sys.executable, str(WORKER), str(run_dir), "--epochs", "2", "--workers", "0"],
-    )
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed"}, timeout=200)
+def test_completion_cancels_the_remaining_tasks(slurm_chain: SlurmChain) -> None:
+    slurm_chain.submit(*("--tasks", "4", "--time", "2"), command=slurm_chain.train("--epochs", "2", "--workers", "0"))
+    final = slurm_chain.wait_state({"complete", "failed"}, timeout=200)
     assert final["state"] == "complete" and final["step"] == 2 * STEPS_PER_EPOCH
-    assert_chain_gone(slurm_cluster, job)  # tasks 2-4 never ran: cancelled while pending
-    assert len(events(run_dir, "task-begin")) == 1
+    slurm_chain.assert_gone()  # tasks 2-4 never ran: cancelled while pending
+    assert len(slurm_chain.events("task-begin")) == 1
     assert final["tasks_used"] == 1
 
 
 @pytest.mark.timeout(300, func_only=True)
-def test_extend_queues_an_array_after_the_current_one_and_cancel_removes_both(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "chain"
-    job = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "1",
-        "--time",
-        "2",
-        command=[
-            sys.executable,
-            str(WORKER),
-            str(run_dir),
-            "--epochs",
-            "1000",
-            "--step-sleep",
-            "0.05",
-            "--workers",
-            "0",
-        ],
-    )
-    extended = subprocess.run(
-        ["hpcckpt", "extend", str(run_dir), "--tasks", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=slurm_cluster.env,
-    )
+def test_extend_queues_an_array_after_the_current_one_and_cancel_removes_both(slurm_chain: SlurmChain) -> None:
+    run_dir = slurm_chain.run_dir
+    args = ["--epochs", "1000", "--step-sleep", "0.05", "--workers", "0"]
+    job = slurm_chain.submit(*("--tasks", "1", "--time", "2"), command=slurm_chain.train(*args))
+    extended = slurm_chain.hpcckpt("extend", str(run_dir), "--tasks", "2")
     assert extended.returncode == 0, extended.stderr
     second = extended.stdout.split()[1].rstrip(":")
     assert f"after {job}" in extended.stdout
+    cluster = slurm_chain.cluster
     assert (
-        slurm_cluster.job_field(f"{second}_1" if "_" not in second else second, "Dependency").startswith(
-            f"afterany:{job}"
-        )
-        or "afterany" in slurm_cluster.run(["scontrol", "show", "job", second]).stdout
+        cluster.job_field(f"{second}_1" if "_" not in second else second, "Dependency").startswith(f"afterany:{job}")
+        or "afterany" in cluster.run(["scontrol", "show", "job", second]).stdout
     )
-    now = status(slurm_cluster, run_dir)
+    now = slurm_chain.status()
     assert now["jobs"] == [job, second] and now["tasks_left"] == 3
-    cancelled = subprocess.run(
-        ["hpcckpt", "cancel", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=slurm_cluster.env,
-    )
+    cancelled = slurm_chain.hpcckpt("cancel", str(run_dir))
     assert cancelled.returncode == 0, cancelled.stderr
-    assert_chain_gone(slurm_cluster, job)
-    assert_chain_gone(slurm_cluster, second)
+    slurm_chain.assert_gone(job, second)
 
 
 @pytest.mark.timeout(420, func_only=True)
-def test_auto_extend_resubmits_an_unfinished_chain_once(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    run_dir = tmp_path / "chain"
+def test_auto_extend_resubmits_an_unfinished_chain_once(slurm_chain: SlurmChain) -> None:
     args = ["--epochs", "100", "--step-sleep", "0.05", "--workers", "0"]  # ~65 s: more than one task
-    first = submit(
-        slurm_cluster,
-        run_dir,
-        "--tasks",
-        "1",
-        "--time",
-        "1",
-        "--signal",
-        "none",
-        "--auto-extend",
-        "1",
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+    first = slurm_chain.submit(
+        *("--tasks", "1", "--time", "1", "--signal", "none", "--auto-extend", "1"),
+        command=slurm_chain.train(*args),
         env_extra={"HPCCKPT_MARGIN": "3"},
     )
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=330)
+    final = slurm_chain.wait_state({"complete", "failed", "stalled"}, timeout=330)
     assert final["state"] == "complete", final
-    submits = events(run_dir, "submit")
+    submits = slurm_chain.events("submit")
     assert [s.get("auto", False) for s in submits] == [False, True]
     assert final["jobs"][0] == first and len(final["jobs"]) == 2
-    assert [s["reason"] for s in events(run_dir, "stop")] == ["budget", "completed"]
+    assert [s["reason"] for s in slurm_chain.events("stop")] == ["budget", "completed"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from golden import GOLDEN, SBATCH
+from runs import clean_env, events
 
 from hpcckpt import CheckpointStore, UsageError
 from hpcckpt.cli.chain import command_target
@@ -452,8 +453,8 @@ def test_task_end_records_the_task_when_the_exit_time_is_unreadable(tmp_path: Pa
     # A `date` without %N prints "1795300000.N": the task must still be recorded, its teardown unknown.
     run = tmp_path / "run"
     CheckpointStore(run)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     result = hpcckpt("task-end", "--run-dir", str(run), "--status", "0", "--exited-at", exited_at, env=env)
     assert result.returncode == 0, result.stderr
-    [end] = [e for e in CheckpointStore(run, create=False).registry.events() if e["event"] == "task-end"]
+    [end] = events(run, "task-end")
     assert (end["status"], end["exited"]) == (0, None)

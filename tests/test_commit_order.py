@@ -8,20 +8,17 @@ be the latest, retention must keep them, and the crash-loop breaker must see the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import store_workers
+from paths import WORKERS
+from runs import clean_env
 
 from hpcckpt import CheckpointStore
 from hpcckpt.store.registry import Registry
-
-sys.path.insert(0, str(Path(__file__).parent))
-import store_workers
-
-TESTS = Path(__file__).parent
 
 SKEWED_CLOCK = """
 import time
@@ -43,13 +40,13 @@ print(resumed, flush=True)
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     env["HPCCKPT_BACKEND"] = "local"  # nothing to cancel in a queue
     return env
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=TESTS, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(argv, cwd=WORKERS, env=_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
 def _task(run_dir: Path, *, skewed: bool = False) -> int | None:

@@ -18,22 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chains import SlurmChain
 from compare import assert_bitwise_equal
-from slurm_cluster import SlurmCluster
-from test_chain_slurm import assert_chain_gone, submit, wait_state
+from paths import DDP_WORKER
+from runs import clean_env, events, wait_for
 
 from hpcckpt import CheckpointStore
 from hpcckpt.distributed import dist_env, expand_nodelist
 
-HERE = Path(__file__).parent
-WORKER = HERE / "ddp_worker.py"
 _port = 29700 + os.getpid() % 200
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_", "RANK", "WORLD_SIZE"))}
-    env.update(extra)
-    return env
+def rank_env(**extra: str) -> dict[str, str]:
+    """A rank's environment: nothing of an outer job or launcher, plus ``extra``."""
+    return clean_env("RANK", "WORLD_SIZE", **extra)
 
 
 # torch 2.13 with gloo, on this 2-core machine under load, sometimes ends a launch with one rank aborting
@@ -57,16 +55,16 @@ class Ranks:
         deadline = ["--deadline-in", str(deadline_in)] if deadline_in else []
         self.pid_dir = run_dir.parent / f"{run_dir.name}-pids-{time.monotonic_ns()}"
         self.pid_dir.mkdir(parents=True)
-        worker = [str(WORKER), str(run_dir), "--pid-dir", str(self.pid_dir), *deadline, *args]
+        worker = [str(DDP_WORKER), str(run_dir), "--pid-dir", str(self.pid_dir), *deadline, *args]
         self.processes: list[subprocess.Popen[str]] = []
         if torchrun:
             launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port)]
-            self.processes.append(self._start([sys.executable, *launcher, *worker], clean_env(**extra)))
+            self.processes.append(self._start([sys.executable, *launcher, *worker], rank_env(**extra)))
         else:
             for rank in range(nproc):
                 variables = {"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank)}
                 variables |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port)} if nproc > 1 else {}
-                env = clean_env(**extra, **variables) if nproc > 1 else clean_env(**extra)
+                env = rank_env(**extra, **variables) if nproc > 1 else rank_env(**extra)
                 self.processes.append(self._start([sys.executable, *worker], env))
         self.nproc = nproc
 
@@ -120,8 +118,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, nproc: int, steps: int) 
     return _references[nproc, steps]
 
 
-def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
+def save_under_way(checkpoints: Path) -> bool:
+    """A temporary checkpoint directory exists (poll it often: a rank's save lasts a fraction of a second)."""
+    return checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
 
 
 # --- the launcher's environment ------------------------------------------------------------------------
@@ -253,7 +252,7 @@ def test_a_rank_killed_during_a_save_commits_nothing_partial(
     ranks = Ranks(run_dir, 2, *args)
     victim = ranks.pids()[1]
     checkpoints = run_dir / "checkpoints"
-    wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir()), 60)
+    wait_for(lambda: save_under_way(checkpoints), 60, "a save to start", interval=0.005)
     os.kill(victim, signal.SIGKILL)
     ranks.end(check=False)
     assert ranks.returncode != 0
@@ -272,44 +271,34 @@ def test_a_rank_killed_during_a_save_commits_nothing_partial(
     assert_bitwise_equal(expected, {key: got[key] for key in expected})
 
 
-def wait_for(predicate: Any, timeout: float) -> None:
-    """Poll often: a save of the victim's rank lasts a fraction of a second."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for a save to start"
-        time.sleep(0.005)
-
-
 # --- srun on the two-node test cluster -----------------------------------------------------------------
 @pytest.mark.timeout(600, func_only=True)
 def test_a_ddp_chain_across_two_nodes_survives_budget_stops_and_a_signal_to_one_rank(
-    slurm_cluster: SlurmCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    slurm_chain: SlurmChain, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     steps = 1500  # >= 75 s at 0.05 s a step: two one-minute tasks at least, three with the signal
-    run_dir = tmp_path / "chain"
+    run_dir = slurm_chain.run_dir
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     args = ["--steps", str(steps), "--step-sleep", "0.05", "--pid-dir", str(pid_dir)]
-    job = submit(
-        slurm_cluster,
-        run_dir,
+    slurm_chain.submit(
         *("--tasks", "5", "--time", "1", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), *args],
         env_extra={"HPCCKPT_MARGIN": "3", "PYTHONPATH": os.pathsep.join(sys.path)},
     )
 
     # The second task: once both ranks train, rank 1 (on node2) alone gets USR1.
     def second_task_training() -> bool:
-        starts = events(run_dir, "start") if (run_dir / "events.jsonl").exists() else []
+        starts = events(run_dir, "start")
         pids = list(pid_dir.glob("*.pid"))
         # File times come from the kernel's coarse clock, a few ms behind time.time(); the first task's pid
         # files are a minute older.
         return len(starts) >= 2 and len(pids) == 2 and all(p.stat().st_mtime > starts[1]["time"] - 5 for p in pids)
 
-    slurm_cluster.wait_for(second_task_training, 240, what="the second task's ranks to train")
+    slurm_chain.cluster.wait_for(second_task_training, 240, what="the second task's ranks to train")
     time.sleep(3)
     os.kill(int((pid_dir / "1.pid").read_text()), signal.SIGUSR1)
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=420)
+    final = slurm_chain.wait_state({"complete", "failed", "stalled"}, timeout=420)
     assert final["state"] == "complete", final
     stops = events(run_dir, "stop")
     reasons = [s["reason"] for s in stops]
@@ -319,7 +308,7 @@ def test_a_ddp_chain_across_two_nodes_survives_budget_stops_and_a_signal_to_one_
     assert {s["world_size"] for s in starts} == {2}
     assert [s["resumed_step"] for s in starts[1:]] == [s["step"] for s in stops[:-1]]
     assert_bitwise_equal(reference(tmp_path_factory, 2, steps), training(CheckpointStore(run_dir, create=False).load()))
-    assert_chain_gone(slurm_cluster, job)
+    slurm_chain.assert_gone()
 
 
 def test_a_sharded_checkpoint_is_checksummed_like_any_other(tmp_path: Path) -> None:
@@ -349,38 +338,37 @@ def test_a_sharded_checkpoint_is_checksummed_like_any_other(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(400, func_only=True)
-def test_under_srun_a_two_rank_checkpoint_resumes_on_one_rank(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    run_dir = tmp_path / "chain"
+def test_under_srun_a_two_rank_checkpoint_resumes_on_one_rank(slurm_chain: SlurmChain, tmp_path: Path) -> None:
+    run_dir = slurm_chain.run_dir
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     args = ["--step-sleep", "0.02", "--pid-dir", str(pid_dir)]
     env = {"PYTHONPATH": os.pathsep.join(sys.path)}
-    two = submit(
-        slurm_cluster,
-        run_dir,
-        *("--tasks", "1", "--time", "2", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), "--steps", "100000", *args],
+    # --max-tasks 1: no auto-extension (item 28), whose two-rank array would resume the same checkpoint
+    # beside the one-rank chain below (seen once: the run's last start was a two-rank one, from that step).
+    two = slurm_chain.submit(
+        *("--tasks", "1", "--max-tasks", "1", "--time", "2", "--signal", "none"),
+        *("--nodes", "2", "--ntasks-per-node", "1"),
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), "--steps", "100000", *args],
         env_extra=env,
     )
-    slurm_cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
+    slurm_chain.cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
     time.sleep(3)
     os.kill(int((pid_dir / "0.pid").read_text()), signal.SIGUSR1)
-    assert_chain_gone(slurm_cluster, two)
+    slurm_chain.assert_gone(two)
     (stop,) = events(run_dir, "stop")
     assert (stop["reason"], stop["saved"]) == ("signal", True)
     store = CheckpointStore(run_dir, create=False)
     assert store.latest().format == "dcp"  # type: ignore[union-attr]
     target = stop["step"] + 20
-    one = submit(
-        slurm_cluster,
-        run_dir,
+    one = slurm_chain.submit(
         *("--tasks", "1", "--time", "2", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), "--steps", str(target), *args],
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), "--steps", str(target), *args],
         env_extra=env,
     )
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=240)
+    final = slurm_chain.wait_state({"complete", "failed", "stalled"}, timeout=240)
     assert final["state"] == "complete", final
-    assert_chain_gone(slurm_cluster, one)
+    slurm_chain.assert_gone(one)
     start = events(run_dir, "start")[-1]
     assert (start["world_size"], start["resumed_step"]) == (1, stop["step"])
     assert store.latest().format == "torch" and store.latest().step == target  # type: ignore[union-attr]
@@ -388,27 +376,25 @@ def test_under_srun_a_two_rank_checkpoint_resumes_on_one_rank(slurm_cluster: Slu
 
 @pytest.mark.timeout(400, func_only=True)
 def test_under_srun_a_rank_killed_during_a_save_commits_nothing_partial(
-    slurm_cluster: SlurmCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    slurm_chain: SlurmChain, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     steps = 40
-    run_dir = tmp_path / "chain"
+    run_dir = slurm_chain.run_dir
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     args = ["--steps", str(steps), "--save-every", "1ba", "--ballast", str(8 << 20), "--pid-dir", str(pid_dir)]
-    job = submit(
-        slurm_cluster,
-        run_dir,
+    slurm_chain.submit(
         *("--tasks", "3", "--time", "2", "--nodes", "2", "--ntasks-per-node", "1", "--signal", "none"),
-        command=[sys.executable, str(WORKER), str(run_dir), *args],
+        command=[sys.executable, str(DDP_WORKER), str(run_dir), *args],
         env_extra={"PYTHONPATH": os.pathsep.join(sys.path)},
     )
     checkpoints = run_dir / "checkpoints"
-    slurm_cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
-    wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith(".tmp-") for p in checkpoints.iterdir()), 60)
+    slurm_chain.cluster.wait_for(lambda: len(list(pid_dir.glob("*.pid"))) == 2, 120, what="both ranks to train")
+    wait_for(lambda: save_under_way(checkpoints), 60, "a save to start", interval=0.005)
     os.kill(int((pid_dir / "1.pid").read_text()), signal.SIGKILL)  # the rank on node2, mid-save
-    final = wait_state(slurm_cluster, run_dir, {"complete", "failed", "stalled"}, timeout=300)
+    final = slurm_chain.wait_state({"complete", "failed", "stalled"}, timeout=300)
     assert final["state"] == "complete", final
-    assert_chain_gone(slurm_cluster, job)
+    slurm_chain.assert_gone()
     ends = events(run_dir, "task-end")
     assert ends[0]["status"] != 0, "srun --kill-on-bad-exit ended the task when a rank died"
     store = CheckpointStore(run_dir, create=False)

@@ -3,10 +3,11 @@ the application's handlers get each record once, and hpcckpt's own stderr handle
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from runs import clean_env
 
 SCRIPT = """
 import logging, sys
@@ -21,7 +22,7 @@ with Run(sys.argv[1], state, total_steps=3) as run:
 
 
 def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / mode), mode],
         env=env,

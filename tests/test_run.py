@@ -2,70 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from compare import assert_same_training
+from runs import TrainWorker, events
 
 from hpcckpt import CheckpointStore
 
-WORKER = Path(__file__).with_name("train_worker.py")
 STEPS_PER_EPOCH = 12  # 96 samples, batches of 8
 
 
-class Job:
+class Job(TrainWorker):
     """One training process: started, optionally signalled, then read to its end line."""
 
-    def __init__(self, run_dir: Path, *args: str, deadline_in: float | None = None) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
-        if deadline_in is not None:
-            # Counted from when the worker has built its model, not from here: under load the imports alone
-            # took the whole 2.5-3.5 s budget, and the budget then stopped before the first step (item 32).
-            args = (*args, "--deadline-in", str(deadline_in))
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._stderr = open(run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.stderr", "w+")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), str(run_dir), *args],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env=env,
-        )
-
-    def wait_started(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line, self.stderr
-        started = json.loads(line)
-        assert started["event"] == "started"
-        return started
-
-    @property
-    def stderr(self) -> str:
-        if self._stderr.closed:
-            return self._stderr_text
-        self._stderr.seek(0)
-        return self._stderr.read()
-
-    def send(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
     def end(self, timeout: float = 120) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        out = self.process.stdout.read()  # what readline() already buffered comes first
-        self.process.wait(timeout=timeout)
-        self.process.stdout.close()
-        err = self._stderr_text = self.stderr
-        self._stderr.close()
-        ends = [json.loads(line) for line in out.splitlines() if '"end"' in line]
+        ends = self.finish(timeout)
+        err = self.stderr
         if self.process.returncode in (-signal.SIGUSR1, -signal.SIGTERM) and ends:
             # The signal came after Run had finished (completed, or stopped and saved) and restored the
             # previous handlers, here the default ones: only the script's tail was cut short.
@@ -78,10 +35,6 @@ class Job:
 
 def final_state(run_dir: Path) -> dict[str, Any]:
     return CheckpointStore(run_dir, create=False).load()
-
-
-def stops(run_dir: Path) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == "stop"]
 
 
 @pytest.mark.slow
@@ -119,9 +72,9 @@ def test_interrupted_training_ends_bitwise_identical_to_an_uninterrupted_one(tmp
 
     assert len(interruptions) >= 5, interruptions
     assert {"budget", "usr1", "term"} <= set(interruptions)
-    stopped_at = [e["step"] for e in stops(run_dir) if e["reason"] != "completed"]
+    stopped_at = [e["step"] for e in events(run_dir, "stop") if e["reason"] != "completed"]
     assert any(step % STEPS_PER_EPOCH for step in stopped_at), f"no stop fell mid-epoch: {stopped_at}"
-    assert all(e["steps_lost"] == 0 for e in stops(run_dir)), "a stop lost steps"
+    assert all(e["steps_lost"] == 0 for e in events(run_dir, "stop")), "a stop lost steps"
 
     assert_same_training(final_state(tmp_path / "reference"), final_state(run_dir))
 
@@ -195,7 +148,7 @@ def test_term_with_a_tiny_grace_window_leaves_at_once_with_the_last_checkpoint_i
     assert latest is not None and latest.step == end["saved"] and latest.step % 20 == 0
     store.verify(latest)
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")] == []
-    (stop,) = stops(run_dir)
+    (stop,) = events(run_dir, "stop")
     assert stop["steps_lost"] == end["step"] - end["saved"] and stop["saved"] is False
     resumed = Job(run_dir, *args)
     assert resumed.wait_started()["step"] == end["saved"]
@@ -208,7 +161,7 @@ def test_completion_makes_the_next_task_a_no_op(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = Job(run_dir, "--epochs", "1", "--workers", "0").end()
     assert first["completed"] and first["step"] == STEPS_PER_EPOCH
-    events_before = CheckpointStore(run_dir, create=False).registry.events()
+    events_before = events(run_dir)
     started = time.monotonic()
     again = Job(run_dir, "--epochs", "1", "--workers", "0")
     assert again.wait_started()["step"] == STEPS_PER_EPOCH
@@ -216,7 +169,7 @@ def test_completion_makes_the_next_task_a_no_op(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
     assert (end["completed"], end["reason"], end["step"]) == (True, "completed", STEPS_PER_EPOCH)
     assert "already complete at step 12; nothing to do" in again.stderr
-    events_after = CheckpointStore(run_dir, create=False).registry.events()
+    events_after = events(run_dir)
     assert events_after == events_before, "a no-op task records nothing and trains nothing"
 
 
@@ -226,9 +179,8 @@ def test_a_budget_stop_loses_no_step_and_records_the_task(tmp_path: Path) -> Non
     args = ("--steps", "100000", "--workers", "0", "--step-sleep", "0.01")
     end = Job(run_dir, *args, deadline_in=4.0).end()
     assert (end["reason"], end["saved"]) == ("budget", end["step"])
-    events = CheckpointStore(run_dir, create=False).registry.events()
-    start = next(e for e in events if e["event"] == "start")
-    stop = next(e for e in events if e["event"] == "stop")
+    start = events(run_dir, "start")[0]
+    stop = events(run_dir, "stop")[0]
     assert start["resumed_step"] == 0 and start["deadline_source"] == "HPCCKPT_DEADLINE"
     assert stop["steps_done"] == end["step"] and stop["steps_lost"] == 0
     assert 0 < stop["time_left"] < 1.5, "stopped close to the deadline, with the save done"

@@ -15,14 +15,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import store_workers
+from paths import WORKERS
 
 from hpcckpt import CheckpointStore, StoreError
 from hpcckpt.budget import measure_write_bandwidth
 from hpcckpt.integrations.submitit import _store_result, stored_result
 from hpcckpt.store.registry import Registry, host_identity
-
-sys.path.insert(0, str(Path(__file__).parent))
-import store_workers
 
 HOLD_LOCK = "import store_workers, sys; store_workers.hold_owner_lock(*sys.argv[1:])"
 TARGET_TEXT = b"precious: outside the run directory\n"
@@ -145,7 +144,7 @@ def test_a_symlinked_owner_file_is_no_writer_s_lock_and_its_target_unchanged(tmp
     ready = tmp_path / "ready"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(outside), str(ready)],
-        cwd=Path(__file__).parent,
+        cwd=WORKERS,
     )
     try:
         deadline = time.monotonic() + 120

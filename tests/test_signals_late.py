@@ -5,22 +5,19 @@ complete or saved: it exits 0, as documented, and says what it ignored."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-WORKER = Path(__file__).with_name("train_worker.py")
+from runs import clean_env, train_command
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     return subprocess.Popen(
-        [sys.executable, str(WORKER), str(run_dir), "--workers", "0", "--linger", *args],
+        train_command(run_dir, "--workers", "0", "--linger", *args),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

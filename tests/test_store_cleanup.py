@@ -9,7 +9,6 @@ file, and goes on when the test creates another; in between, the test runs a cle
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,13 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import store_workers
+from paths import WORKERS
+from runs import clean_env
 
 from hpcckpt import CheckpointStore
-
-sys.path.insert(0, str(Path(__file__).parent))
-import store_workers
-
-TESTS = Path(__file__).parent
 
 # Wraps fcntl.lockf: the first lock taken on a ".owner" file waits for the test (argv[1] paused, argv[2] go).
 HOLD_BEFORE_OWNER_LOCK = """
@@ -77,10 +74,10 @@ print("completed" if run.completed else "not completed", flush=True)
 
 
 def _start(code: str, *args: str | Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_"))}
+    env = clean_env()
     return subprocess.Popen(
         [sys.executable, "-c", code, *map(str, args)],
-        cwd=TESTS,
+        cwd=WORKERS,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -16,13 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import store_workers
 import torch
+from unprivileged import as_nobody
 
 from hpcckpt import CheckpointStore, StoreError
-
-sys.path.insert(0, str(Path(__file__).parent))
-import store_workers
-from unprivileged import as_nobody
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,17 @@ from typing import Any
 
 import pytest
 from compare import assert_same_training
+from paths import REPO, SUBMITIT_TRAIN, WORKERS
+from runs import clean_env, events, wait_started
 from slurm_cluster import SlurmCluster
 
 from hpcckpt import CheckpointStore, HpcckptError, UsageError
 
 submitit = pytest.importorskip("submitit")
 
-from hpcckpt.integrations.submitit import Resumable, Unfinished, stored_result, submit_chain  # noqa: E402
-
-HERE = Path(__file__).parent
-TRAIN = HERE / "submitit_train.py"
-sys.path.insert(0, str(HERE))
 from submitit_train import crash, rank_zero_trains, train  # noqa: E402
+
+from hpcckpt.integrations.submitit import Resumable, Unfinished, stored_result, submit_chain  # noqa: E402
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -39,7 +38,7 @@ def job_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("SLURM_", "HPCCKPT_", "SUBMITIT_")):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(WORKERS), os.environ.get("PYTHONPATH")])))
 
 
 @pytest.fixture
@@ -56,9 +55,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, steps: int) -> Reference
     """(return value, final state) of the same training run straight through, in a plain process."""
     if steps not in _references:
         run_dir = tmp_path_factory.mktemp("reference") / "run"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HPCCKPT_", "SUBMITIT_"))}
+        env = clean_env("SUBMITIT_")
         out = subprocess.run(
-            [sys.executable, str(TRAIN), str(run_dir), str(steps)],
+            [sys.executable, str(SUBMITIT_TRAIN), str(run_dir), str(steps)],
             capture_output=True,
             text=True,
             env=env,
@@ -67,10 +66,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory, steps: int) -> Reference
         )
         _references[steps] = json.loads(out.stdout.splitlines()[-1]), CheckpointStore(run_dir, create=False).load()
     return _references[steps]
-
-
-def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in CheckpointStore(run_dir, create=False).registry.events() if e["event"] == kind]
 
 
 def assert_like_reference(
@@ -134,7 +129,7 @@ def test_a_preempted_slurm_job_saves_and_resumes(
     run_dir = tmp_path / "run"
     executor = slurm_executor(tmp_path / "submitit", timeout_min=5, slurm_additional_parameters={"exclusive": True})
     job = executor.submit(Resumable(train, run_dir), steps, 0.05)
-    on_cluster.wait_for(lambda: (run_dir / "events.jsonl").exists() and events(run_dir, "start"), 120, what="start")
+    wait_started(run_dir, 120)
     time.sleep(5)
     high = on_cluster.sbatch(
         "#!/bin/bash\nsleep 5\n", "-p", "high", "-N", "2", "--exclusive", "--time=1", "--output=/dev/null", cwd=tmp_path
@@ -156,7 +151,7 @@ def test_an_scancelled_slurm_job_saves_and_stays_cancelled(on_cluster: SlurmClus
     run_dir = tmp_path / "run"
     executor = slurm_executor(tmp_path / "submitit", timeout_min=5)
     job = executor.submit(Resumable(train, run_dir), 10**6, 0.01)
-    on_cluster.wait_for(lambda: (run_dir / "events.jsonl").exists() and events(run_dir, "start"), 120, what="start")
+    wait_started(run_dir, 120)
     time.sleep(2)
     on_cluster.cancel(job.job_id)
     on_cluster.wait_for(lambda: events(run_dir, "task-end"), 60, what="the task to end")
@@ -260,7 +255,7 @@ def test_the_debug_executor_runs_it_in_process(
 ) -> None:
     steps = 300
     run_dir = tmp_path / "run"
-    argv = [sys.executable, str(TRAIN), "debug", str(run_dir), str(tmp_path / "submitit"), str(steps), form]
+    argv = [sys.executable, str(SUBMITIT_TRAIN), "debug", str(run_dir), str(tmp_path / "submitit"), str(steps), form]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr
@@ -321,7 +316,7 @@ def test_bad_input_is_refused_before_anything_is_submitted(tmp_path: Path, call:
 
 @pytest.mark.timeout(300, func_only=True)
 def test_the_example_runs_a_chain_on_the_cluster(on_cluster: SlurmCluster, tmp_path: Path) -> None:
-    example = HERE.parent / "examples" / "submitit_chain.py"
+    example = REPO / "examples" / "submitit_chain.py"
     argv = [sys.executable, str(example), "--run-dir", "runs/ex", "--tasks", "4", "--time", "1", "--steps", "600"]
     out = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=280, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
@@ -352,7 +347,7 @@ def test_sigterm_far_from_the_time_limit_is_not_requeued(job_env: None, tmp_path
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit", max_num_timeout=10)
     executor.update_parameters(timeout_min=5)
     job = executor.submit(Resumable(train, run_dir), 10**6, 0.01)
-    SlurmCluster.wait_for(lambda: (run_dir / "events.jsonl").exists() and events(run_dir, "start"), 60, what="start")
+    wait_started(run_dir, 60)
     time.sleep(1)
     job._process.send_signal(signal.SIGTERM)  # the local controller forwards it to the task
     with pytest.raises(submitit.core.utils.UncompletedJobError, match="has not produced any output"):

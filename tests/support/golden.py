@@ -1,6 +1,6 @@
 """The scripts in sbatch/ are the template's output for these specs; tests/test_chain.py keeps them so.
 
-Regenerate after a template change:  python tests/golden.py
+Regenerate after a template change:  python tests/support/golden.py
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from hpcckpt.slurm.script import render
 from hpcckpt.slurm.spec import ChainSpec
 
-SBATCH = Path(__file__).resolve().parent.parent / "sbatch"
+SBATCH = Path(__file__).resolve().parent.parent.parent / "sbatch"
 
 GOLDEN: dict[str, ChainSpec] = {
     # Ready to submit by hand: edit the run directory and the command, then `sbatch chain.sbatch`.

@@ -10,13 +10,14 @@ import os
 import re
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
-SLURM_LAB = Path(__file__).parent / "cluster" / "slurm-lab"
+from runs import wait_for
+
+SLURM_LAB = Path(__file__).resolve().parent.parent / "cluster" / "slurm-lab"
 
 # slurm-lab's exit status for "Slurm cannot run here" (not root, no apt-get, install failed).
 EXIT_UNAVAILABLE = 3
@@ -141,15 +142,8 @@ class SlurmCluster:
     @staticmethod
     def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.5, what: str = "condition") -> T:
         """Poll `predicate` until it returns something truthy and return that; AssertionError naming
-        `what` after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(interval)
+        `what` after `timeout` seconds (runs.wait_for, as a method of the cluster)."""
+        return cast(T, wait_for(predicate, timeout, what, interval))
 
 
 def start_cluster(state_dir: Path) -> SlurmCluster:

@@ -1,6 +1,6 @@
 """Measure the unused allocation of a chain's tasks on a real Slurm cluster (issue 11, items 23 and 27).
 
-Submits a chain of 1-minute tasks of tests/train_worker.py, watches the queue for each task's start and
+Submits a chain of 1-minute tasks of tests/workers/train_worker.py, watches the queue for each task's start and
 end time (``squeue %S %e``, the scheduled end: the time limit's), and, once the run has ended, prints one
 line per task from Slurm's times and the run's events:
 
@@ -13,7 +13,7 @@ line per task from Slurm's times and the run's events:
 - the stop's reason/cause, the task's exit status (143 = ended by the time limit's TERM).
 
     export SLURM_CONF=...   # printed by `bash tests/cluster/slurm-lab start DIR`
-    PYTHONPATH=$PWD python tests/measure_allocation.py WORKDIR [--tasks 3] [--signal USR1@20] [--workers 0]
+    PYTHONPATH=$PWD python tests/support/measure_allocation.py WORKDIR [--tasks 3] [--signal USR1@20] [--workers 0]
 
 Not a test (it takes minutes and asserts nothing): tests/test_allocation_slurm.py asserts the targets.
 """
@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-WORKER = Path(__file__).with_name("train_worker.py")
+from paths import TRAIN_WORKER
 
 
 def slurm_time(text: str) -> float | None:
@@ -72,7 +72,7 @@ def main() -> int:
 
     run_dir = args.workdir.resolve() / "chain"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(WORKER), str(run_dir), "--epochs", str(args.epochs)]
+    command = [sys.executable, str(TRAIN_WORKER), str(run_dir), "--epochs", str(args.epochs)]
     command += ["--step-sleep", str(args.step_sleep), "--workers", str(args.workers)]
     options = ["--backend", "slurm", "--run-dir", str(run_dir), "--tasks", str(args.tasks), "--time", "1"]
     options += ["--max-tasks", str(args.tasks)]  # measure these tasks only, no auto-extension

@@ -1,6 +1,6 @@
-"""The training function the submitit tests submit: a small MLP with dropout, batches drawn from the
-global RNG (saved in the checkpoint, so a resumed run draws the same ones), one optional sleep per step
-so that a run outlasts a one-minute allocation.
+"""The training function the submitit tests submit: the toy training (toy.py), batches drawn from the global
+RNG (saved in the checkpoint, so a resumed run draws the same ones), one optional sleep per step so that a
+run outlasts a one-minute allocation.
 
 The jobs import this module by name: the tests put this directory on PYTHONPATH.
 
@@ -17,31 +17,22 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
+import toy
 
 from hpcckpt import Run, TrainState
 
 
 def train(total_steps: int, step_sleep: float = 0.0, save_every: str | None = None) -> dict[str, Any]:
-    torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(512, 16, generator=generator)
-    y = x.sum(dim=1, keepdim=True).sin()
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.9)
+    toy.deterministic()
+    x, y = toy.regression_data(512, seed=1)
+    model = toy.mlp()
+    optimizer = toy.optimizer(model)
+    scheduler = toy.scheduler(optimizer, step_size=100)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler)
     loss = torch.tensor(float("nan"))
     with Run(state=state, total_steps=total_steps, save_every=save_every) as run:
         for _ in run:
-            index = torch.randint(0, len(x), (16,))
-            loss = nn.functional.mse_loss(model(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            loss = toy.train_step(model, optimizer, toy.random_batch(x, y), scheduler)
             run.report(loss=loss.item())
             if step_sleep:
                 time.sleep(step_sleep)

@@ -1,4 +1,5 @@
-"""A DDP (or FSDP2, --fsdp) training job for the distributed tests, one process per rank, under torchrun or srun.
+"""A DDP (or FSDP2, --fsdp) training job for the distributed tests, one process per rank, under torchrun or srun:
+the toy training (toy.py) without dropout.
 
 Each rank draws its batches from its own global RNG (seeded by rank and saved per rank in the sharded
 checkpoint), so a run resumed at the same world size continues exactly; gloo on CPU.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import toy
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcckpt import Run, TrainState
@@ -46,10 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     env = init_process_group("gloo")
-    torch.manual_seed(0)  # the same initial weights on every rank
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    toy.deterministic()  # the same initial weights on every rank
+    model = toy.mlp(dropout=None)
     if args.ballast:  # state that makes the checkpoint big (and its save slow)
         model.register_buffer("ballast", torch.zeros(args.ballast))
     if env.world_size > 1 and args.fsdp:  # FSDP2: parameters sharded over the ranks (DTensors)
@@ -62,10 +61,9 @@ def main() -> None:
         ddp = DistributedDataParallel(model, forward_sync_buffers=False)
     else:
         ddp = model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = toy.optimizer(model)
     torch.manual_seed(1000 + env.rank)  # then each rank its own batches
-    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(7))
-    y = x.sum(dim=1, keepdim=True).sin()
+    x, y = toy.regression_data(256, seed=7)
     state = TrainState(model=ddp, optimizer=optimizer)
     if args.deadline_in is not None:
         os.environ["HPCCKPT_DEADLINE"] = str(time.time() + args.deadline_in)
@@ -75,11 +73,7 @@ def main() -> None:
         if args.pid_dir:
             Path(args.pid_dir, f"{env.rank}.pid").write_text(str(os.getpid()))
         for _ in run:
-            index = torch.randint(0, len(x), (16,))
-            loss = nn.functional.mse_loss(ddp(x[index]), y[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = toy.train_step(ddp, optimizer, toy.random_batch(x, y))
             run.report(loss=loss.item())
             if args.step_sleep:
                 time.sleep(args.step_sleep)
