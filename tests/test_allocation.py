@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import TrainWorker, clean_env, events, train_command
 from paths import TRAIN_WORKER
-from runs import TrainWorker, clean_env, events, train_command
 
 from hpcckpt.budget import DEFAULT_TEARDOWN, is_time_limit_warning, measured_teardown
 

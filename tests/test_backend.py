@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from chains import SlurmChain
-from runs import events, train_command, wait_for
+from harness import events, train_command, wait_for
 from slurm_cluster import SlurmCluster
 
 from hpcckpt.distributed import expand_nodelist

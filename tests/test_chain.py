@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from compare import assert_same_training
 from golden import GOLDEN, SBATCH
-from runs import events, train_command
+from harness import events, train_command
 
 from hpcckpt import CheckpointStore
 from hpcckpt.slurm.script import render

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from chains import SlurmChain
 from compare import assert_same_training
-from runs import clean_env, events, train_command
+from harness import clean_env, events, train_command
 
 from hpcckpt import CheckpointStore
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from golden import GOLDEN, SBATCH
-from runs import clean_env, events
+from harness import clean_env, events
 
 from hpcckpt import CheckpointStore, UsageError
 from hpcckpt.cli.chain import command_target

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from chains import SlurmChain
 from compare import assert_bitwise_equal
+from harness import clean_env, events, wait_for
 from paths import DDP_WORKER
-from runs import clean_env, events, wait_for
 
 from hpcckpt import CheckpointStore
 from hpcckpt.distributed import dist_env, expand_nodelist

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runs import clean_env
+from harness import clean_env
 
 SCRIPT = """
 import logging, sys

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from compare import assert_same_training
-from runs import TrainWorker, events
+from harness import TrainWorker, events
 
 from hpcckpt import CheckpointStore
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runs import clean_env, train_command
+from harness import clean_env, train_command
 
 
 def _start(run_dir: Path, *args: str) -> subprocess.Popen[str]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import store_workers
+from harness import clean_env
 from paths import WORKERS
-from runs import clean_env
 
 from hpcckpt import CheckpointStore
 

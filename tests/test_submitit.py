@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from compare import assert_same_training
+from harness import clean_env, events, wait_started
 from paths import REPO, SUBMITIT_TRAIN, WORKERS
-from runs import clean_env, events, wait_started
 from slurm_cluster import SlurmCluster
 
 from hpcckpt import CheckpointStore, HpcckptError, UsageError

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runs import events
+from harness import events
 
 from hpcckpt import CheckpointStore
 from hpcckpt.slurm.tasks import task_begin, task_end

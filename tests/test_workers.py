@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from compare import assert_same_training
-from runs import TrainWorker, clean_env, events
+from harness import TrainWorker, clean_env, events
 
 from hpcckpt import CheckpointStore
 

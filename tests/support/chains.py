@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from runs import events, train_command, wait_for, wait_started
+from harness import events, train_command, wait_for, wait_started
 from slurm_cluster import SlurmCluster
 
 # How long the CLI may take against the cluster (sbatch and squeue retry a controller that is slow).

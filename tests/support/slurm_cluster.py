@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
-from runs import wait_for
+from harness import wait_for
 
 SLURM_LAB = Path(__file__).resolve().parent.parent / "cluster" / "slurm-lab"
 
