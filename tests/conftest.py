@@ -5,8 +5,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chains import SlurmChain
-from slurm_cluster import SlurmCluster, SlurmStartError, SlurmUnavailableError, start_cluster, stop_cluster
+
+# The shared helpers assert too: rewritten, their failures show values as a test's own asserts do.
+pytest.register_assert_rewrite("chains", "harness", "compare")
+
+from chains import SlurmChain  # noqa: E402
+from slurm_cluster import SlurmCluster, SlurmStartError, SlurmUnavailableError, start_cluster, stop_cluster  # noqa: E402
 
 # --- Slurm cluster (tests/cluster/slurm-lab) ---------------------------------------------------------
 # One throwaway two-node cluster for the whole session. Where Slurm cannot run (not root, no apt-get)

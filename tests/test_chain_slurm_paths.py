@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chains import SlurmChain
+from chains import SUBMIT_TIMEOUT, SlurmChain
 from slurm_cluster import SlurmCluster
 
 # Under load a one-task chain starts in seconds; the queue is polled, so this only bounds a failure.
@@ -52,6 +52,6 @@ def test_slurm_drops_a_backslash_from_the_log_path_so_hpcckpt_refuses_it(
         assert list((chain.run_dir / "logs").iterdir()) == [], "the log did not land in the run directory"
         assert not marker.exists(), "the task did not run"
     submit = ["submit", "--backend", "slurm", "--run-dir", str(chain.run_dir), "--tasks", "1", "--time", "2"]
-    refused = chain.hpcckpt(*submit, "--", sys.executable, "-c", "pass")
+    refused = chain.hpcckpt(*submit, "--", sys.executable, "-c", "pass", timeout=SUBMIT_TIMEOUT)
     assert refused.returncode == 2
     assert f"Invalid --run-dir {str(chain.run_dir)!r}: a backslash cannot appear in it" in refused.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import tempfile
@@ -25,7 +24,6 @@ from hpcckpt import (
     StoreError,
     TrainState,
     UsageError,
-    read_slurm_env,
 )
 
 
@@ -85,9 +83,7 @@ def test_checkpoint_record_and_manifest_carry_what_users_need(tmp_path: Path, mo
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    # The store reads no environment: its caller passes the job's ids (Run does, from its own environment).
-    job = read_slurm_env(os.environ)
-    store = CheckpointStore(tmp_path / "run", metadata={"lr": 0.01, "git_commit": "deadbeef"}, job=job)
+    store = CheckpointStore(tmp_path / "run", metadata={"lr": 0.01, "git_commit": "deadbeef"})
     state = make_state()
     state.step = 1200
     ckpt = store.save(state, epoch=3, metrics={"val_loss": 0.41}, metadata={"note": "first"})

@@ -18,8 +18,10 @@ from typing import Any
 from harness import events, train_command, wait_for, wait_started
 from slurm_cluster import SlurmCluster
 
-# How long the CLI may take against the cluster (sbatch and squeue retry a controller that is slow).
-CLI_TIMEOUT = 120
+# How long the CLI may take against the cluster: a submission (sbatch retries a controller that is slow)
+# and every other command (status, extend, cancel), as the tests allowed before they shared this helper.
+SUBMIT_TIMEOUT = 120
+CLI_TIMEOUT = 60
 
 
 @dataclass
@@ -30,13 +32,15 @@ class SlurmChain:
     run_dir: Path
     jobs: list[str] = field(default_factory=list)
 
-    def hpcckpt(self, *argv: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def hpcckpt(
+        self, *argv: str, env_extra: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
         """``hpcckpt ARGV`` against the cluster, from the run directory's parent; output captured."""
         return subprocess.run(
             ["hpcckpt", *argv],
             capture_output=True,
             text=True,
-            timeout=CLI_TIMEOUT,
+            timeout=timeout,
             check=False,
             env={**self.cluster.env, **(env_extra or {})},
             cwd=self.run_dir.parent,
@@ -49,7 +53,7 @@ class SlurmChain:
     def submit(self, *options: str, command: list[str], env_extra: dict[str, str] | None = None) -> str:
         """``hpcckpt submit --backend slurm`` with ``options``; the chain's array job id."""
         argv = ["submit", "--backend", "slurm", "--run-dir", str(self.run_dir), *options, "--", *command]
-        result = self.hpcckpt(*argv, env_extra=env_extra)
+        result = self.hpcckpt(*argv, env_extra=env_extra, timeout=SUBMIT_TIMEOUT)
         assert result.returncode == 0, result.stdout + result.stderr
         job = result.stdout.split()[2].rstrip(":")  # "submitted chain 123: ..."
         assert job.isdigit(), result.stdout
