@@ -85,6 +85,13 @@ def assert_resumed_in_turn(run_dir: Path) -> None:
     assert [s["reason"] for s in stops][-1] == "completed"
 
 
+# Slurm sends --signal's warning when its periodic check (every 30 s, PERIODIC_TIMEOUT) finds the job's end
+# within the delay plus 30 s: with a one-minute limit, a 30-s delay may come at the very start, before Python
+# runs at all (it killed a chain's first task 0.2 s after launch, under load). A 15-s delay comes 15 to 45 s
+# after the start: time to start, and 15 s to save and leave.
+SIGNAL_DELAY_S = 15
+
+
 def slurm_executor(folder: Path, **parameters: Any) -> Any:
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=20)
     executor.update_parameters(slurm_partition="low", **parameters)
@@ -98,7 +105,7 @@ def test_a_slurm_job_requeues_at_each_time_limit_until_done(
 ) -> None:
     steps = 1300  # >= 65 s at 0.05 s a step: more than any one-minute allocation can do
     run_dir = tmp_path / "run"
-    executor = slurm_executor(tmp_path / "submitit", timeout_min=1, slurm_signal_delay_s=30)
+    executor = slurm_executor(tmp_path / "submitit", timeout_min=1, slurm_signal_delay_s=SIGNAL_DELAY_S)
     job = executor.submit(Resumable(train, run_dir), steps, 0.05)
     value = job.result()
 
@@ -169,7 +176,7 @@ def test_a_slurm_chain_runs_in_turn_completes_and_cancels_the_rest(
 ) -> None:
     steps = 900
     run_dir = tmp_path / "run"
-    executor = slurm_executor(tmp_path / "submitit", timeout_min=1, slurm_signal_delay_s=30)
+    executor = slurm_executor(tmp_path / "submitit", timeout_min=1, slurm_signal_delay_s=SIGNAL_DELAY_S)
     chain = submit_chain(executor, Resumable(train, run_dir), steps, 0.05, tasks=6)
     assert executor.parameters.get("array_parallelism") is None, "the user's executor is left as it was"
     array = chain.array_job_id
