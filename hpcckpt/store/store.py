@@ -114,8 +114,7 @@ class CheckpointStore:
             metadata={**self.metadata, **(metadata or {})},
             job=self.job,
         )
-        if self.format.name == DCP_FORMAT and (not isinstance(state, TrainState) or tag is not None or metadata):
-            raise UsageError("a sharded (dcp) save takes a TrainState, without tag or metadata")
+        self.format.check_save(state, tag, metadata)
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
             raise UsageError(f"Invalid tag {tag!r}: expected letters, digits, '_', '.' or '-', e.g. 'pre-finetune'")
         return self.format.save(request, state)

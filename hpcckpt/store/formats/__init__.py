@@ -60,6 +60,11 @@ class CheckpointFormat(Protocol):
 
     name: str
 
+    def check_save(self, state: object, tag: str | None, metadata: Mapping[str, Any] | None) -> None:
+        """Refuse, with a :class:`UsageError`, what this format cannot save: called by the store after the
+        step, epoch and metrics are checked and before the tag is (the order users have always seen)."""
+        ...
+
     def save(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> Checkpoint:
         """Write ``state`` through a save transaction for ``request`` and commit it (collective for a
         format whose files every rank writes)."""

@@ -186,10 +186,15 @@ class DcpFormat:
 
     name = NAME
 
+    def check_save(self, state: object, tag: str | None, metadata: Mapping[str, Any] | None) -> None:
+        """A TrainState only, without a tag or per-save metadata (every rank must save the same thing)."""
+        if not isinstance(state, TrainState) or tag is not None or metadata:
+            raise UsageError(REFUSED)
+
     def save(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> Checkpoint:
         """Every rank, at the same step: write the parts, then rank 0 commits (see the module docstring)."""
-        if not isinstance(state, TrainState) or request.tag is not None:
-            raise UsageError(REFUSED)
+        self.check_save(state, request.tag, None)
+        assert isinstance(state, TrainState)  # check_save refused anything else
         # The step and epoch are the state's own: a sharded save ignores explicit ones (as it always has).
         return save(dataclasses.replace(request, step=int(state.step), epoch=int(state.epoch)), state)
 

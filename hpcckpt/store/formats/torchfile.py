@@ -35,6 +35,9 @@ class TorchFileFormat:
     def __init__(self, *, checksum: bool = True) -> None:
         self.checksum = checksum
 
+    def check_save(self, state: object, tag: str | None, metadata: Mapping[str, Any] | None) -> None:
+        """A state dict or a TrainState, with a tag and metadata: everything the store takes."""
+
     def save(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> Checkpoint:
         """Write ``state`` (a :class:`TrainState`'s state dict with the request's step and epoch, or a plain
         dict as it is) and commit it."""
