@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import UsageError
 from .signals import parse_signal
+from .store.registry import LOCK_MODES
 
 log = logging.getLogger("hpcckpt")
 
@@ -87,7 +88,7 @@ VARIABLES: tuple[Variable, ...] = (
         _unix_time,
         "the job's end time when Slurm does not give it (local backend, tests)",
     ),
-    Variable("HPCCKPT_LOCK", "'auto', 'fcntl' or 'soft'", _one_of("auto", "fcntl", "soft"), "registry lock mode"),
+    Variable("HPCCKPT_LOCK", "'auto', 'fcntl' or 'soft'", _one_of(*LOCK_MODES), "registry lock mode"),
     Variable("HPCCKPT_MASTER_PORT", "a port number from 1 to 65535", _port, "torch.distributed's rendezvous port"),
     Variable("HPCCKPT_BACKEND", "'local' or 'slurm'", _one_of("local", "slurm"), "set by the local backend"),
     Variable("HPCCKPT_REQUIRE_SLURM", "'0' or '1'", _one_of("0", "1"), "the test suite: fail, not skip, without Slurm"),
