@@ -170,10 +170,9 @@ def _tensors(nbytes: int, count: int) -> dict[str, Any]:
 
 def _hpcckpt_save(directory: Path, payload: dict[str, Any], *, checksum: bool) -> None:
     from ..store.formats.torchfile import TorchFileFormat
-    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
-    store = CheckpointStore(directory, keep_last=None, lock=lock_mode(os.environ))
+    store = CheckpointStore(directory, keep_last=None)
     store.format = TorchFileFormat(checksum=checksum)
     store.save(payload, step=1)
 
@@ -200,14 +199,13 @@ def _raw_write(directory: Path, payload: dict[str, Any]) -> None:
 
 
 def _hpcckpt_load_setup(root: Path, payload: dict[str, Any]) -> Step:
-    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
     saved = root / "load-hpcckpt"
-    CheckpointStore(saved, keep_last=None, lock=lock_mode(os.environ)).save(payload, step=1)
+    CheckpointStore(saved, keep_last=None).save(payload, step=1)
 
     def load(_: Path) -> None:
-        store = CheckpointStore(saved, keep_last=None, create=False, lock=lock_mode(os.environ))
+        store = CheckpointStore(saved, keep_last=None, create=False)
         _drop_cache(store.latest().path / "state.pt")  # type: ignore[union-attr]
         state = store.load()
         assert len(state) == len(payload)
@@ -299,11 +297,10 @@ def _registry_latency(directory: Path, history: int, samples: int = 200) -> tupl
     import torch
 
     from ..store.formats.torchfile import TorchFileFormat
-    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
     from ..store.transaction import SaveRequest, SaveTransaction
 
-    store = CheckpointStore(directory, keep_last=None, lock=lock_mode(os.environ))
+    store = CheckpointStore(directory, keep_last=None)
     tiny = {"w": torch.zeros(4)}
     for step in range(history):
         store.save(tiny, step=step, metrics={"loss": 1.0 / (step + 1)})

@@ -117,11 +117,10 @@ def run_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
-    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
     # Creates the run directory, or says why not.
-    store = CheckpointStore(spec.run_dir, keep_last=None, lock=lock_mode(os.environ))
+    store = CheckpointStore(spec.run_dir, keep_last=None)
     (spec.run_dir / LOGS).mkdir(exist_ok=True)
     from ..store.fileio import write_atomic
 
@@ -214,11 +213,10 @@ def configure_extend(parser: argparse.ArgumentParser) -> None:
 
 def run_extend(args: argparse.Namespace) -> int:
     from ..slurm import commands as slurm
-    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
     whole_number(args.tasks, "--tasks", of="array tasks")
-    store = CheckpointStore(args.run_dir, keep_last=None, create=False, lock=lock_mode(os.environ))
+    store = CheckpointStore(args.run_dir, keep_last=None, create=False)
     events = store.registry.events()
     script = store.run_dir / SCRIPT
     if not script.is_file():
@@ -338,7 +336,6 @@ def open_run(text: str) -> Any:
     """The store of an existing run directory, for commands that read it (and ``cancel``, which records
     in it). A directory that holds none of a run's files is refused before anything is written there:
     ``cancel`` used to leave a lock and an event log in whatever directory it was given (issue 11)."""
-    from ..store.registry import lock_mode
     from ..store.store import CheckpointStore
 
     if not text.strip():
@@ -349,7 +346,7 @@ def open_run(text: str) -> Any:
             f"Invalid run directory {text!r}: it is not a run directory (no {CHECKPOINTS}/, {INDEX} or "
             f"{EVENTS} in it); expected the --run-dir of a chain or a Run"
         )
-    return CheckpointStore(run_dir, keep_last=None, create=False, lock=lock_mode(os.environ))
+    return CheckpointStore(run_dir, keep_last=None, create=False)
 
 
 def _max_tasks(args: argparse.Namespace, tasks: int) -> int:

@@ -404,7 +404,7 @@ def _executor_kind(executor: Any) -> str:
 def _where(chain: Chain) -> str:
     from ..store.store import CheckpointStore
 
-    latest = CheckpointStore(chain.run_dir, keep_last=None, lock=lock_mode(os.environ)).latest()
+    latest = CheckpointStore(chain.run_dir, keep_last=None).latest()
     return (
         f"latest checkpoint {latest.name} (step {latest.step}); submit another chain to go on"
         if latest
