@@ -99,11 +99,14 @@ def test_a_background_save_commits_only_at_wait_and_keeps_its_snapshot(tmp_path:
     store = CheckpointStore(tmp_path / "run", format="dcp")
     net = model()
     first = store.save(TrainState(model=net, step=1))
-    handle = store.format.save_async(request(store, 2, keep_last=1), TrainState(model=net, step=2), None)  # type: ignore[attr-defined]
+    state = TrainState(model=net, step=2, extra={"history": [0.5, 0.25], "best": torch.tensor(0.25)})
+    handle = store.format.save_async(request(store, 2, keep_last=1), state, None)  # type: ignore[attr-defined]
     snapshot = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1.0)  # training goes on while the part is persisted
+        state.extra["best"].fill_(0.125)
+    state.extra["history"].append(0.125)
     # Not committed before wait(): the previous checkpoint is the latest and retention has not run.
     assert [c.name for c in store.list()] == [first.name]
     committed = handle.wait()
@@ -111,10 +114,12 @@ def test_a_background_save_commits_only_at_wait_and_keeps_its_snapshot(tmp_path:
     assert [c.name for c in store.list()] == [committed.name] == ["step_000000002"], "keep_last=1 at the commit"
     assert handle.wait() == committed, "wait() again returns the same checkpoint"
     assert_digests_fresh(committed)
-    restored = model()
-    assert store.restore(TrainState(model=restored)) == committed
-    for key, value in restored.state_dict().items():
+    restored = TrainState(model=model())
+    assert store.restore(restored) == committed
+    for key, value in restored.model.state_dict().items():  # type: ignore[union-attr]
         assert torch.equal(value, snapshot[key]), key
+    extra = store.load(committed)["extra"]
+    assert extra["history"] == [0.5, 0.25] and extra["best"].item() == 0.25
 
 
 def test_a_failed_background_write_raises_at_wait_and_leaves_the_previous_latest(

@@ -35,7 +35,6 @@ to one ``torch.load``-able file. Nothing in its files runs code when read: see :
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import errno
 import io
@@ -314,7 +313,6 @@ def save_async(request: SaveRequest, state: TrainState) -> AsyncDcpSave:
     records = dcpwrite.Records()
     try:
         content = payload(state, request.step, request.epoch)
-        content["extra"] = copy.deepcopy(content["extra"])  # the snapshot, not what the loop changes next
         future = _persist_in_background(content, dcpwrite.writer(prepared, records, sync_files=True))
     except Exception as error:  # told to the others at wait(), like a failed background write
         future = Future()
@@ -374,7 +372,8 @@ class AsyncDcpSave:
 
 
 def _persist_in_background(content: dict[str, Any], writer: Any) -> Future[Any]:
-    """Snapshot ``content`` to CPU on this thread (DCP's stager) and save it with DCP on another."""
+    """Snapshot ``content`` to CPU on this thread (DCP's stager: new tensors, and deep copies of every other
+    value, so what the training loop changes next is not saved) and save it with DCP on another."""
     _, size = world()
     if size > 1:
         from torch.distributed.checkpoint.state_dict_saver import async_save
