@@ -127,3 +127,22 @@ def test_a_rank_killed_while_its_part_is_written_in_the_background_leaves_the_pr
     store = CheckpointStore(run_dir, create=False)
     store.save({"x": torch.ones(2)}, step=3)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000000001", "step_000000003"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_ranks_saving_in_the_background_resume_exactly(tmp_path: Path) -> None:
+    # Uninterrupted: 12 steps, a background save every 3. Interrupted: stopped at step 8 (the save of step 6
+    # waited for at the stop), then resumed from step 6 to 12. Same weights and optimizer state, bitwise.
+    reference, stderr = lines(start(tmp_path / "reference", "train", "--final", str(tmp_path / "reference")))
+    assert [reference[r]["step"] for r in (0, 1)] == [12, 12], stderr
+    first, stderr = lines(start(tmp_path / "run", "train", "--stop-at", "8", "--final", str(tmp_path / "first")))
+    assert [first[r]["step"] for r in (0, 1)] == [8, 8], stderr
+    assert [c.step for c in CheckpointStore(tmp_path / "run", create=False).list()] == [3, 6]
+    second, stderr = lines(start(tmp_path / "run", "train", "--final", str(tmp_path / "resumed")))
+    assert [(second[r]["resumed"], second[r]["step"]) for r in (0, 1)] == [(6, 12), (6, 12)], stderr
+    for rank in (0, 1):
+        expected = torch.load(tmp_path / f"reference-rank{rank}.pt", weights_only=True)
+        got = torch.load(tmp_path / f"resumed-rank{rank}.pt", weights_only=True)
+        assert_bitwise_equal(expected, got, f"rank {rank}")
+    assert [c.step for c in CheckpointStore(tmp_path / "run", create=False).list()] == [3, 6, 9, 12]

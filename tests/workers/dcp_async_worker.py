@@ -40,9 +40,12 @@ from hpcckpt.store.transaction import SaveRequest
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
-    parser.add_argument("mode", choices=["commit", "fail", "hang"])
+    parser.add_argument("mode", choices=["commit", "fail", "hang", "train"])
     parser.add_argument("--victim", type=int, default=1)
     parser.add_argument("--marker", default=None)
+    parser.add_argument("--stop-at", type=int, default=12)
+    parser.add_argument("--save-every", type=int, default=3)
+    parser.add_argument("--final", default=None, help="train: write each rank's final state to FINAL-rank<R>.pt")
     args = parser.parse_args()
 
     env = init_process_group("gloo", timeout=120)
@@ -60,6 +63,8 @@ def main() -> None:
             state.step += 1
 
     store = CheckpointStore(args.run_dir, format="dcp")
+    if args.mode == "train":
+        return train_resumably(store, state, train, args.stop_at, args.save_every, f"{args.final}-rank{env.rank}.pt")
     train(1)
     first = store.save(state)
     train(1)
@@ -81,6 +86,31 @@ def main() -> None:
     print(json.dumps(line), flush=True)
     if args.mode == "hang":
         os._exit(0)  # a peer is dead: the group cannot be torn down together
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train_resumably(
+    store: CheckpointStore, state: TrainState, train: Any, stop_at: int, every: int, final: str
+) -> None:
+    """Resume from the latest checkpoint, train to step ``stop_at`` saving every ``every`` steps in the
+    background (each save waited for at the next one, and at the stop), then write the final state."""
+    resumed = store.restore(state)
+    handle = None
+    while state.step < stop_at:
+        train(1)
+        if state.step % every == 0:
+            if handle is not None:
+                handle.wait()
+            request = SaveRequest(registry=store.registry, step=state.step, epoch=0, metrics={}, retention=lambda _: [])
+            handle = store.format.save_async(request, state, None)  # type: ignore[attr-defined]
+    if handle is not None:
+        handle.wait()
+    model = state.model.module  # type: ignore[union-attr]
+    moments = {name: clone(state.optimizer.state[p]) for name, p in model.named_parameters()}  # type: ignore[union-attr]
+    torch.save({"model": clone(model.state_dict()), "moments": moments, "step": state.step}, final)
+    line = {"rank": dist.get_rank(), "step": state.step, "resumed": resumed.step if resumed else None}
+    print(json.dumps(line), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
