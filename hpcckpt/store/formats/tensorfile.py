@@ -35,7 +35,7 @@ from ...state import TrainState
 from ..fileio import SyncedWriter
 from ..manifest import Checkpoint, FileRecord
 from ..transaction import SaveRequest, SaveTransaction
-from . import TENSORS_FORMAT, CheckpointRef, CheckpointSource
+from . import TENSORS_FORMAT, CheckpointRef, CheckpointSource, restore_whole
 from .codec import CodecError, Decoder, Encoder, PickleRefusedError
 
 if TYPE_CHECKING:
@@ -129,15 +129,12 @@ class TensorFileFormat:
         options: RestoreOptions,
         map_location: Any,
     ) -> Checkpoint | None:
-        """In one process. The model loads from zero-copy views (its ``load_state_dict`` is the one copy);
-        every other tensor is copied once into fresh memory, so nothing restored keeps the file in use."""
-        if ckpt is None and not source.list():
-            return None
-        checkpoint, payload = source.load_checkpoint(ckpt, map_location, mmap=True)
-        copies: dict[int, Any] = {}
-        payload = {key: value if key == "model" else owned(value, copies) for key, value in payload.items()}
-        state.load_state_dict(payload, options)
-        return checkpoint
+        """In one process: every storage read once into fresh memory by the kernel (``preadv``, no mapping),
+        then given to ``state``: the model copies it into its parameters, the optimizer keeps it. Nothing
+        restored keeps the file open or mapped. Zero-copy views of a mapping were measured slower here
+        (0.30 s against 0.13 s for a 40 MiB model and its AdamW state, warm): each first touch of a mapped
+        page is a fault, dearer than the kernel's copy, and a virtual machine makes faults dearer still."""
+        return restore_whole(source, state, ckpt, options, map_location)
 
 
 class _Plan:
@@ -287,15 +284,16 @@ class _Reader:
     def __init__(self, path: Path, dtypes: Mapping[str, Any]) -> None:
         self.path = path
         self.dtypes = dtypes
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            size = os.fstat(fd).st_size
+            size = os.fstat(self.fd).st_size
             if size < _PREAMBLE.size:
                 raise self.corrupt(f"{size} bytes, shorter than the {_PREAMBLE.size}-byte preamble")
             # Private (copy-on-write): tensors handed out may be written to; the file never is.
-            self.map = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-        finally:
-            os.close(fd)
+            self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_COPY)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.size = size
         self.storages: list[Any] = []
         self.built: list[Any] = []
@@ -305,6 +303,7 @@ class _Reader:
 
     def __exit__(self, *exc: object) -> None:
         del self.storages, self.built
+        os.close(self.fd)
         with contextlib.suppress(BufferError):  # tensors still map it (mmap=True): it lives, and closes, with them
             self.map.close()
 
@@ -367,15 +366,24 @@ class _Reader:
         import numpy as np
         import torch
 
+        if not mapped:  # read into fresh memory, by the kernel: no page faults on a mapping (2x faster here)
+            self.storages = [self._read_fresh(begin, nbytes).to(device) for begin, nbytes in spans]
+            return
         whole = np.frombuffer(self.map, dtype=np.uint8)
-        storages = []
-        for begin, nbytes in spans:
-            view = torch.from_numpy(whole[begin : begin + nbytes])
-            if not mapped:
-                view = view.to(device, copy=True)
-            storages.append(view)
-        self.storages = storages
+        self.storages = [torch.from_numpy(whole[begin : begin + nbytes]) for begin, nbytes in spans]
         del whole
+
+    def _read_fresh(self, begin: int, nbytes: int) -> Any:
+        import torch
+
+        fresh = torch.empty(nbytes, dtype=torch.uint8)
+        view = fresh.numpy().data
+        while view.nbytes:
+            got = os.preadv(self.fd, [view], begin)
+            if got <= 0:
+                raise self.corrupt(f"ended while reading bytes {begin}..{begin + view.nbytes}")
+            view, begin = view[got:], begin + got
+        return fresh
 
     def _raw(self, index: Any) -> memoryview:
         if type(index) is not int or not 0 <= index < len(self.storages):
@@ -441,35 +449,6 @@ def _reach(shape: Any, stride: Any, offset: Any) -> int | None:
     if numel >= _LIMIT:
         return None
     return last + 1 if numel else 0
-
-
-def owned(value: Any, _copies: dict[int, Any] | None = None) -> Any:
-    """``value`` with every tensor copied once into fresh memory (tensors that shared a storage share the
-    copy): what is assigned into live objects keeps no checkpoint file mapped."""
-    import torch
-
-    copies = {} if _copies is None else _copies
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.device.type != "cpu":
-            return value
-        storage = value.untyped_storage()
-        key = storage.data_ptr()
-        if key not in copies:
-            copies[key] = storage.clone()  # type: ignore[no-untyped-call]
-        copy = torch.empty(0, dtype=value.dtype).set_(copies[key], value.storage_offset(), value.shape, value.stride())
-        if isinstance(value, torch.nn.Parameter):
-            return torch.nn.Parameter(copy, requires_grad=value.requires_grad)
-        return copy
-    if isinstance(value, dict):
-        result = type(value)((k, owned(v, copies)) for k, v in value.items())
-        if hasattr(value, "_metadata"):  # Module.state_dict()'s versions, which load_state_dict reads
-            result._metadata = value._metadata  # type: ignore[attr-defined]
-        return result
-    if type(value) is list:
-        return [owned(v, copies) for v in value]
-    if type(value) is tuple:
-        return tuple(owned(v, copies) for v in value)
-    return value
 
 
 FORMAT = TensorFileFormat()
