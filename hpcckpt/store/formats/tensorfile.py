@@ -35,7 +35,7 @@ from ...state import TrainState
 from ..fileio import SyncedWriter
 from ..manifest import Checkpoint, FileRecord
 from ..transaction import SaveRequest, SaveTransaction
-from . import TENSORS_FORMAT, CheckpointRef, CheckpointSource, restore_whole
+from . import TENSORS_FORMAT, CheckpointRef, CheckpointSource
 from .codec import CodecError, Decoder, Encoder, PickleRefusedError
 
 if TYPE_CHECKING:
@@ -129,12 +129,19 @@ class TensorFileFormat:
         options: RestoreOptions,
         map_location: Any,
     ) -> Checkpoint | None:
-        """In one process: every storage read once into fresh memory by the kernel (``preadv``, no mapping),
-        then given to ``state``: the model copies it into its parameters, the optimizer keeps it. Nothing
-        restored keeps the file open or mapped. Zero-copy views of a mapping were measured slower here
-        (0.30 s against 0.13 s for a 40 MiB model and its AdamW state, warm): each first touch of a mapped
-        page is a fault, dearer than the kernel's copy, and a virtual machine makes faults dearer still."""
-        return restore_whole(source, state, ckpt, options, map_location)
+        """In one process. The model loads from zero-copy views of a private mapping (its
+        ``load_state_dict`` is the one copy, into the parameters); every other tensor is copied once into
+        fresh memory and assigned, so nothing restored keeps the file mapped. Measured on an idle machine
+        (40 MiB model + AdamW): 0.030 s warm, 0.090 s cold, against 0.052 / 0.104 s for reading every
+        storage into fresh memory first (``preadv``) and copying the model's again. (On a loaded 2-core
+        machine page faults cost more and the order flipped: the bench decides, at full size.)"""
+        if ckpt is None and not source.list():
+            return None
+        checkpoint, payload = source.load_checkpoint(ckpt, map_location, mmap=True)
+        copies: dict[int, Any] = {}
+        payload = {key: value if key == "model" else owned(value, copies) for key, value in payload.items()}
+        state.load_state_dict(payload, options)
+        return checkpoint
 
 
 class _Plan:
@@ -449,6 +456,35 @@ def _reach(shape: Any, stride: Any, offset: Any) -> int | None:
     if numel >= _LIMIT:
         return None
     return last + 1 if numel else 0
+
+
+def owned(value: Any, _copies: dict[int, Any] | None = None) -> Any:
+    """``value`` with every tensor copied once into fresh memory (tensors that shared a storage share the
+    copy): what is assigned into live objects keeps no checkpoint file mapped."""
+    import torch
+
+    copies = {} if _copies is None else _copies
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.device.type != "cpu":
+            return value
+        storage = value.untyped_storage()
+        key = storage.data_ptr()
+        if key not in copies:
+            copies[key] = storage.clone()  # type: ignore[no-untyped-call]
+        copy = torch.empty(0, dtype=value.dtype).set_(copies[key], value.storage_offset(), value.shape, value.stride())
+        if isinstance(value, torch.nn.Parameter):
+            return torch.nn.Parameter(copy, requires_grad=value.requires_grad)
+        return copy
+    if isinstance(value, dict):
+        result = type(value)((k, owned(v, copies)) for k, v in value.items())
+        if hasattr(value, "_metadata"):  # Module.state_dict()'s versions, which load_state_dict reads
+            result._metadata = value._metadata  # type: ignore[attr-defined]
+        return result
+    if type(value) is list:
+        return [owned(v, copies) for v in value]
+    if type(value) is tuple:
+        return tuple(owned(v, copies) for v in value)
+    return value
 
 
 FORMAT = TensorFileFormat()
