@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from hpcckpt import CheckpointStore, TrainState
-from hpcckpt.errors import CorruptCheckpointError, UsageError
+from hpcckpt.errors import CorruptCheckpointError, StoreError, UsageError
 from hpcckpt.store.formats.tensorfile import dtypes
 
 
@@ -195,6 +196,17 @@ def test_map_location_other_than_a_device_is_refused(tmp_path: Path) -> None:
         store.load(map_location={"cuda:0": "cpu"})
     with pytest.raises(UsageError, match=r"Invalid map_location 'nowhere:0'"):
         store.load(map_location="nowhere:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a node without CUDA")
+def test_a_device_this_node_lacks_is_said_without_falling_back(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    store.save({"w": torch.zeros(2)}, step=1)
+    store.save({"w": torch.ones(2)}, step=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "corrupt, trying an older one"
+        with pytest.raises(StoreError, match=r"step_000000002/state\.tensors: map_location 'cuda:0' is not usable"):
+            store.load(map_location="cuda:0")
 
 
 def test_a_loaded_tensor_written_to_leaves_the_file_intact(tmp_path: Path) -> None:

@@ -118,8 +118,14 @@ class TensorFileFormat:
         """The state; with ``mmap`` its tensors are views of a private (copy-on-write) mapping of the file."""
         path = checkpoint.path / self.filename
         device = _device(map_location)
+        _check_usable(device, path)
         with _Reader(path, dtypes()) as reader, _no_gc():
-            return reader.state(device, mapped=mmap and device.type == "cpu", weights_only=weights_only)
+            try:
+                return reader.state(device, mapped=mmap and device.type == "cpu", weights_only=weights_only)
+            except (RuntimeError, MemoryError) as error:
+                # The file parsed and matched its checksum: out of memory (host or device) is not a reason
+                # to fall back to an older checkpoint.
+                raise StoreError(f"{path}: cannot load onto {device}: {type(error).__name__}: {error}") from error
 
     def restore(
         self,
@@ -283,6 +289,22 @@ def _device(map_location: Any) -> torch.device:
         f"Invalid map_location {map_location!r} for a 'tensors' checkpoint: expected 'cpu', a device name such "
         "as 'cuda:0', or a torch.device"
     )
+
+
+def _check_usable(device: torch.device, path: Path) -> None:
+    """A :class:`StoreError` when this process cannot place tensors on ``device`` (a CUDA device on a
+    CPU-only node): said before the file is read, and not a reason to try an older checkpoint."""
+    if device.type == "cpu":
+        return
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except Exception as error:  # torch raises AssertionError, RuntimeError or others by backend
+        raise StoreError(
+            f"{path}: map_location {str(device)!r} is not usable in this process ({type(error).__name__}: "
+            f"{error}); pass map_location='cpu' or a device this node has"
+        ) from None
 
 
 class _Reader:
