@@ -206,7 +206,10 @@ def _hpcckpt_load_setup(root: Path, payload: dict[str, Any]) -> Step:
 
     def load(_: Path) -> None:
         store = CheckpointStore(saved, keep_last=None, create=False)
-        _drop_cache(store.latest().path / "state.pt")  # type: ignore[union-attr]
+        latest = store.latest()
+        assert latest is not None
+        for record in latest.files:  # whatever the store's default format writes
+            _drop_cache(latest.path / record.name)
         state = store.load()
         assert len(state) == len(payload)
 
