@@ -197,6 +197,10 @@ class Run:
         )
         if not isinstance(async_save, bool):
             raise UsageError(f"Invalid async_save={async_save!r}: expected True or False")
+        if async_save and self.world_size > 1 and not hasattr(self.store.format, "save_async"):
+            # A collective save on a thread of its own would interleave its collectives with training's.
+            log.warning("hpcckpt: format %r has no async save of its own; saving synchronously", self.store.format.name)
+            async_save = False
         self.async_save = async_save
         self._in_flight: _InFlight | None = None
         self._agreement: Agreement | None = Agreement(self.agree_every) if self.world_size > 1 else None

@@ -4,6 +4,7 @@ at the next step boundary, a budget that counts the save in flight, and exact re
 from __future__ import annotations
 
 import json
+import logging
 import random
 import resource
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from compare import assert_same_training
 from harness import TrainWorker, clean_env, events
 
 from hpcckpt import CheckpointStore, Run, TrainState
-from hpcckpt.budget import Budget
+from hpcckpt.budget import Budget, Deadline
 
 STEPS_PER_EPOCH = 12  # train_worker.py: 96 samples, batches of 8
 
@@ -217,3 +219,81 @@ class Job(TrainWorker):
         assert self.process.returncode == 0, self.stderr
         assert ends, self.stderr
         return dict(ends[-1])
+
+
+HOLD_LOCK = """
+import os, sys
+from pathlib import Path
+from hpcckpt.store.registry import Registry, lock_mode
+with Registry(Path(sys.argv[1]), lock=lock_mode(os.environ)).locked():
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+class _ReleaseOnAbandon(logging.Handler):
+    """Lets the lock holder go once Run says it abandoned the save (which then commits meanwhile)."""
+
+    def __init__(self, holder: subprocess.Popen[str]) -> None:
+        super().__init__()
+        self.holder = holder
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if "abandoned" in self.messages[-1] and self.holder.stdin is not None and not self.holder.stdin.closed:
+            self.holder.stdin.write("go\n")
+            self.holder.stdin.close()
+
+    def close_holder(self) -> None:
+        assert self.holder.stdin is not None and self.holder.stdout is not None
+        if not self.holder.stdin.closed:
+            self.holder.stdin.close()
+        self.holder.wait(timeout=60)
+        self.holder.stdout.close()
+
+
+def test_a_crash_past_the_deadline_abandons_the_save_in_flight(tmp_path: Path) -> None:
+    """The save in flight cannot commit (another process holds the registry lock) and the deadline has
+    passed when training crashes: Run does not wait for it; it says so, and the crash goes on."""
+    run_dir = tmp_path / "run"
+    x, y = toy.regression_data(64, seed=1)
+    state = toy_state()
+    offset = [0.0]
+    deadline = Deadline(time.time() + 3600, "test")
+    clock = lambda: time.time() + offset[0]  # noqa: E731
+    run = Run(run_dir, state, total_steps=100, save_every="1ba", async_save=True, deadline=deadline, clock=clock)
+    held: list[_ReleaseOnAbandon] = []
+
+    def take_lock() -> None:  # once Run has recorded its start, which needs the lock too
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        held.append(_ReleaseOnAbandon(holder))
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        logging.getLogger("hpcckpt").addHandler(held[0])
+
+    try:
+        with pytest.raises(RuntimeError, match="diverged"):
+            _crash_with_step_1_in_flight(run, take_lock, x, y, offset)
+    finally:
+        for handler in held:
+            logging.getLogger("hpcckpt").removeHandler(handler)
+            handler.close_holder()
+    assert any("async save of step 1 is still running at the deadline; abandoned" in m for m in held[0].messages)
+    assert run.last_checkpoint is None, "an abandoned save is not taken for saved"
+    for thread in save_threads():
+        thread.join(timeout=120)  # the process lives on here, so the abandoned save commits: it was whole
+    assert [c.step for c in CheckpointStore(run_dir, create=False).list()] in ([], [1])
+
+
+def _crash_with_step_1_in_flight(
+    run: Run, take_lock: Callable[[], None], x: torch.Tensor, y: torch.Tensor, offset: list[float]
+) -> None:
+    with run:
+        take_lock()
+        for step in run:
+            toy.train_step(run.state.model, run.state.optimizer, toy.random_batch(x, y))  # type: ignore[arg-type]
+            if step == 1:  # step 1's save was taken at the last boundary and waits for the lock
+                offset[0] = 10**6  # past the deadline
+                raise RuntimeError("diverged")

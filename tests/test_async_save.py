@@ -244,3 +244,26 @@ def test_wait_with_a_timeout_says_the_save_is_still_running(tmp_path: Path) -> N
         assert not handle.done()
     assert handle.wait().step == 3
     assert os.path.isdir(run_dir / "checkpoints" / "step_000000003")
+
+
+ABANDON = """
+import sys, torch
+from hpcckpt import CheckpointStore
+handle = CheckpointStore(sys.argv[1]).save({"w": torch.ones(1 << 20)}, step=1, blocking=False)
+handle.abandon()  # as Run does after a crash whose wait ran out
+raise RuntimeError("diverged")
+"""
+
+
+def test_a_process_leaving_an_abandoned_save_exits_at_once_and_the_next_save_cleans_up(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    store = CheckpointStore(run_dir)
+    with store.registry.locked():  # the abandoned save can write, never commit
+        result = subprocess.run(
+            [sys.executable, "-c", ABANDON, str(run_dir)], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.rstrip().endswith("RuntimeError: diverged")
+    assert store.list() == [], "nothing of the abandoned save is visible"
+    store.save({"w": torch.zeros(2)}, step=2)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000000002"]

@@ -17,15 +17,19 @@ refilled while a writer reads them.
 
 A background failure is kept on its handle and raised by every :meth:`BackgroundSave.wait`. A process that
 exits while a save is in flight waits for it at exit, unless the save was abandoned
-(:meth:`BackgroundSave.abandon`, after a crash whose wait ran out): then the thread dies with the process
-and its temporary directory, no longer locked by a live writer, is removed by the next save's
-``clean_temporaries``. Nothing of an abandoned save is ever visible: its rename never happened.
+(:meth:`BackgroundSave.abandon`, after a crash whose wait ran out): then the process ends at once with
+``os._exit(1)`` (a writer still inside torch while the interpreter tears torch down crashed the process
+with SIGSEGV, measured), and the temporary directory, no longer locked by a live writer, is removed by the
+next save's ``clean_temporaries``. Nothing of an abandoned save is ever visible: its rename never happened.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -93,7 +97,8 @@ class BackgroundSave:
         return self._checkpoint
 
     def abandon(self) -> None:
-        """Let the process exit without this save (after a crash): see the module's docstring."""
+        """Let the process exit without this save (after a crash): if it is still running at exit, the
+        process ends with ``os._exit(1)``; see the module's docstring."""
         self.abandoned = True
 
     def _run(self, work: Callable[[], Checkpoint]) -> None:
@@ -124,9 +129,15 @@ def _watch_at_exit(handle: BackgroundSave) -> None:
 def _wait_at_exit() -> None:
     """A script that ends right after ``save(..., blocking=False)`` still gets its checkpoint: the
     interpreter waits here for saves in flight (not for abandoned ones)."""
-    for handle in list(_LIVE):
+    handles = list(_LIVE)
+    for handle in handles:
         if not handle.abandoned and not handle.done():
             handle._finished.wait()
+    if any(not handle.done() for handle in handles):  # abandoned, still writing
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
 
 
 class Staging:
