@@ -91,10 +91,19 @@ class BackgroundSave:
     def wait(self, timeout: float | None = None) -> Checkpoint:
         if not self._finished.wait(timeout):
             raise TimeoutError(f"the save of step {self.step} is still running after {timeout:g} s")
+        self._join()
         if self._error is not None:
             raise self._error.with_traceback(self._traceback)
         assert self._checkpoint is not None
         return self._checkpoint
+
+    def _join(self) -> None:
+        # The thread ends right after it has set _finished; joined, it has dropped its last reference to
+        # torch objects. A daemon thread still finishing when the interpreter shuts down is stopped by
+        # pthread_exit, which aborts the process when it unwinds through C++ ("terminate called without
+        # an active exception", seen when a script ended right after its save).
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def abandon(self) -> None:
         """Let the process exit without this save (after a crash): if it is still running at exit, the
@@ -131,8 +140,9 @@ def _wait_at_exit() -> None:
     interpreter waits here for saves in flight (not for abandoned ones)."""
     handles = list(_LIVE)
     for handle in handles:
-        if not handle.abandoned and not handle.done():
+        if not handle.abandoned:
             handle._finished.wait()
+            handle._join()
     if any(not handle.done() for handle in handles):  # abandoned, still writing
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
