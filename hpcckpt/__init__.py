@@ -27,6 +27,7 @@ from .slurm.resources import template_dir as template_dir
 from .state import RestoreOptions as RestoreOptions
 from .state import Stateful as Stateful
 from .state import TrainState as TrainState
+from .store.asyncsave import SaveHandle as SaveHandle
 from .store.manifest import Checkpoint as Checkpoint
 from .store.registry import HpcckptWarning as HpcckptWarning
 from .store.retention import KeepBest as KeepBest
@@ -49,6 +50,7 @@ __all__ = [
     "RestoreOptions",
     "Resumable",
     "Run",
+    "SaveHandle",
     "SlurmEnv",
     "StateMismatchError",
     "Stateful",

@@ -9,6 +9,10 @@ exit, DataLoader workers, the chain's ``task-end``), measured by earlier tasks o
 (:func:`measured_teardown`): without it, the time limit's SIGTERM came during the exit and a task that had
 saved was reported killed, ``exit 143`` (issue 11, item 23).
 
+An async save in flight (``Run(async_save=True)``) still needs its remaining time: its predicted duration
+less the time it has run (:meth:`Budget.in_flight_left`), counted before the stop's own save, which waits
+for it.
+
 Before a task has saved, its save time is a guess (:func:`first_save_guess`): earlier saves of the run
 scaled by size, else the state's size over the measured write bandwidth.
 
@@ -65,6 +69,7 @@ class Budget:
     window: int = 50
     _steps: deque[float] = field(default_factory=deque, repr=False)
     _saves: list[float] = field(default_factory=list, repr=False)
+    _in_flight_since: float | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.margin_floor < 0 or self.margin_fraction < 0:
@@ -81,6 +86,20 @@ class Budget:
 
     def observe_save(self, seconds: float) -> None:
         self._saves.append(max(0.0, seconds))
+
+    def save_started(self) -> None:
+        """An async save began now; it runs until :meth:`save_settled`."""
+        self._in_flight_since = self.clock()
+
+    def save_settled(self) -> None:
+        self._in_flight_since = None
+
+    def in_flight_left(self) -> float:
+        """Seconds the async save in flight is still predicted to need (0 without one): the predicted save
+        less the time it has run."""
+        if self._in_flight_since is None:
+            return 0.0
+        return max(0.0, self.predicted_save - (self.clock() - self._in_flight_since))
 
     @property
     def predicted_step(self) -> float:
@@ -101,9 +120,13 @@ class Budget:
         return None if self.deadline is None else self.deadline - self.clock()
 
     def room_for_step(self, steps: int = 1) -> bool:
-        """True when ``steps`` more steps, a save and the task's teardown still fit before the deadline."""
+        """True when ``steps`` more steps, the save in flight, a save and the task's teardown still fit before
+        the deadline."""
         left = self.remaining()
-        return left is None or steps * self.predicted_step + self.predicted_save + self.teardown + self.margin <= left
+        if left is None:
+            return True
+        needed = steps * self.predicted_step + self.in_flight_left() + self.predicted_save + self.teardown
+        return needed + self.margin <= left
 
     def room_for_save(self, within: float | None = None) -> bool:
         """True when a save fits before the deadline (and within ``within`` seconds, when given)."""
@@ -114,8 +137,8 @@ class Budget:
     def save_fits_in(self, seconds: float) -> bool:
         """True when a save and the margin floor fit in ``seconds``: the grace window after SIGTERM, where
         SIGKILL follows the signal whether the deadline is before or after it (the time limit's own SIGTERM
-        comes at the deadline, with the window still ahead)."""
-        return self.predicted_save + self.margin_floor <= seconds
+        comes at the deadline, with the window still ahead). The save in flight is waited for first."""
+        return self.in_flight_left() + self.predicted_save + self.margin_floor <= seconds
 
 
 @dataclass(frozen=True)

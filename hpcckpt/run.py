@@ -28,6 +28,16 @@ budget already knows when to stop, so training goes on until it says so (issue 1
 warning left 35-41 s of every 1-minute task unused). Any other warning (a user's ``scancel --signal``, a
 preemption, no known deadline) and any SIGTERM stop at the next step.
 
+With ``async_save=True`` an interval save only takes a snapshot at the step boundary; a background thread
+persists and commits it while training goes on (:mod:`hpcckpt.store.asyncsave`). The rule, the same on
+every rank: one save in flight; a save that comes due while the previous one is in flight waits for it
+first; a stop (completion, budget, signal) waits for it, then saves the step it stops at, and the budget
+counts its remaining time. A background failure is raised at the next step boundary (or the stop), as a
+:class:`~hpcckpt.StoreError` naming the step that failed and the checkpoint that stays. Leaving the
+``with`` block after an exception waits for the save in flight (it holds a finished step) up to the
+budget's time left; past that it is abandoned: nothing of it is visible, and the next save removes its
+temporary directory.
+
 Exit status: the script ends normally (0) after completion, a budget stop and a signal stop, saved or
 not, so the array goes on to its next task; an exception in the training code propagates (non-zero).
 
@@ -49,6 +59,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -66,10 +77,11 @@ from .budget import (
 from .checks import whole_number
 from .distributed import Agreement, broadcast_object, world
 from .environment import check_environment
-from .errors import HpcckptError, UsageError
+from .errors import HpcckptError, StoreError, UsageError
 from .signals import Cause, Received, SignalRecorder, leave_recording, stop_cause, warning_signal
 from .slurm.env import read_slurm_env
 from .state import RestoreOptions, TrainState, batch_done, epoch_batches, state_bytes
+from .store.asyncsave import SaveHandle
 from .store.formats import DCP_FORMAT, TENSORS_FORMAT
 from .store.manifest import Checkpoint
 from .store.registry import lock_mode
@@ -118,6 +130,10 @@ class Run:
       (``SLURM_JOB_END_TIME``, squeue/scontrol, ``HPCCKPT_DEADLINE``).
     - ``agree_every``: with many ranks, agree on stopping every that many steps (a whole number >= 1;
       default 1); the budget looks that much further ahead. Alone, a process agrees with itself.
+    - ``async_save``: interval saves take a snapshot and persist it in the background (see the module's
+      docstring for the rule); stops still save before leaving.
+    - ``async_staging_bytes``: the most host memory a snapshot may take (default: a quarter of the
+      machine's); a larger state is saved synchronously, with a warning.
     """
 
     def __init__(
@@ -138,6 +154,8 @@ class Run:
         environ: Mapping[str, str] | None = None,
         deadline: Deadline | None = None,
         agree_every: int = 1,
+        async_save: bool = False,
+        async_staging_bytes: int | None = None,
     ) -> None:
         self.environ = os.environ if environ is None else environ
         values = check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
@@ -175,7 +193,16 @@ class Run:
             format=DCP_FORMAT if self.world_size > 1 else TENSORS_FORMAT,
             lock=lock_mode(self.environ),
             job=read_slurm_env(self.environ),
+            async_staging_bytes=async_staging_bytes,
         )
+        if not isinstance(async_save, bool):
+            raise UsageError(f"Invalid async_save={async_save!r}: expected True or False")
+        if async_save and self.world_size > 1 and not hasattr(self.store.format, "save_async"):
+            # A collective save on a thread of its own would interleave its collectives with training's.
+            log.warning("hpcckpt: format %r has no async save of its own; saving synchronously", self.store.format.name)
+            async_save = False
+        self.async_save = async_save
+        self._in_flight: _InFlight | None = None
         self._agreement: Agreement | None = Agreement(self.agree_every) if self.world_size > 1 else None
 
         self.completed = False
@@ -263,6 +290,7 @@ class Run:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         leave_recording(self._signals)  # a signal after the loop must not kill the process (item 11)
+        self._leave_in_flight(crashed=kind is not None)
         if kind is not None and self.stop_reason is None:
             # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
             self._record(
@@ -290,7 +318,7 @@ class Run:
                 self._complete()
                 return
             if self._save_due(epoch=self.state.epoch):
-                self._save("interval")
+                self._save("interval", background=True)
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """Yield the batches of one epoch, each one step; resumes mid-epoch at the next batch."""
@@ -332,7 +360,7 @@ class Run:
                     return
                 # A wall-time save with ranks is agreed at the boundary instead: their clocks differ.
                 if self._save_due(step=self.state.step, by_clock=self._agreement is None):
-                    self._save("interval")
+                    self._save("interval", background=True)
                 if not self._boundary_checks():
                     return
 
@@ -350,6 +378,7 @@ class Run:
 
     def _boundary_checks(self) -> bool:
         """At a step boundary: True to run the next step, False once the run stops (after saving)."""
+        self._settle(wait=False)  # a background failure surfaces here, at the next step boundary
         decision = self._agree(self._decide())
         if decision == "signal":
             with _worker_deaths_deferred():
@@ -371,7 +400,7 @@ class Run:
                 self._finish("budget", "timeout" if warned else None, warned.signal.name if warned else None)
             return False
         if decision == "save":
-            self._save("interval")
+            self._save("interval", background=True)
         return True
 
     def _decide(self) -> Decision:
@@ -451,17 +480,76 @@ class Run:
         log.info("hpcckpt: got %s (%s); %s", first.signal.name, cause, "saved" if saved else "not saved")
         self._finish("signal", cause, first.signal.name)
 
-    def _save(self, why: str) -> Checkpoint | None:
+    def _save(self, why: str, *, background: bool = False) -> Checkpoint | None:
+        """Save the current step, unless it is saved already; first wait for the save in flight. With
+        ``background`` (and ``async_save``) only the snapshot is taken here."""
+        self._settle(wait=True)
         if self._saved_at == self.state.step:
             return None  # this step is already in a checkpoint
         started = self.clock()
+        metrics = dict(self._metrics) or None
         with _worker_deaths_deferred():
-            checkpoint = self.store.save(self.state, metrics=dict(self._metrics) or None)
-        elapsed = checkpoint.save_seconds or (self.clock() - started)
-        self.budget.observe_save(elapsed)
-        self.last_checkpoint, self._saved_at, self._last_save_time = checkpoint, self.state.step, self.clock()
-        log.info("hpcckpt: saved %s (%s, %.1f MiB in %.2f s)", checkpoint.name, why, checkpoint.size / 2**20, elapsed)
+            if background and self.async_save:
+                handle = self.store.save(self.state, metrics=metrics, blocking=False)
+                self._in_flight = _InFlight(handle, self.state.step, why, started)
+                self._last_save_time = self.clock()
+                self.budget.save_started()
+                self._settle(wait=False)  # saved synchronously (over the staging bound), or already failed
+                return None
+            checkpoint = self.store.save(self.state, metrics=metrics)
+        self._saved(checkpoint, why, checkpoint.save_seconds or (self.clock() - started))
         return checkpoint
+
+    def _saved(self, checkpoint: Checkpoint, why: str, elapsed: float) -> None:
+        self.budget.observe_save(elapsed)
+        self.last_checkpoint, self._saved_at = checkpoint, checkpoint.step
+        if not self.async_save or why != "interval":
+            self._last_save_time = self.clock()
+        log.info("hpcckpt: saved %s (%s, %.1f MiB in %.2f s)", checkpoint.name, why, checkpoint.size / 2**20, elapsed)
+
+    def _settle(self, *, wait: bool, timeout: float | None = None) -> None:
+        """Collect the async save in flight once it is done (with ``wait``: wait for it, up to ``timeout``);
+        its failure is raised here, naming its step and the checkpoint that stays."""
+        in_flight = self._in_flight
+        if in_flight is None or not (wait or in_flight.handle.done()):
+            return
+        try:
+            checkpoint = in_flight.handle.wait(timeout)
+        except TimeoutError:
+            raise
+        except Exception as error:
+            self._in_flight = None
+            self.budget.save_settled()
+            last = self.last_checkpoint
+            stays = f"checkpoint {last.name} (step {last.step}) stays the latest" if last else "nothing is saved yet"
+            raise StoreError(f"the async save of step {in_flight.step} failed: {error}; {stays}") from error
+        self._in_flight = None
+        self.budget.save_settled()
+        self._saved(checkpoint, in_flight.why, checkpoint.save_seconds or (self.clock() - in_flight.started))
+
+    def _leave_in_flight(self, *, crashed: bool) -> None:
+        """At ``__exit__``: wait for the save in flight, up to the budget's time left; past that, abandon it
+        (see the module's docstring). After a crash its failure is logged, not raised over the crash's."""
+        in_flight = self._in_flight
+        if in_flight is None:
+            return
+        left = self.budget.remaining()
+        try:
+            self._settle(wait=True, timeout=None if left is None else max(0.0, left))
+        except TimeoutError:
+            abandon = getattr(in_flight.handle, "abandon", None)
+            if abandon is not None:
+                abandon()
+            self._in_flight = None
+            log.warning(
+                "hpcckpt: the async save of step %s is still running at the deadline; abandoned (nothing of it "
+                "is visible; the next save removes its temporary directory)",
+                in_flight.step,
+            )
+        except StoreError as error:
+            if not crashed:
+                raise
+            log.error("hpcckpt: %s", error)
 
     def _complete(self) -> None:
         with _worker_deaths_deferred():
@@ -515,6 +603,16 @@ class Run:
     def _require_entered(self) -> None:
         if not self._entered:
             raise HpcckptError("use Run as a context manager: `with Run(...) as run: for step in run: ...`")
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """The async save running in the background: its handle, the step it holds, why and when it began."""
+
+    handle: SaveHandle
+    step: int
+    why: str
+    started: float
 
 
 def _worker_deaths_deferred() -> contextlib.AbstractContextManager[None]:

@@ -19,15 +19,16 @@ import math
 import operator
 import os
 import secrets
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from .._version import __version__
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
 from ..rundir import CHECKPOINTS
 from ..slurm.env import read_slurm_env
 from ..state import RestoreOptions, TrainState
+from .asyncsave import BackgroundSave, SaveHandle, Staging
 from .export import EXPORT_FORMATS, write_safetensors
 from .fileio import SyncedWriter, fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
@@ -52,7 +53,9 @@ class CheckpointStore:
     fcntl locks; ``"fcntl"``; ``"soft"``: the marker; left out: ``HPCCKPT_LOCK``, else ``"auto"``) and
     ``lock_timeout`` how long to wait for it. ``job`` is the batch job saving, whose ids go into every
     manifest (left out: this process's Slurm job, from its environment; ``read_slurm_env({})`` for none);
-    ``create`` makes the run directory when it does not exist.
+    ``create`` makes the run directory when it does not exist. ``async_staging_bytes`` bounds the host
+    memory an async save (``save(..., blocking=False)``) may stage a state in (default: a quarter of this
+    machine's memory); a larger state is saved synchronously, with a warning the first time.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class CheckpointStore:
         lock_timeout: float = 300.0,
         create: bool = True,
         job: JobIds | None = None,
+        async_staging_bytes: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.keep_last = check_keep_last(keep_last)
@@ -82,11 +86,15 @@ class CheckpointStore:
         self.format: CheckpointFormat = FORMATS[format]
         _prepare_run_dir(self.run_dir, create=create)
         self.registry = Registry(self.run_dir, lock=lock, lock_timeout=lock_timeout)
+        self.staging = Staging(_default_staging_bytes() if async_staging_bytes is None else async_staging_bytes)
+        self._in_flight: SaveHandle | None = None
+        self._warned_over_staging = False
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.run_dir)!r}, keep_last={self.keep_last}, keep_best={self.keep_best})"
 
     # -- saving -------------------------------------------------------------------------------------------
+    @overload
     def save(
         self,
         state: TrainState | Mapping[str, Any],
@@ -96,12 +104,61 @@ class CheckpointStore:
         *,
         tag: str | None = None,
         metadata: Mapping[str, Any] | None = None,
-    ) -> Checkpoint:
+        blocking: Literal[True] = True,
+    ) -> Checkpoint: ...
+
+    @overload
+    def save(
+        self,
+        state: TrainState | Mapping[str, Any],
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        tag: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        blocking: Literal[False],
+    ) -> SaveHandle: ...
+
+    def save(
+        self,
+        state: TrainState | Mapping[str, Any],
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        tag: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        blocking: bool = True,
+    ) -> Checkpoint | SaveHandle:
         """Save ``state`` and commit it; the returned checkpoint is durable and registered.
 
         ``state`` is a :class:`TrainState` (step and epoch default to its own) or a plain dict of tensors
         and plain values, saved as it is.
+
+        With ``blocking=False`` this returns once the state is copied (a snapshot: what training changes
+        afterwards is not saved) and a background thread persists and commits it; the returned handle's
+        ``wait()`` gives the checkpoint or raises the background error. One save at a time: a save of
+        either kind first waits for the one in flight (its failure stays on its handle, and is warned about).
         """
+        request = self._request(state, step, epoch, metrics, tag, metadata)
+        self._settle_in_flight()
+        if blocking:
+            return self.format.save(request, state)
+        handle = self._save_in_background(request, state)
+        self._in_flight = handle
+        return handle
+
+    def _request(
+        self,
+        state: TrainState | Mapping[str, Any],
+        step: int | None,
+        epoch: int | None,
+        metrics: Mapping[str, float] | None,
+        tag: str | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> SaveRequest:
+        """The checked request for a save of ``state``; bad values raise before anything is written."""
         if isinstance(state, TrainState):
             step = state.step if step is None else step
             epoch = state.epoch if epoch is None else epoch
@@ -120,7 +177,46 @@ class CheckpointStore:
         self.format.check_save(state, tag, metadata)
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
             raise UsageError(f"Invalid tag {tag!r}: expected letters, digits, '_', '.' or '-', e.g. 'pre-finetune'")
-        return self.format.save(request, state)
+        return request
+
+    def _settle_in_flight(self) -> None:
+        """Wait for the save in flight, if any: its staging buffers are about to be reused."""
+        handle, self._in_flight = self._in_flight, None
+        if handle is None:
+            return
+        try:
+            handle.wait()
+        except Exception as error:
+            warn(f"the background save before this one failed (its handle raises it): {error}")
+
+    def _save_in_background(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> SaveHandle:
+        """Snapshot ``state`` into the staging buffers here; persist and commit it on a thread. A format
+        with its own ``save_async`` (the sharded one) does both itself."""
+        save_async: Callable[..., SaveHandle] | None = getattr(self.format, "save_async", None)
+        if save_async is not None:
+            return save_async(request, state, self.staging)
+        # As the formats write a TrainState: its state dict, with the step and epoch the manifest records.
+        payload = (
+            {**state.state_dict(), "step": request.step, "epoch": request.epoch}
+            if isinstance(state, TrainState)
+            else state
+        )
+        staged = self.staging.stage(payload)
+        if staged is None:
+            if not self._warned_over_staging:
+                self._warned_over_staging = True
+                warn(
+                    f"the state is larger than async_staging_bytes={self.staging.limit}: saving it synchronously "
+                    "(raise the bound to save it in the background)"
+                )
+            return BackgroundSave.finished(self.format.save(request, payload))
+        ready, save = self.staging.ready, self.format.save
+
+        def persist() -> Checkpoint:
+            ready()
+            return save(request, staged)
+
+        return BackgroundSave.start(request.step, persist)
 
     def newest_valid(self, skip: Collection[str] = ()) -> Checkpoint | None:
         """The newest checkpoint whose files verify (a corrupt newer one is warned about and skipped), of
@@ -376,6 +472,14 @@ def _prepare_run_dir(run_dir: Path, *, create: bool) -> None:
         probe.unlink()
     except OSError as error:
         raise StoreError(f"run directory {run_dir} is not writable: {error.strerror or error}") from None
+
+
+def _default_staging_bytes() -> int:
+    """A quarter of this machine's memory: room for a snapshot beside the training process's own."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):
+        return 4 << 30
 
 
 def _quick_problem(checkpoint: Checkpoint) -> str | None:

@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--persistent", action="store_true", help="persistent_workers=True")
     parser.add_argument("--loader-in-state", action="store_true", help="TrainState(dataloader=loader)")
     parser.add_argument("--linger", action="store_true", help="after the loop, wait for a line on stdin")
+    parser.add_argument("--async-save", action="store_true", help="Run(async_save=True)")
     parser.add_argument(
         "--deadline-in",
         type=float,
@@ -104,7 +105,14 @@ def main() -> None:
     if args.deadline_in is not None:
         os.environ["HPCCKPT_DEADLINE"] = str(time.time() + args.deadline_in)
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
-    with Run(args.run_dir, state, total_steps=args.steps, save_every=args.save_every, grace=args.grace) as run:
+    with Run(
+        args.run_dir,
+        state,
+        total_steps=args.steps,
+        save_every=args.save_every,
+        grace=args.grace,
+        async_save=args.async_save,
+    ) as run:
         print(json.dumps({"event": "started", "step": state.step}), flush=True)
         if args.steps is not None:
             for _ in run:
