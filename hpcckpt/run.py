@@ -511,7 +511,11 @@ class Run:
         """Collect the async save in flight once it is done (with ``wait``: wait for it, up to ``timeout``);
         its failure is raised here, naming its step and the checkpoint that stays."""
         in_flight = self._in_flight
-        if in_flight is None or not (wait or in_flight.handle.done()):
+        if in_flight is None:
+            return
+        if not wait and (self._agreement is not None or not in_flight.handle.done()):
+            # Ranks collect a sharded save only where they all are (the next save, the stop): its wait() is
+            # collective, and whether it is done differs from rank to rank.
             return
         try:
             checkpoint = in_flight.handle.wait(timeout)

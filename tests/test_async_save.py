@@ -162,7 +162,7 @@ def test_retention_keeps_the_only_durable_checkpoint_while_its_successor_is_in_f
         handle = store.save({"w": torch.full((1000,), 2.0)}, step=2, blocking=False)
         temporaries = run_dir / "checkpoints"
         wait_for(
-            lambda: any((p / "state.pt").exists() for p in temporaries.glob(".tmp-*")),
+            lambda: any((p / "state.tensors").exists() for p in temporaries.glob(".tmp-*")),
             60,
             "step 2's file being written in its temporary directory",
             interval=0.02,

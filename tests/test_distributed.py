@@ -213,6 +213,28 @@ def test_wall_time_saves_are_agreed_although_the_ranks_clocks_differ_under_torch
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_ranks_with_async_saves_commit_every_due_save_and_resume_from_the_last(tmp_path: Path) -> None:
+    """Run(async_save=True) with ranks: every interval save goes through DCP's background save and its
+    collective wait, which the ranks reach together (at the next save and at the stop), never at a step
+    boundary where one rank finds its part done and the other not."""
+    run_dir = tmp_path / "run"
+    args = ("--save-every", "3ba", "--async-save", "--step-sleep", "0.01")
+    (first, _) = Ranks(run_dir, 2, "--steps", "100000", *args, deadline_in=8).end()
+    assert first["reason"] == "budget"
+    commits = [e["step"] for e in events(run_dir, "commit")]
+    due = list(range(3, first["step"] + 1, 3))
+    assert commits == (due if due[-1] == first["step"] else [*due, first["step"]]), "every due save, in order"
+    store = CheckpointStore(run_dir, create=False)
+    assert store.latest().step == first["step"] and all(c.format == "dcp" for c in store.list())  # type: ignore[union-attr]
+    # The next task resumes from the budget stop's checkpoint and completes, saving in the background.
+    target = first["step"] + 7
+    (second, _) = Ranks(run_dir, 2, "--steps", str(target), *args).end()
+    assert (second["resumed"], second["step"], second["reason"]) == (first["step"], target, "completed")
+    assert store.latest().step == target  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_a_sharded_checkpoint_resumes_at_another_world_size_and_exports(tmp_path: Path, wrapper: str) -> None:
     run_dir = tmp_path / "run"
@@ -225,7 +247,7 @@ def test_a_sharded_checkpoint_resumes_at_another_world_size_and_exports(tmp_path
     (one,) = Ranks(run_dir, 1, *args, deadline_in=8).end()
     assert (one["world"], one["resumed"], one["reason"]) == (1, first["step"], "budget")
     assert one["step"] > first["step"]
-    assert [c.format for c in store.list()][-1] == "torch", "a lone process saves one file"
+    assert [c.format for c in store.list()][-1] == "tensors", "a lone process saves one file"
     # And back to two ranks, from the one-file checkpoint.
     two = Ranks(run_dir, 2, *args, deadline_in=10).end()
     assert [r["resumed"] for r in two] == [one["step"]] * 2 and two[0]["step"] > one["step"]
@@ -371,7 +393,7 @@ def test_under_srun_a_two_rank_checkpoint_resumes_on_one_rank(slurm_chain: Slurm
     slurm_chain.assert_gone(one)
     start = events(run_dir, "start")[-1]
     assert (start["world_size"], start["resumed_step"]) == (1, stop["step"])
-    assert store.latest().format == "torch" and store.latest().step == target  # type: ignore[union-attr]
+    assert store.latest().format == "tensors" and store.latest().step == target  # type: ignore[union-attr]
 
 
 @pytest.mark.timeout(400, func_only=True)

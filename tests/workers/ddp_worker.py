@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--pid-dir", default=None, help="write RANK.pid there once training starts")
     parser.add_argument("--agree-every", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
+    parser.add_argument("--async-save", action="store_true", help="interval saves in the background")
     parser.add_argument(
         "--deadline-in",
         type=float,
@@ -68,7 +69,12 @@ def main() -> None:
     if args.deadline_in is not None:
         os.environ["HPCCKPT_DEADLINE"] = str(time.time() + args.deadline_in)
     with Run(
-        args.run_dir, state, total_steps=args.steps, save_every=args.save_every, agree_every=args.agree_every
+        args.run_dir,
+        state,
+        total_steps=args.steps,
+        save_every=args.save_every,
+        agree_every=args.agree_every,
+        async_save=args.async_save,
     ) as run:
         if args.pid_dir:
             Path(args.pid_dir, f"{env.rank}.pid").write_text(str(os.getpid()))
