@@ -70,6 +70,7 @@ def test_bench_store_reports_every_row_of_the_target_table(tmp_path: Path) -> No
     assert figures["large"]["bytes"] == 4 << 20
     assert figures["small"]["count"] == 200
     assert figures["restore"]["bytes"] > 0 and figures["memory"]["bytes"] == 4 << 20
+    assert figures["memory"]["probe_exit"] == {}  # every save's process exited cleanly after it
     assert set(figures["async"]["blocked_s"]) >= {"dcp.async_save"}
     assert all(n > 0 for n in numbers({k: figures[k] for k in ("large", "restore", "small", "memory")}))
     assert all(math.isfinite(n) for n in numbers(figures))

@@ -397,6 +397,7 @@ def memory_rows(root: Path, args: argparse.Namespace, figures: Figures) -> list[
     available = hpcckpt_async_available()
     print(f"\npeak extra memory of one save of {nbytes / 2**20:.0f} MiB (a fresh process each)")
     extra: dict[str, float] = {}
+    crashed: dict[str, int] = {}
     for contender in CONTENDERS:
         if contender == "hpcckpt async save" and not available:
             continue
@@ -404,17 +405,24 @@ def memory_rows(root: Path, args: argparse.Namespace, figures: Figures) -> list[
         for attempt in range(min(args.repeats, 3)):
             found = measure(contender, root / f"{contender.replace(' ', '-')}-{attempt}", nbytes)
             samples.append(found["extra"] / found["state"])
+            if found["exit"] != 0:
+                crashed[contender] = found["exit"]
             shutil.rmtree(root / f"{contender.replace(' ', '-')}-{attempt}")
         extra[contender] = statistics.median(samples)
         print(f"  {contender:<36} extra {extra[contender]:6.3f} x the state")
-    figures["memory"] = {"bytes": nbytes, "extra_over_state": extra}
+    figures["memory"] = {"bytes": nbytes, "extra_over_state": extra, "probe_exit": crashed}
+
+    def note(contender: str) -> str:
+        status = crashed.get(contender)
+        return "" if status is None else f"its process exited with status {status} after the save"
+
     return [
-        Target("peak extra memory, sync save / state", extra["hpcckpt save"], "<= 0.1"),
+        Target("peak extra memory, sync save / state", extra["hpcckpt save"], "<= 0.1", note("hpcckpt save")),
         Target(
             "peak extra memory, async save / state",
             extra.get("hpcckpt async save"),
             "<= 1.0",
-            "" if available else ASYNC_MISSING,
+            note("hpcckpt async save") if available else ASYNC_MISSING,
         ),
         Target("peak extra memory, torch.save / state", extra["torch.save"], "info"),
         Target("peak extra memory, safetensors / state", extra["safetensors save_file"], "info"),
