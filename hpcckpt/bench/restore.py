@@ -41,7 +41,8 @@ def trainee(state_bytes: int, *, device: str = "cpu", batch: int = 8) -> Trainee
     from torch import nn
 
     params = max(1, state_bytes // 3 // 4)
-    width = 2048 if params >= 64 * 2048 * 2048 // 8 else 256
+    # Wide enough for a few dozen layers at most: hundreds of tiny layers would measure per-tensor overhead.
+    width = 2048 if params >= 8 * 2048 * 2048 else 1024 if params >= 4 * 1024 * 1024 else 256
     layers = max(2, round(params / (width * width + width)))
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(width, width) for _ in range(layers))).to(device)
