@@ -70,7 +70,7 @@ from .errors import HpcckptError, UsageError
 from .signals import Cause, Received, SignalRecorder, leave_recording, stop_cause, warning_signal
 from .slurm.env import read_slurm_env
 from .state import RestoreOptions, TrainState, batch_done, epoch_batches, state_bytes
-from .store.formats import DCP_FORMAT
+from .store.formats import DCP_FORMAT, TENSORS_FORMAT
 from .store.manifest import Checkpoint
 from .store.registry import lock_mode
 from .store.retention import KeepBest
@@ -172,7 +172,7 @@ class Run:
             keep_last=keep_last,
             keep_best=keep_best,
             metadata=metadata,
-            format=DCP_FORMAT if self.world_size > 1 else "torch",
+            format=DCP_FORMAT if self.world_size > 1 else TENSORS_FORMAT,
             lock=lock_mode(self.environ),
             job=read_slurm_env(self.environ),
         )

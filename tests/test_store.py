@@ -90,17 +90,18 @@ def test_checkpoint_record_and_manifest_carry_what_users_need(tmp_path: Path, mo
     assert (ckpt.step, ckpt.epoch, dict(ckpt.metrics)) == (1200, 3, {"val_loss": 0.41})
     assert (ckpt.job_id, ckpt.array_job_id, ckpt.array_task_id) == ("4242", "4240", 3)
     assert ckpt.path == tmp_path / "run" / "checkpoints" / "step_000001200"
-    assert ckpt.size == (ckpt.path / "state.pt").stat().st_size > 0
+    assert ckpt.size == (ckpt.path / "state.tensors").stat().st_size > 0
     assert ckpt.checksum.startswith("xxh3_64:") and ckpt.save_seconds is not None and ckpt.save_seconds > 0
     manifest = json.loads((ckpt.path / "manifest.json").read_text())
     assert manifest["metadata"] == {"lr": 0.01, "git_commit": "deadbeef", "note": "first"}
     assert manifest["versions"]["torch"] == torch.__version__
-    assert manifest["files"] == [{"name": "state.pt", "size": ckpt.size, "digest": ckpt.files[0].digest}]
+    assert manifest["format"] == "tensors"
+    assert manifest["files"] == [{"name": "state.tensors", "size": ckpt.size, "digest": ckpt.files[0].digest}]
     assert store.latest() == ckpt
 
 
 def test_single_file_loads_with_plain_torch_load(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path / "run")
+    store = CheckpointStore(tmp_path / "run", format="torch")
     state = make_state()
     train(state, 2)
     ckpt = store.save(state)
@@ -122,7 +123,7 @@ def test_ddp_wrapped_model_saves_without_module_prefix(tmp_path: Path) -> None:
         ckpt = CheckpointStore(tmp_path / "run").save(state)
     finally:
         dist.destroy_process_group()
-    payload = torch.load(ckpt.path / "state.pt", weights_only=True)
+    payload = CheckpointStore(tmp_path / "run").load(ckpt)
     assert not any(key.startswith("module.") for key in payload["model"])
     plain = make_state(seed=5)
     CheckpointStore(tmp_path / "run").restore(plain)
@@ -198,13 +199,13 @@ def test_byte_flip_is_detected_and_latest_falls_back(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "run", keep_last=None)
     store.save({"w": torch.full((1000,), 1.0)}, step=1)
     newest = store.save({"w": torch.full((1000,), 2.0)}, step=2)
-    data = newest.path / "state.pt"
+    data = newest.path / "state.tensors"
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
 
     with pytest.raises(
-        CorruptCheckpointError, match=r"state\.pt: checksum xxh3_64:[0-9a-f]{16}, the manifest says xxh3_64:"
+        CorruptCheckpointError, match=r"state\.tensors: checksum xxh3_64:[0-9a-f]{16}, the manifest says xxh3_64:"
     ):
         store.verify(newest)
     with pytest.warns(HpcckptWarning, match="step_000000002 is corrupt"):
@@ -218,7 +219,7 @@ def test_truncation_is_detected(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "run", keep_last=None)
     store.save({"w": torch.zeros(100)}, step=1)
     newest = store.save({"w": torch.ones(100)}, step=2)
-    with open(newest.path / "state.pt", "r+b") as f:
+    with open(newest.path / "state.tensors", "r+b") as f:
         f.truncate(50)
     with pytest.raises(CorruptCheckpointError, match=r"size 50 bytes, the manifest says \d+"):
         store.verify(2)
@@ -313,7 +314,7 @@ def test_non_finite_metrics_are_left_out_and_do_not_stop_the_save(tmp_path: Path
 
 
 def test_a_load_failure_that_is_not_corruption_does_not_fall_back(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    store = CheckpointStore(tmp_path / "run", keep_last=None, format="torch")
     store.save({"w": torch.zeros(1)}, step=1)
     store.save({"w": torch.ones(1)}, step=2)
     with warnings.catch_warnings():
@@ -353,9 +354,9 @@ def test_export_names_the_checkpoint_it_really_wrote(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "run", keep_last=None)
     store.save({"w": torch.zeros(100)}, step=1)
     newest = store.save({"w": torch.ones(100)}, step=2)
-    data = bytearray((newest.path / "state.pt").read_bytes())
+    data = bytearray((newest.path / "state.tensors").read_bytes())
     data[-200] ^= 0xFF
-    (newest.path / "state.pt").write_bytes(bytes(data))
+    (newest.path / "state.tensors").write_bytes(bytes(data))
     with pytest.warns(HpcckptWarning, match="step_000000002 is corrupt"):
         path, used = store.export(tmp_path / "out.pt")
     assert used.step == 1
@@ -393,7 +394,7 @@ def _check_unwritable(run_dir: Path) -> None:
     [
         ({"keep_last": 0}, r"Invalid keep_last=0: expected a whole number >= 1, or None"),
         ({"keep_best": ("loss", "lowest", 1)}, r"Invalid keep_best=.*'min' or 'max'"),
-        ({"format": "zip"}, r"Invalid checkpoint format 'zip': expected one of \['dcp', 'torch'\]"),
+        ({"format": "zip"}, r"Invalid checkpoint format 'zip': expected one of \['dcp', 'tensors', 'torch'\]"),
         ({"lock": "nfs"}, r"Invalid lock mode 'nfs'.*expected 'auto', 'fcntl' or 'soft'"),
     ],
 )

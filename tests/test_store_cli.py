@@ -50,7 +50,7 @@ def test_verify_passes_then_names_the_corrupt_checkpoint(run_dir: Path) -> None:
     ok = hpcckpt("verify", str(run_dir))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.splitlines()[-1] == f"3 ok, 0 corrupt in {run_dir}"
-    victim = run_dir / "checkpoints" / "step_000000200" / "state.pt"
+    victim = run_dir / "checkpoints" / "step_000000200" / "state.tensors"
     data = bytearray(victim.read_bytes())
     data[-100] ^= 0x01
     victim.write_bytes(bytes(data))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import store_workers
-import torch
 from unprivileged import as_nobody
 
 from hpcckpt import CheckpointStore, StoreError
@@ -168,7 +167,7 @@ def _disk_full_under_file_size_limit(run_dir: Path) -> None:
     assert "File too large (disk full, quota or file-size limit)" in result.stderr
     _assert_failed_save_left_previous_intact(run_dir, result.stderr)
     assert not (run_dir / "unexpected-success").exists()
-    assert torch.load(run_dir / "checkpoints" / "step_000000001" / "state.pt", weights_only=True)["step_seen"] == 1
+    assert CheckpointStore(run_dir).load(1)["step_seen"] == 1
 
 
 HOLD_LOCK = """

@@ -102,7 +102,9 @@ def test_a_one_file_store_never_imports_the_sharded_format(tmp_path: Path) -> No
         [sys.executable, "-c", ONE_FILE, str(tmp_path / "run")], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[-2] == "['hpcckpt.store.formats', 'hpcckpt.store.formats.torchfile']"
+    assert result.stdout.split("\n")[-2] == (
+        "['hpcckpt.store.formats', 'hpcckpt.store.formats.codec', 'hpcckpt.store.formats.tensorfile']"
+    )
 
 
 @pytest.mark.parametrize(

@@ -120,7 +120,14 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode", choices=("min", "max"), default=None, help="with --best: lower (default) or higher is better"
     )
-    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (torch.load-able)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+    parser.add_argument(
+        "--as",
+        dest="as_",
+        choices=("torch", "safetensors"),
+        default="torch",
+        help="torch (default): one torch.load-able file; safetensors: the model's weights as a .safetensors file",
+    )
     parser.add_argument("--weights-only", action="store_true", help="export only the model's state dict")
 
 
@@ -133,8 +140,8 @@ def _run_export(args: argparse.Namespace) -> int:
         ckpt = store.best(args.best, args.mode or "min")
         if ckpt is None:
             raise CheckpointNotFoundError(f"no checkpoint in {store.run_dir} recorded the metric {args.best!r}")
-    path, used = store.export(args.out, ckpt, weights_only=args.weights_only)
-    what = "weights" if args.weights_only else "state"
+    path, used = store.export(args.out, ckpt, weights_only=args.weights_only, as_=args.as_)
+    what = "weights" if args.weights_only or args.as_ == "safetensors" else "state"
     print(f"wrote the {what} of {used.name} (step {used.step}) to {path}")
     return 0
 
@@ -191,7 +198,12 @@ _COMMANDS: tuple[_Command, ...] = (
     ),
     _Command("ls", "list the committed checkpoints of a run", _configure_ls, _run_ls),
     _Command("verify", "check every checkpoint of a run against its checksums", _configure_verify, _run_verify),
-    _Command("export", "write a checkpoint as one plain torch.load-able file", _configure_export, _run_export),
+    _Command(
+        "export",
+        "write a checkpoint as one plain torch.load-able file or .safetensors weights",
+        _configure_export,
+        _run_export,
+    ),
     _Command("bench", "measure hpcckpt against plain torch.save and raw I/O", bench.configure, bench.run),
     _Command("templates", "list the sbatch templates shipped with hpcckpt", _configure_templates, _run_templates),
 )

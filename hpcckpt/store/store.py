@@ -28,6 +28,7 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError
 from ..rundir import CHECKPOINTS
 from ..slurm.env import read_slurm_env
 from ..state import RestoreOptions, TrainState
+from .export import EXPORT_FORMATS, write_safetensors
 from .fileio import SyncedWriter, fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
 from .manifest import Checkpoint, verify_file
@@ -44,7 +45,9 @@ class CheckpointStore:
     ``keep_last`` newest checkpoints are kept (None: all); ``keep_best=(metric, "min"|"max", K)`` also
     keeps the K best by a metric. The newest, the best and tagged checkpoints are never deleted.
     ``metadata`` (hyper-parameters, a git commit...) is written into every manifest. ``format`` names
-    how checkpoints are written (``"torch"``: one file; ``"dcp"``: sharded, saved by every rank together).
+    how checkpoints are written (``"tensors"``, the default: one file, raw tensor bytes and a JSON index, no
+    pickle; ``"torch"``: one ``torch.save`` file; ``"dcp"``: sharded, saved by every rank together); a
+    checkpoint is always read by the format its manifest names.
     ``lock`` is the registry's lock mode (``"auto"``: fcntl, a marker file where the filesystem refuses
     fcntl locks; ``"fcntl"``; ``"soft"``: the marker; left out: ``HPCCKPT_LOCK``, else ``"auto"``) and
     ``lock_timeout`` how long to wait for it. ``job`` is the batch job saving, whose ids go into every
@@ -59,7 +62,7 @@ class CheckpointStore:
         keep_best: KeepBest | tuple[str, str, int] | None = None,
         *,
         metadata: Mapping[str, Any] | None = None,
-        format: str = "torch",
+        format: str = "tensors",
         lock: LockMode | None = None,
         lock_timeout: float = 300.0,
         create: bool = True,
@@ -282,28 +285,40 @@ class CheckpointStore:
         return restoring.restore(self, state, ckpt, options or RestoreOptions(), map_location)
 
     def export(
-        self, out: str | os.PathLike[str], ckpt: CheckpointRef = None, *, weights_only: bool = False
+        self,
+        out: str | os.PathLike[str],
+        ckpt: CheckpointRef = None,
+        *,
+        weights_only: bool = False,
+        as_: str = "torch",
     ) -> tuple[Path, Checkpoint]:
-        """Write a checkpoint as one plain ``torch.load``-able file (only the model's weights when
-        ``weights_only``), atomically. Returns the file's path and the checkpoint it came from."""
-        import torch
-
+        """Write a checkpoint as one file, atomically: ``as_="torch"``, a plain ``torch.load``-able file (only
+        the model's weights when ``weights_only``); ``as_="safetensors"``, the model's weights as a
+        ``.safetensors`` file (tensors that shared memory are written apart). Returns the file's path and the
+        checkpoint it came from."""
+        if as_ not in EXPORT_FORMATS:
+            raise UsageError(f"Invalid export format {as_!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+        target = Path(out).expanduser().absolute()
+        if target.is_dir():
+            raise UsageError(f"Invalid --out {str(target)!r}: it is a directory; expected a file path")
         checkpoint, state = self.load_checkpoint(ckpt)
-        if weights_only:
+        if weights_only or as_ == "safetensors":
             if "model" not in state:
                 raise StoreError(
                     f"checkpoint {checkpoint.name} has no 'model' entry to export (its keys: "
                     f"{', '.join(sorted(map(str, state)))}); export it whole instead"
                 )
             state = state["model"]
-        target = Path(out).expanduser().absolute()
-        if target.is_dir():
-            raise UsageError(f"Invalid --out {str(target)!r}: it is a directory; expected a file path")
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         writer = None
         try:
             writer = SyncedWriter(tmp, checksum=False)
-            torch.save(state, writer)  # type: ignore[arg-type]
+            if as_ == "safetensors":
+                write_safetensors(state, writer, source=checkpoint.name)
+            else:
+                import torch
+
+                torch.save(state, writer)  # type: ignore[arg-type]
             writer.close()
             os.replace(tmp, target)
             fsync_dir(target.parent)

@@ -1,7 +1,10 @@
 """How a checkpoint's state is laid out in files: the formats, one module each, and the table of them.
 
-Two formats today, named in every manifest:
+Three formats today, named in every manifest:
 
+- ``tensors`` (:mod:`.tensorfile`, the store's default since issue 13): one ``state.tensors`` file, a JSON
+  index and raw tensor bytes, loaded without pickle (values outside its safe encoding, :mod:`.codec`, go
+  through ``torch.load(weights_only=True)``'s allow-list);
 - ``torch`` (:mod:`.torchfile`): one ``state.pt`` written by ``torch.save``, loadable anywhere with
   ``torch.load(path, weights_only=True)``;
 - ``dcp`` (:mod:`.dcp`): a torch.distributed.checkpoint directory, one file per rank and ``.metadata``,
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from ...state import RestoreOptions, TrainState
     from ..transaction import SaveRequest
 
+TENSORS_FORMAT = "tensors"
 TORCH_FORMAT = "torch"
 DCP_FORMAT = "dcp"
 
@@ -87,7 +91,7 @@ class CheckpointFormat(Protocol):
         ...
 
 
-_MODULES: Mapping[str, str] = {TORCH_FORMAT: "torchfile", DCP_FORMAT: "dcp"}
+_MODULES: Mapping[str, str] = {TENSORS_FORMAT: "tensorfile", TORCH_FORMAT: "torchfile", DCP_FORMAT: "dcp"}
 
 
 class _FormatTable(Mapping[str, "CheckpointFormat"]):

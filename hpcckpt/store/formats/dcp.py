@@ -5,11 +5,20 @@ Saving, on every rank at the same step (a collective), through one save transact
 
 1. rank 0 begins the transaction (its temporary directory) and tells the others the directory's name;
 2. every rank writes its part with ``dcp.save`` (DCP writes each rank's ``__R_0.distcp`` and, on the
-   coordinator, ``.metadata``; files are fsynced);
-3. the ranks tell each other whether they succeeded; if any failed (or died: the collective fails),
-   rank 0 aborts the transaction and every rank raises -- nothing was committed;
-4. rank 0 commits the transaction (checksums of the files, manifest, rename, registry) exactly as a
+   coordinator, ``.metadata``; files are fsynced), each file checksummed while it is written
+   (:mod:`.dcpwrite`: one pass, no file is read back);
+3. the ranks tell each other whether they succeeded, and the name, size and checksum of every file they
+   wrote; if any failed (or died: the collective fails), rank 0 aborts the transaction and every rank
+   raises naming the failing ranks -- nothing was committed;
+4. rank 0 commits the transaction with those records (manifest, rename, registry, retention) exactly as a
    one-file checkpoint is committed, then tells the others which checkpoint it committed.
+
+In the background (:meth:`DcpFormat.save_async`, issue 13): step 1 as above, then in step 2 each rank only
+snapshots its part to CPU (DCP's stager) and ``dcp.async_save`` persists it on a thread, over a gloo group of
+its own (the training thread keeps the default group). Steps 3 and 4 happen in :meth:`AsyncDcpSave.wait`,
+which is COLLECTIVE: every rank calls it at the same point (the next save or the stop), so rank 0 commits
+only once every rank's part is durable, and a failure anywhere is raised on every rank. Until then the
+previous checkpoint stays the latest and retention does not run; a rank killed meanwhile commits nothing.
 
 Model and optimizer go through ``get_state_dict``/``set_state_dict``, so a DDP or FSDP model saves its
 parameters under their plain names and a checkpoint loads at any world size (resharding is DCP's).
@@ -31,18 +40,20 @@ import errno
 import io
 import warnings
 from collections.abc import Collection, Iterator, Mapping
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from ...distributed import broadcast_object, world
 from ...errors import CorruptCheckpointError, HpcckptError, StoreError, UsageError
 from ...state import RestoreOptions, TrainState, capture_rng, restore_rng, unwrap_model
-from ..manifest import Checkpoint
+from ..manifest import Checkpoint, FileRecord
 from ..registry import warn
 from ..transaction import SaveRequest, SaveTransaction
 from . import DCP_FORMAT as NAME
 from . import CheckpointRef, CheckpointSource, restore_whole
 
 PER_RANK = "per_rank"
+T = TypeVar("T")
 REFUSED = "a sharded (dcp) save takes a TrainState, without tag or metadata"
 
 
@@ -198,6 +209,17 @@ class DcpFormat:
         # The step and epoch are the state's own: a sharded save ignores explicit ones (as it always has).
         return save(dataclasses.replace(request, step=int(state.step), epoch=int(state.epoch)), state)
 
+    def save_async(
+        self, request: SaveRequest, state: TrainState | Mapping[str, Any], staging: object = None
+    ) -> AsyncDcpSave:
+        """Every rank, at the same step: snapshot this rank's part to CPU now and persist it in the
+        background; the commit happens in the handle's :meth:`~AsyncDcpSave.wait`, which every rank calls
+        at the same point. ``staging`` (the store's bounded staging buffers) is not used: DCP stages
+        itself, into fresh CPU tensors the size of this rank's part."""
+        self.check_save(state, request.tag, None)
+        assert isinstance(state, TrainState)  # check_save refused anything else
+        return save_async(dataclasses.replace(request, step=int(state.step), epoch=int(state.epoch)), state)
+
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
         """The whole state in this process, every shard gathered (the export and ``load`` path). Nothing in
         the files runs code: see :mod:`.dcpread`."""
@@ -278,34 +300,182 @@ def save(request: SaveRequest, state: TrainState) -> Checkpoint:
         raise
 
 
+def save_async(request: SaveRequest, state: TrainState) -> AsyncDcpSave:
+    """Every rank, at the same step: rank 0 begins the transaction, every rank snapshots its part and DCP
+    persists it in the background; :meth:`AsyncDcpSave.wait` (collective) commits."""
+    from . import dcpwrite
+
+    rank, _ = world()
+    transaction, prepared = _begin_on_rank_0(request) if rank == 0 else (None, None)
+    prepared = broadcast_object(prepared)
+    if prepared is None or prepared.startswith("error: "):
+        raise StoreError(str(prepared)[7:])
+    records = dcpwrite.Records()
+    try:
+        content = payload(state, request.step, request.epoch)
+        future = _persist_in_background(content, dcpwrite.writer(prepared, records, sync_files=True))
+    except Exception as error:  # told to the others at wait(), like a failed background write
+        future = Future()
+        future.set_exception(error)
+    except BaseException:
+        if transaction is not None:
+            transaction.abort()
+        raise
+    return AsyncDcpSave(request, transaction, future, records)
+
+
+class AsyncDcpSave:
+    """A sharded save whose parts are being persisted in the background, one on each rank.
+
+    :meth:`done` is this rank's view only (its own part persisted, or failed). :meth:`wait` is COLLECTIVE:
+    every rank calls it at the same point (the next save, or the stop: points the ranks agree on); each
+    waits for its own part, the ranks exchange their outcomes and checksums, rank 0 commits, and every rank
+    returns that checkpoint, or raises the same :class:`StoreError` naming the failing ranks (rank 0 then
+    removed the temporary directory: nothing was committed, the previous latest stays). Nothing is visible
+    before every part is durable, and retention runs only at that commit. A ``timeout`` bounds only the wait
+    for this rank's own part: on expiry ``TimeoutError`` is raised before any collective, the save stays in
+    flight, and wait() may be called again (with ranks, time out on all of them or on none).
+    """
+
+    def __init__(
+        self, request: SaveRequest, transaction: SaveTransaction | None, future: Future[Any], records: Any
+    ) -> None:
+        self.step = request.step
+        self._request = request
+        self._transaction = transaction
+        self._future = future
+        self._records = records
+        self._outcome: Checkpoint | StoreError | None = None
+
+    def done(self) -> bool:
+        """Whether :meth:`wait` would not wait for this rank's own part any more."""
+        return self._outcome is not None or self._future.done()
+
+    def wait(self, timeout: float | None = None) -> Checkpoint:
+        """Collective: the committed checkpoint, or the save's failure raised (the same on every rank)."""
+        if self._outcome is None:
+            error = self._future.exception(timeout)  # TimeoutError: still in flight, nothing exchanged
+            failure = None
+            if error is not None:
+                failure = _failure(error) or f"rank {world()[0]}: {type(error).__name__}: {error}"
+            try:
+                self._outcome = conclude(self._request, self._transaction, failure, self._records.files())
+            except StoreError as refused:
+                self._outcome = refused
+            except BaseException:
+                if self._transaction is not None:
+                    self._transaction.abort()
+                raise
+        if isinstance(self._outcome, StoreError):
+            raise self._outcome
+        return self._outcome
+
+
+def _persist_in_background(content: dict[str, Any], writer: Any) -> Future[Any]:
+    """Snapshot ``content`` to CPU on this thread (DCP's stager: new tensors, and deep copies of every other
+    value, so what the training loop changes next is not saved) and save it with DCP on another."""
+    _, size = world()
+    if size > 1:
+        from torch.distributed.checkpoint.state_dict_saver import async_save
+
+        started = async_save(content, storage_writer=writer, process_group=_background_group())
+        return started if isinstance(started, Future) else started.upload_completion
+    # One process: DCP's async_save would warn from its own thread that it assumes one process (a warning
+    # filter cannot be scoped to another thread); the same stager and the same save, in a thread of ours.
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+
+    staged = writer.stage(content)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcckpt-dcp-save")
+    future = executor.submit(_save_state_dict, staged, storage_writer=writer, no_dist=True)
+    executor.shutdown(wait=False)
+    return future
+
+
+_GROUPS: list[tuple[Any, Any]] = []  # (the default process group, the gloo group background saves use)
+
+
+def _background_group() -> Any:
+    """A gloo group of every rank for the background saves' collectives (collective when first made): the
+    training thread keeps the default group, so the two threads never interleave collectives on one group;
+    gloo, because DCP's staged parts are on the CPU whatever the training backend."""
+    import torch.distributed as dist
+
+    default = dist.group.WORLD
+    for known, group in _GROUPS:
+        if known is default:
+            return group
+    group = dist.new_group(backend="gloo", timeout=_timeout_of(default))
+    _GROUPS[:] = [(default, group)]
+    return group
+
+
+def _timeout_of(group: Any) -> Any:
+    """``group``'s collective timeout, for the background group (torch's gloo default is 30 minutes, not the
+    one the user chose); None (torch's default) where torch does not tell it."""
+    import torch
+
+    try:
+        return group._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # not a gloo backend, or a torch that keeps it elsewhere
+        return None
+
+
 def _write_and_commit(
     request: SaveRequest, state: TrainState, transaction: SaveTransaction | None, directory: str
 ) -> Checkpoint:
-    """Every rank writes its part into ``directory``; rank 0 (which holds ``transaction``) commits."""
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    """Every rank writes its part into ``directory``, hashed as it is written; rank 0 (which holds
+    ``transaction``) commits."""
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-    from . import dcpread
+    from . import dcpwrite
 
-    rank, size = world()
-    step = request.step
+    _, size = world()
+    records = dcpwrite.Records()
     failure = None
     try:
         with single_process_quietly():
             dcp_save(
-                payload(state, step, request.epoch),
-                storage_writer=FileSystemWriter(directory, sync_files=True),
+                payload(state, request.step, request.epoch),
+                storage_writer=dcpwrite.writer(directory, records, sync_files=True),
                 no_dist=size == 1,
             )
-    except Exception as error:  # another rank's failure surfaces here too, as a failed collective
-        failure = f"rank {rank}: {type(error).__name__}: {error}"
-    except CheckpointException as error:  # DCP's, a BaseException: a failed write (disk full) on some rank
-        failure = dcpread.failures(error)
+    except BaseException as error:  # DCP's CheckpointException is a BaseException: a failed write on some rank
+        failure = _failure(error)
+        if failure is None:
+            raise
+    return conclude(request, transaction, failure, records.files())
+
+
+def _failure(error: BaseException) -> str | None:
+    """What this rank tells the others about a failed write; None for an interrupt, which is raised."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from . import dcpread
+
+    rank, _ = world()
+    if isinstance(error, CheckpointException):
+        return dcpread.failures(error)
+    if isinstance(error, Exception):  # another rank's failure surfaces here too, as a failed collective
+        return f"rank {rank}: {type(error).__name__}: {error}"
+    return None
+
+
+def conclude(
+    request: SaveRequest, transaction: SaveTransaction | None, failure: str | None, files: list[FileRecord]
+) -> Checkpoint:
+    """Every rank, collective, once its own part is written (or failed): the ranks tell each other their
+    outcome and the files they wrote (name, size, checksum); if any failed, rank 0 aborts and every rank
+    raises naming the failing ranks; else rank 0 commits with those records (no file is read again) and
+    every rank returns the checkpoint it committed."""
+    from . import dcpwrite
+
+    rank, _ = world()
+    step = request.step
     try:
-        failures = [f for f in _gather(failure) if f]
+        outcomes = _gather_any((failure, files))
     except Exception as error:  # a rank died: the group is broken
-        failures = [f"rank {rank}: the process group failed while saving ({error})"]
+        outcomes = [(f"rank {rank}: the process group failed while saving ({error})", [])]
+    failures = list(dict.fromkeys(f for f, _ in outcomes if f))  # each rank may report the same failure
     if failures:
         if transaction is not None:
             transaction.abort()
@@ -313,8 +483,10 @@ def _write_and_commit(
     committed: Checkpoint | str | None = None
     if transaction is not None:
         try:
-            committed = transaction.commit(None, format=NAME)  # None: checksum what every rank wrote
+            written = dcpwrite.complete(transaction.directory, [f for _, part in outcomes for f in part])
+            committed = transaction.commit(written, format=NAME)
         except Exception as error:
+            transaction.abort()
             committed = f"rank 0 could not commit step {step}: {error}"
     committed = broadcast_object(committed)
     if not isinstance(committed, Checkpoint):
@@ -335,12 +507,17 @@ def _begin_on_rank_0(request: SaveRequest) -> tuple[SaveTransaction | None, str]
 
 
 def _gather(value: str | None) -> list[str | None]:
+    return _gather_any(value)
+
+
+def _gather_any(value: T) -> list[T]:
+    """Every rank's ``value``, by rank (collective)."""
     _, size = world()
     if size == 1:
         return [value]
     import torch.distributed as dist
 
-    values: list[str | None] = [None] * size
+    values: list[Any] = [None] * size
     dist.all_gather_object(values, value)
     return values
 
