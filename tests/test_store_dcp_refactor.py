@@ -144,7 +144,7 @@ def test_an_interrupted_sharded_save_leaves_no_temporary_and_the_previous_checkp
 def test_the_registry_commit_benchmark_times_the_registry_commit_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hpcckpt.bench.main import _registry_latency
+    from hpcckpt.bench.rows import _registry_latency
 
     describing = transaction_module._versions
 
