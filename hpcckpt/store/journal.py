@@ -11,9 +11,11 @@ only the bytes appended since. The snapshot is rewritten (compacted) once the jo
 of it, so the rewriting costs a constant factor per commit and a fresh reader parses at most 1.25 snapshots.
 
 Snapshot (``registry.json``): ``{"hpcckpt_registry": 2, "generation": "<hex>", "updated": <time>,
-"checkpoints": [<entry>, ...]}``; version 1 (hpcckpt 0.1, no generation) is read as it is. Journal: a header
-line ``{"hpcckpt_journal": 1, "generation": "<hex>"}``, then one record a line: ``{"op": "commit",
-"checkpoint": <entry>}`` or ``{"op": "delete", "name": "<name>"}``. An entry is :meth:`Checkpoint.summary`.
+"reserved": <seq>, "checkpoints": [<entry>, ...]}``; version 1 (hpcckpt 0.1, no generation) is read as it is.
+Journal: a header line ``{"hpcckpt_journal": 1, "generation": "<hex>"}``, then one record a line: ``{"op":
+"commit", "checkpoint": <entry>}``, ``{"op": "delete", "name": "<name>"}`` or ``{"op": "reserve", "seq": <n>}``
+(a commit sequence number handed to a writer, which writes its manifest with it before it commits; the
+snapshot keeps the highest as ``reserved``). An entry is :meth:`Checkpoint.summary`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 INDEX_VERSION = 2
+_ENTRIES_OPEN = b'"checkpoints":['
+_COMMIT_OPEN = b'{"op":"commit","checkpoint":'
 JOURNAL_VERSION = 1
 # The journal is compacted into a new snapshot once it is larger than this fraction of the snapshot.
 COMPACT_FRACTION = 0.25
@@ -37,19 +41,24 @@ class BadSnapshotError(ValueError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A parsed snapshot: its generation (None for a version-1 index) and its raw entries."""
+    """A parsed snapshot: its generation (None for a version-1 index) and its entries, each as JSON text (a
+    reader keeps what it built from each text, so an entry it has seen is not parsed again)."""
 
     generation: str | None
-    entries: list[dict[str, Any]]
+    entries: list[bytes]
+    reserved: int = 0  # the highest commit sequence number handed out when it was written
 
 
 @dataclass(frozen=True)
 class Record:
-    """One journal line: a commit (with its entry) or a delete (by name)."""
+    """One journal line: a commit (with its entry, and the entry's JSON text), a delete (by name) or a
+    reserved sequence number."""
 
     op: str
-    name: str
+    name: str = ""
     entry: dict[str, Any] | None = None
+    seq: int = 0
+    text: bytes = b""
 
 
 def new_generation() -> str:
@@ -57,44 +66,66 @@ def new_generation() -> str:
 
 
 def parse_snapshot(raw: bytes) -> Snapshot:
-    """The snapshot in ``raw``; :class:`BadSnapshotError` when it is not a version 1 or 2 index."""
+    """The snapshot in ``raw``; :class:`BadSnapshotError` when it is not a version 1 or 2 index. As written
+    by :func:`encode_snapshot` (one entry a line) the entries are not parsed here; any other layout (an
+    edited file, version 1) is parsed whole and each entry encoded again."""
+    lines = raw.split(b"\n")
     try:
-        data = json.loads(raw)
+        if len(lines) > 2 and lines[0].endswith(_ENTRIES_OPEN) and lines[-1] == b"]}":
+            data = json.loads(lines[0] + b"]}")
+            texts = [line.removesuffix(b",") for line in lines[1:-1] if line]
+        else:
+            data = json.loads(raw)
+            texts = [json.dumps(e, separators=(",", ":")).encode() for e in data["checkpoints"]]
     except ValueError as error:
         raise BadSnapshotError(str(error)) from None
-    try:
-        entries = data["checkpoints"]
     except (TypeError, KeyError):
         raise BadSnapshotError("not an hpcckpt index") from None
-    if not isinstance(entries, list):
+    if not isinstance(data, dict):
         raise BadSnapshotError("not an hpcckpt index")
     version = data.get("hpcckpt_registry")
     if version == 1:
-        return Snapshot(None, entries)
+        return Snapshot(None, texts)
     generation = data.get("generation")
-    if version != INDEX_VERSION or not isinstance(generation, str):
+    reserved = data.get("reserved", 0)
+    if version != INDEX_VERSION or not isinstance(generation, str) or not _whole(reserved):
         raise BadSnapshotError(f"index version {version!r}; expected 1 or {INDEX_VERSION}")
-    return Snapshot(generation, entries)
+    return Snapshot(generation, texts, reserved)
 
 
-def encode_snapshot(generation: str, encoded_entries: Iterable[str]) -> bytes:
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def encode_snapshot(generation: str, reserved: int, encoded_entries: Iterable[str]) -> bytes:
     """The snapshot text for entries already encoded as JSON objects."""
-    header = f'"hpcckpt_registry":{INDEX_VERSION},"generation":{json.dumps(generation)},"updated":{time.time()}'
-    return f'{{{header},"checkpoints":[{",".join(encoded_entries)}]}}'.encode()
+    header = (
+        f'"hpcckpt_registry":{INDEX_VERSION},"generation":{json.dumps(generation)},"updated":{time.time()},'
+        f'"reserved":{int(reserved)}'
+    )
+    body = ",\n".join(encoded_entries)
+    return f'{{{header},"checkpoints":[\n{body}\n]}}'.encode()
 
 
 def journal_header(generation: str) -> bytes:
     return (json.dumps({"hpcckpt_journal": JOURNAL_VERSION, "generation": generation}) + "\n").encode()
 
 
+def commit_record(entry: dict[str, Any]) -> Record:
+    """The journal record of a commit whose index entry is ``entry``."""
+    return Record("commit", str(entry["name"]), entry, text=json.dumps(entry, separators=(",", ":")).encode())
+
+
 def encode_records(records: Iterable[Record]) -> bytes:
     lines = []
     for record in records:
         if record.op == "commit":
-            lines.append(json.dumps({"op": "commit", "checkpoint": record.entry}, separators=(",", ":")))
+            lines.append(_COMMIT_OPEN + record.text + b"}")
+        elif record.op == "reserve":
+            lines.append(json.dumps({"op": "reserve", "seq": record.seq}, separators=(",", ":")).encode())
         else:
-            lines.append(json.dumps({"op": "delete", "name": record.name}, separators=(",", ":")))
-    return "".join(line + "\n" for line in lines).encode()
+            lines.append(json.dumps({"op": "delete", "name": record.name}, separators=(",", ":")).encode())
+    return b"".join(line + b"\n" for line in lines)
 
 
 def complete_lines(data: bytes) -> tuple[list[bytes], int]:
@@ -128,6 +159,9 @@ def parse_records(lines: Iterable[bytes]) -> Iterator[Record]:
             continue
         if data.get("op") == "commit" and isinstance(entry := data.get("checkpoint"), dict):
             if isinstance(name := entry.get("name"), str):
-                yield Record("commit", name, entry)
+                text = line[len(_COMMIT_OPEN) : -1] if line.startswith(_COMMIT_OPEN) else b""
+                yield Record("commit", name, entry, text=text or json.dumps(entry, separators=(",", ":")).encode())
         elif data.get("op") == "delete" and isinstance(name := data.get("name"), str):
             yield Record("delete", name)
+        elif data.get("op") == "reserve" and _whole(seq := data.get("seq")):
+            yield Record("reserve", seq=seq)  # type: ignore[arg-type]

@@ -52,11 +52,12 @@ from ..rundir import INDEX as INDEX
 from ..rundir import JOURNAL as JOURNAL
 from ..rundir import LOCK as LOCK
 from ..rundir import SOFT_LOCK as SOFT_LOCK
-from .fileio import link_refused, open_nofollow, read_nofollow, write_atomic
+from .fileio import fsync_dir, link_refused, open_nofollow, read_nofollow, write_atomic
 from .journal import (
     COMPACT_FRACTION,
     BadSnapshotError,
     Record,
+    commit_record,
     complete_lines,
     encode_records,
     encode_snapshot,
@@ -88,6 +89,8 @@ SOFT_LOCK_LIFETIME = 120.0
 # A directory changed this shortly before it was listed may change again with the same time stamp (file
 # times tick with the kernel's coarse clock, and NFS servers round them): listed again on the next lookup.
 RACY_SECONDS = 2.0
+# A reader lists checkpoints/ at most this often while it keeps changing (see Registry._scan).
+SCAN_INTERVAL = 0.5
 
 LockMode = Literal["auto", "fcntl", "soft"]
 
@@ -113,6 +116,8 @@ class _View:
         self.snapshot_size = 0
         self.generation: str | None = None  # None: a version-1 index (its journal, if any, is not ours)
         self.base: dict[str, Checkpoint] = {}
+        self.base_reserved = 0
+        self.reserved = 0  # the highest commit sequence number handed out
         self.logged: dict[str, Checkpoint] = {}  # the snapshot plus the journal's records
         self.deleted: set[str] = set()  # deleted by a journal record (maybe still on disk for a moment)
         self.journal_ino: int | None = None
@@ -120,13 +125,19 @@ class _View:
         self.journal_ours = False  # its header names the snapshot's generation
         self.scan_sig: tuple[int, ...] = ()
         self.scan_time = 0.0
+        self.scan_clock = 0.0  # time.monotonic() of the last listing
+        self.rescan = True  # what was parsed started over: list the directory again before trusting it
         self.scan: dict[str, int] | None = None  # name -> inode of each checkpoint directory
         self.listed_key: tuple[Any, ...] | None = None
         self.listed: list[Checkpoint] = []
 
     def restart_journal(self, ino: int | None) -> None:
-        self.logged, self.deleted = dict(self.base), set()
+        self.logged, self.deleted, self.reserved = dict(self.base), set(), self.base_reserved
+        self.rescan = True
         self.journal_ino, self.journal_offset, self.journal_ours = ino, 0, False
+
+    def next_seq(self) -> int:
+        return 1 + max(self.reserved, max((c.seq for c in self.logged.values() if c.seq is not None), default=0))
 
     def apply(self, name: str, checkpoint: Checkpoint | None) -> None:
         if checkpoint is None:
@@ -154,6 +165,9 @@ class Registry:
         self._mutex = threading.Lock()
         self._view = _View()
         self._encoded: dict[str, tuple[str, float, int | None, str]] = {}  # each entry's JSON, for compaction
+        # Each entry's JSON text and the record built (and checked) from it: a snapshot written by another
+        # process holds the entries this one already read from the journal, so re-reading it parses nothing.
+        self._parsed: dict[bytes, Checkpoint] = {}
         self._manifests: dict[tuple[str, int], Checkpoint] = {}  # directories adopted from their manifests
         self._ignored: set[str] = set()  # directories already warned about
         self._warned: set[str] = set()  # journal entries and vanished checkpoints already warned about
@@ -194,6 +208,8 @@ class Registry:
             scan = self._scan()  # before the journal: a checkpoint deleted since is then already recorded
             if self._load_snapshot():
                 self._read_journal()
+                if self._view.rescan:
+                    scan = self._scan(fresh=True)
                 return self._listing(scan)
             if not scan and not os.path.lexists(self.index_path):
                 return []  # a run with nothing saved yet: no need to wait for the lock
@@ -231,25 +247,56 @@ class Registry:
         return event_log.last_status(self.events())
 
     # -- writing ------------------------------------------------------------------------------------------
+    def reserve(self) -> int:
+        """A commit sequence number for a checkpoint about to be committed, recorded so that no other writer
+        gets it: the writer writes its manifest with it (durably) before it takes the lock to commit, so
+        that no fsync happens under the lock (issue 13: with 8 writers, commits queued behind each other's
+        fsyncs). Numbers are handed out in order; one whose writer fails is never used. Also above the
+        number of any checkpoint on disk that the journal lost (a power loss takes unsynced lines with it)."""
+        with self._mutex:  # before the lock: listing a thousand directories takes milliseconds
+            on_disk: list[Checkpoint] = []
+            scan = self._scan()
+            if self._load_snapshot():
+                self._read_journal()
+                on_disk = self._listing(scan)
+            floor = 1 + max((c.seq for c in on_disk if c.seq is not None), default=0)
+        with self.locked():
+            if os.path.islink(self.journal_path):
+                raise link_refused(self.journal_path)
+            with self._mutex:
+                if not (self._load_snapshot(fresh=True) and self._view.generation is not None):
+                    self._reconciled()  # missing, unusable or of version 1: rebuilt or migrated first
+                self._read_journal()
+                seq = max(self._view.next_seq(), floor)
+                self._journal([Record("reserve", seq=seq)])
+        return seq
+
     def commit(
         self,
         publish: Callable[[int], Checkpoint],
         select_deletions: Callable[[list[Checkpoint]], list[Checkpoint]],
+        *,
+        seq: int | None = None,
     ) -> tuple[Checkpoint, list[Checkpoint]]:
-        """Under the lock: ``publish(seq)`` writes the manifest with its commit sequence number ``seq`` and
-        renames a written checkpoint into place (the commit point), and returns it; then it is recorded and
-        retention applied. Returns it and what retention deleted.
+        """Under the lock: ``publish(seq)`` writes the manifest with its commit sequence number ``seq`` (the
+        one :meth:`reserve` gave, when passed; else the next) and renames a written checkpoint into place
+        (the commit point), and returns it; then it is recorded and retention applied. Returns it and what
+        retention deleted. Before anything is deleted the rename is made durable, so a power loss never
+        keeps a deletion without the commit that allowed it.
 
         Once ``publish`` has returned the checkpoint is committed: a failure to update the index or the
         log afterwards (a full disk, a refused entry) is only warned about; the files are the truth.
         """
+        with self._mutex:
+            scan = dict(self._scan())  # before the lock: listing a thousand directories takes milliseconds
         with self.locked():
             for path in (self.index_path, self.journal_path, self.events_path):
                 if os.path.islink(path):  # refused before anything is committed, not warned about after
                     raise link_refused(path)
             with self._mutex:
-                before = self._reconciled()
-            checkpoint = publish(1 + max((c.seq for c in before if c.seq is not None), default=0))
+                before = self._reconciled(scan=scan)
+                number = self._view.next_seq() if seq is None else seq
+            checkpoint = publish(number)
             doomed: list[Checkpoint] = []
             trashed: list[Path] = []
             try:
@@ -258,12 +305,13 @@ class Registry:
                 # The journal records the deletions first; a crash before they are moved away leaves them on
                 # disk, where the next writer finishes the deletion: nothing is listed that is not there.
                 with self._mutex:
-                    self._journal([Record("commit", checkpoint.name, checkpoint.summary())])
+                    self._journal([commit_record(checkpoint.summary())])
                     if doomed:
                         self._journal([Record("delete", c.name) for c in doomed])
                 self._append([event_log.commit(checkpoint.summary())])
                 if doomed:
                     self._append([event_log.delete(c.name, c.step) for c in doomed])
+                    fsync_dir(self.checkpoint_dir)
                 trashed = [trash for c in doomed if (trash := self._trash(c)) is not None]
                 with self._mutex:
                     self._compact_if_due()
@@ -406,13 +454,23 @@ class Registry:
     # -- the view: snapshot, journal, directory scan (callers hold _mutex) --------------------------------
     def _scan(self, *, fresh: bool = False) -> dict[str, int]:
         """The checkpoint directories on disk (name -> inode). Listed again only when the directory changed
-        since the last listing, or changed so shortly before it that a later change could carry the same
-        time stamp (file times tick coarsely); ``fresh`` (under the lock) always lists."""
+        since the last listing (or changed so shortly before it that a later change could carry the same
+        time stamp: file times tick coarsely), and then at most every SCAN_INTERVAL: with writers at work
+        the directory changes all the time (their temporary directories), while every commit they make is
+        in the journal at once. So a directory the journal does not know (a writer killed after its rename)
+        shows within SCAN_INTERVAL. ``fresh`` always lists."""
         view = self._view
         signature = _signature(self.checkpoint_dir)
         racy = bool(signature) and signature[-1] >= (view.scan_time - RACY_SECONDS) * 1e9
-        if not fresh and view.scan is not None and signature == view.scan_sig and not racy:
+        recent = time.monotonic() - view.scan_clock < SCAN_INTERVAL
+        if (
+            not fresh
+            and view.scan is not None
+            and not view.rescan
+            and (recent or (signature == view.scan_sig and not racy))
+        ):
             return view.scan
+        view.scan_clock, view.rescan = time.monotonic(), False
         started = time.time()
         names: dict[str, int] = {}
         try:
@@ -422,39 +480,38 @@ class Registry:
         for entry in entries:
             if entry.name.startswith(".") or entry.name in self._ignored:
                 continue
-            if entry.is_symlink():
+            if entry.is_dir(follow_symlinks=False):
+                names[entry.name] = entry.inode()
+            elif entry.is_symlink():
                 self._ignored.add(entry.name)
                 warn(
                     f"{entry.path} is refused: a symbolic link in {self.checkpoint_dir} may lead outside the "
                     "run directory; checkpoints are plain directories"
                 )
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                names[entry.name] = entry.inode()
         view.scan, view.scan_sig, view.scan_time = names, signature, started
         return names
 
     def _load_snapshot(self, *, fresh: bool = False) -> bool:
         """Parse the snapshot if it changed since it was parsed; False when it is missing or unusable.
-        ``fresh`` (under the lock) compares its bytes, not its stat: NFS may serve a stale stat."""
+        ``fresh`` (under the lock) takes the signature of the opened file: NFS revalidates a file it opens,
+        while a plain stat may be served from its attribute cache."""
         view = self._view
-        signature = _signature(self.index_path)
+        signature = _opened_signature(self.index_path) if fresh else _signature(self.index_path)
         if not signature:
             return False
-        if signature == view.snapshot_sig and not fresh:
+        if signature == view.snapshot_sig:
             return True
         try:
             raw = read_nofollow(self.index_path)  # a link there raises StoreError: never read through
         except OSError:
             return False
-        if fresh and signature == view.snapshot_sig and len(raw) == view.snapshot_size:
-            return True
         try:
             snapshot = parse_snapshot(raw)
-            base = {}
-            for e in snapshot.entries:
-                name = str(e["name"])
-                base[name] = Checkpoint.from_dict(e, self.resolve(name), source=f"{self.index_path}: entry {name!r}")
+            parsed = {}
+            for text in snapshot.entries:
+                checkpoint = self._parsed.get(text) or self._entry(json.loads(text), self.index_path)
+                parsed[text] = checkpoint
+            base = {c.name: c for c in parsed.values()}
         except StoreError as refused:
             if self._refused_index != raw:
                 warn(f"{refused}; rebuilding the index from the manifests")
@@ -462,12 +519,9 @@ class Registry:
             return False
         except (BadSnapshotError, KeyError, TypeError, ValueError):
             return False
-        view.snapshot_sig, view.snapshot_size, view.generation, view.base = (
-            signature,
-            len(raw),
-            snapshot.generation,
-            base,
-        )
+        view.snapshot_sig, view.snapshot_size = signature, len(raw)
+        view.generation, view.base, view.base_reserved = snapshot.generation, base, snapshot.reserved
+        self._parsed = parsed
         view.restart_journal(None)
         view.listed_key = None
         return True
@@ -500,17 +554,34 @@ class Registry:
         if not view.journal_ours:
             return  # a journal of an older snapshot: its records are in the snapshot already
         for record in parse_records(lines):
-            view.apply(record.name, self._journaled(record.entry) if record.entry is not None else None)
+            self._apply(record)
 
-    def _journaled(self, entry: dict[str, Any]) -> Checkpoint | None:
-        name = str(entry["name"])
+    def _apply(self, record: Record) -> None:
+        view = self._view
+        if record.op == "reserve":
+            view.reserved = max(view.reserved, record.seq)
+        else:
+            view.apply(record.name, self._journaled(record) if record.entry is not None else None)
+
+    def _journaled(self, record: Record) -> Checkpoint | None:
+        known = self._parsed.get(record.text)
+        if known is not None:
+            return known
         try:
-            return Checkpoint.from_dict(entry, self.resolve(name), source=f"{self.journal_path}: entry {name!r}")
+            checkpoint = self._entry(record.entry or {}, self.journal_path)
         except StoreError as refused:  # the directory scan adopts the checkpoint from its manifest instead
-            if name not in self._warned:
-                self._warned.add(name)
+            if record.name not in self._warned:
+                self._warned.add(record.name)
                 warn(f"{refused}; reading its manifest instead")
             return None
+        if record.text:
+            self._parsed[record.text] = checkpoint
+        return checkpoint
+
+    def _entry(self, entry: Any, source: Path) -> Checkpoint:
+        """The record of one index or journal entry, checked; :class:`StoreError` naming the bad field."""
+        name = str(entry["name"])
+        return Checkpoint.from_dict(entry, self.resolve(name), source=f"{source}: entry {name!r}")
 
     def _listing(self, scan: dict[str, int]) -> list[Checkpoint]:
         """The journal's view made to agree with the directories on disk (files win), without the lock."""
@@ -531,7 +602,7 @@ class Registry:
             elif name not in self._warned:
                 self._warned.add(name)
                 warn(f"checkpoint {name} is listed in {self.index_path} but gone from disk; dropping it")
-        view.listed_key, view.listed = key, _ordered(found)
+        view.listed_key, view.listed = key, _extended(view.listed, found)
         return list(view.listed)
 
     def _adopted(self, name: str, inode: int) -> Checkpoint | None:
@@ -549,12 +620,14 @@ class Registry:
         self._manifests[(name, inode)] = checkpoint
         return checkpoint
 
-    def _reconciled(self, *, write: bool = True) -> list[Checkpoint]:
+    def _reconciled(self, *, write: bool = True, scan: dict[str, int] | None = None) -> list[Checkpoint]:
         """Under the lock: the registry made to agree with the checkpoint directories (files win) and, with
         ``write``, the journal told: adopted orphans, vanished checkpoints, deletions a killed writer left
         half done. An unusable snapshot is rebuilt from the manifests. Without ``write`` nothing is written
-        (a read-only run directory)."""
-        scan = self._scan(fresh=True)
+        (a read-only run directory). ``scan``: a listing of ``checkpoints/`` made before the lock was taken
+        (a commit's: what changed since is in the journal, or adopted by the next reader)."""
+        if scan is None:
+            scan = self._scan(fresh=True)
         if not self._load_snapshot(fresh=write):
             return self._rebuilt(scan, write=write)
         self._read_journal()
@@ -563,7 +636,7 @@ class Registry:
         if not write:
             return listed
         names = {c.name for c in listed}
-        fixes = [Record("commit", c.name, c.summary()) for c in listed if view.logged.get(c.name) is not c]
+        fixes = [commit_record(c.summary()) for c in listed if view.logged.get(c.name) is not c]
         fixes += [Record("delete", name) for name in view.logged.keys() - names]
         for name in sorted(view.deleted & scan.keys()):  # its deleter was killed before moving it away
             self._trash_quietly(name)
@@ -614,7 +687,7 @@ class Registry:
             write_atomic(self.journal_path, text, durable=False)
             view.journal_ino, view.journal_offset, view.journal_ours = _signature(self.journal_path)[0], len(text), True
         for record in records:
-            view.apply(record.name, self._journaled(record.entry) if record.entry is not None else None)
+            self._apply(record)
 
     def _compact_if_due(self) -> None:
         view = self._view
@@ -627,11 +700,12 @@ class Registry:
         after a power loss they are at worst stale or unreadable, and then rebuilt. A crash between the two
         leaves the old journal, whose generation no longer matches: ignored."""
         generation = new_generation()
-        text = encode_snapshot(generation, self._encode(entries))
-        write_atomic(self.index_path, text, durable=False)
         view = self._view
+        reserved = max(view.reserved, max((c.seq for c in entries if c.seq is not None), default=0))
+        text = encode_snapshot(generation, reserved, self._encode(entries))
+        write_atomic(self.index_path, text, durable=False)
         view.snapshot_sig, view.snapshot_size, view.generation = _signature(self.index_path), len(text), generation
-        view.base = {c.name: c for c in entries}
+        view.base, view.base_reserved = {c.name: c for c in entries}, reserved
         view.restart_journal(None)
         view.listed_key = None
         header = journal_header(generation)
@@ -644,6 +718,7 @@ class Registry:
             known = self._encoded.get(c.name)
             if known is None or known[0] != c.checksum or known[1] != c.created or known[2] != c.seq:
                 known = (c.checksum, c.created, c.seq, json.dumps(c.summary(), separators=(",", ":")))
+                self._parsed[known[3].encode()] = c
             encoded[c.name] = known
         self._encoded = encoded
         return [e[3] for e in encoded.values()]
@@ -711,6 +786,30 @@ def _signature(path: Path) -> tuple[int, ...]:
     except FileNotFoundError:
         return ()
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _opened_signature(path: Path) -> tuple[int, ...]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return _signature(path)  # missing (empty), or a link: read_nofollow then says so
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _extended(before: list[Checkpoint], found: list[Checkpoint]) -> list[Checkpoint]:
+    """``found`` in order; when it is ``before`` plus checkpoints that all rank after it (the usual case: new
+    commits), without sorting the history again."""
+    ids = {id(c) for c in found}
+    if before and len(ids) >= len(before) and all(id(c) in ids for c in before):
+        kept = {id(c) for c in before}
+        new = _ordered([c for c in found if id(c) not in kept])
+        if not new or order_key(new[0]) > order_key(before[-1]):
+            return [*before, *new]
+    return _ordered(found)
 
 
 def _ordered(entries: list[Checkpoint]) -> list[Checkpoint]:
