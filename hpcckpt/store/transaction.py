@@ -125,9 +125,10 @@ class SaveTransaction:
         return checkpoint
 
     def record(self, draft: Checkpoint) -> Checkpoint:
-        """Steps 3-4 for the checkpoint :meth:`describe` drafted: under the registry lock, number, rename
-        and record it, then release this process's lock on the directory (the registry commit alone, which
-        the benchmark times). Abort the transaction if this raises."""
+        """Steps 3-4 for the checkpoint :meth:`describe` drafted: take a commit sequence number, write the
+        manifest with it, and under the registry lock rename and record it; then release this process's
+        lock on the directory and make the rename durable (the registry commit alone, which the benchmark
+        times). Abort the transaction if this raises before the rename."""
         registry = self.request.registry
         seq = registry.reserve()
         named = dataclasses.replace(draft, seq=seq)
