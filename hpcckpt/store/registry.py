@@ -674,14 +674,15 @@ class Registry:
         try:
             st = os.fstat(fd)
             ours = view.generation is not None and view.journal_ours and st.st_ino == view.journal_ino
-            if ours and st.st_size >= view.journal_offset:
+            appended = ours and st.st_size >= view.journal_offset  # else cut short behind our back: replaced
+            if appended:
                 if st.st_size > view.journal_offset:  # a crash tore the last line: start on a fresh one
                     data = b"\n" + data
                 os.write(fd, data)
                 view.journal_offset = st.st_size + len(data)
         finally:
             os.close(fd)
-        if not ours:
+        if not appended:
             generation = view.generation or new_generation()
             text = journal_header(generation) + data
             write_atomic(self.journal_path, text, durable=False)
