@@ -596,10 +596,16 @@ class Registry:
             checkpoint = view.logged.get(name) or self._adopted(name, inode)
             if checkpoint is not None:
                 found.append(checkpoint)
+        missing = []
         for name in view.logged.keys() - scan.keys():
             if _is_plain_dir(self.checkpoint_dir / name):
                 found.append(view.logged[name])  # committed after the directory was listed
-            elif name not in self._warned:
+            else:
+                missing.append(name)
+        if missing and view.generation is not None:
+            self._read_journal()  # deleted by retention since the journal was read: its line is there now
+        for name in missing:
+            if name in view.logged and view.logged[name] is not None and name not in self._warned:
                 self._warned.add(name)
                 warn(f"checkpoint {name} is listed in {self.index_path} but gone from disk; dropping it")
         view.listed_key, view.listed = key, _extended(view.listed, found)
