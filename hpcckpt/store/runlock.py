@@ -44,6 +44,7 @@ class _Slot:
         self.mutex = threading.Lock()
         self.owner: int | None = None
         self.depth = 0
+        self.holder: RunLock | None = None  # the object that took the file lock (it lets go of it)
 
 
 _SLOTS: dict[str, _Slot] = {}
@@ -93,7 +94,7 @@ class RunLock:
             if isinstance(error, _AbandonedError):
                 raise LockTimeoutError(self.lock_file) from None
             raise
-        slot.owner, slot.depth = me, 1
+        slot.owner, slot.depth, slot.holder = me, 1, self
         self.longest_wait = max(self.longest_wait, time.monotonic() - started)
 
     def release(self) -> None:
@@ -101,15 +102,18 @@ class RunLock:
         slot.depth -= 1
         if slot.depth:
             return
-        slot.owner = None
+        holder, slot.owner, slot.holder = slot.holder or self, None, None
         try:
-            if self._soft is not None:
-                self._soft.release()
-            elif self._fd is not None:
-                fd, self._fd = self._fd, None
-                os.close(fd)  # closing drops the process's fcntl lock
+            holder._release_file()
         finally:
             slot.mutex.release()
+
+    def _release_file(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing drops the process's fcntl lock
+        elif self._soft is not None:
+            self._soft.release()
 
     # -- internals ----------------------------------------------------------------------------------------
     def _acquire_file(self, deadline: float) -> None:
