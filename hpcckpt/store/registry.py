@@ -526,8 +526,10 @@ class Registry:
         view.listed_key = None
         return True
 
-    def _read_journal(self) -> None:
-        """Apply what was appended to the journal since it was last read (nothing for a version-1 index)."""
+    def _read_journal(self, *, again: bool = True) -> None:
+        """Apply what was appended to the journal since it was last read (nothing for a version-1 index).
+        A journal of another generation than the snapshot parsed means a writer compacted in between (it
+        writes the snapshot first): the snapshot is read again, then the journal."""
         view = self._view
         if view.generation is None:
             return
@@ -543,6 +545,9 @@ class Registry:
                 self._apply_journal(os.pread(fd, size - view.journal_offset, view.journal_offset))
         finally:
             os.close(fd)
+        stale = view.journal_offset > 0 and not view.journal_ours
+        if stale and again and self._load_snapshot() and view.journal_ino is None:  # a new snapshot was read
+            self._read_journal(again=False)
 
     def _apply_journal(self, data: bytes) -> None:
         view = self._view
