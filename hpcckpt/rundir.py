@@ -5,7 +5,8 @@
     RUN_DIR/
         chain.sbatch         the rendered chain script (``hpcckpt submit``)
         logs/                Slurm's stdout/stderr per task: ``<array job>_<task>.out`` and ``.err``
-        registry.json        the committed checkpoints (the store's registry)
+        registry.json        the committed checkpoints (the store's registry): a snapshot, compacted
+        registry.journal     what was committed and deleted since that snapshot, one line each
         events.jsonl         the run's event log (hpcckpt.events)
         .hpcckpt.lock        the lock guarding both (``.hpcckpt.softlock`` in soft-lock mode)
         checkpoints/         one directory per checkpoint, plus temporary and trash directories
@@ -23,6 +24,7 @@ from pathlib import Path
 SCRIPT = "chain.sbatch"
 LOGS = "logs"
 INDEX = "registry.json"
+JOURNAL = "registry.journal"
 EVENTS = "events.jsonl"
 LOCK = ".hpcckpt.lock"
 SOFT_LOCK = ".hpcckpt.softlock"

@@ -1,14 +1,20 @@
 """The file-locked registry of a run directory: which checkpoints are committed, and what happened.
 
-It owns three of the run directory's files (their names are :mod:`hpcckpt.rundir`'s): the index
-(``registry.json``, every committed checkpoint: a cache, rebuilt from manifests when lost), the event log
-(``events.jsonl``, :mod:`hpcckpt.events`), and the lock guarding both; ``checkpoints/`` holds one
-directory per committed checkpoint, plus ``.tmp-*`` ones being written.
+It owns four of the run directory's files (their names are :mod:`hpcckpt.rundir`'s): the index
+(``registry.json``, a compacted snapshot) and the journal (``registry.journal``, what was committed and
+deleted since, one line each; :mod:`.journal`), both caches rebuilt from the manifests when lost; the event log
+(``events.jsonl``, :mod:`hpcckpt.events`); and the lock guarding them (:mod:`.runlock`). ``checkpoints/``
+holds one directory per committed checkpoint, plus ``.tmp-*`` ones being written.
 
 The files are the truth: a checkpoint directory with a final name and a valid manifest is committed
-(the rename is the commit point), whether or not the index lists it yet. Readers compare the index with
-the directory listing and reconcile when they differ, so a writer killed between its rename and its
-index update still leaves its checkpoint visible.
+(the rename is the commit point), whether or not the journal lists it yet. Readers compare what they parsed
+with the directory listing, without the lock: a directory the journal does not list is read from its
+manifest, a listed one gone from disk is dropped, so a writer killed between its rename and its journal line
+still leaves its checkpoint visible. The next writer records what it finds so (under the lock).
+
+Cost (issue 13): a commit appends a line; a reader keeps what it parsed and reads only what was appended since,
+and lists ``checkpoints/`` again only when that directory changed. Neither grows with the history (at 1,000
+checkpoints and 8 writers, rewriting one index per commit took 1.6 s).
 
 Checkpoints are ordered by their commit sequence number (``seq``), assigned under the lock when each one
 is committed and kept in its manifest (so a rebuilt index has it too): the latest is the last committed,
@@ -28,6 +34,8 @@ import json
 import os
 import shutil
 import socket
+import stat
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,12 +49,28 @@ from ..errors import CorruptCheckpointError, StoreError, UsageError
 from ..rundir import CHECKPOINTS as CHECKPOINTS
 from ..rundir import EVENTS as EVENTS
 from ..rundir import INDEX as INDEX
+from ..rundir import JOURNAL as JOURNAL
 from ..rundir import LOCK as LOCK
 from ..rundir import SOFT_LOCK as SOFT_LOCK
-from .fileio import link_refused, open_nofollow, read_nofollow, write_atomic
+from .fileio import fsync_dir, link_refused, open_nofollow, read_nofollow, write_atomic
+from .journal import (
+    COMPACT_FRACTION,
+    BadSnapshotError,
+    Record,
+    commit_record,
+    complete_lines,
+    encode_records,
+    encode_snapshot,
+    header_generation,
+    journal_header,
+    new_generation,
+    parse_records,
+    parse_snapshot,
+)
+from .journal import INDEX_VERSION as INDEX_VERSION
 from .manifest import PLAIN_NAME, Checkpoint, read_manifest
+from .runlock import LockTimeoutError, RunLock
 
-INDEX_VERSION = 1
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 # A temporary directory before its writer holds the lock on its owner file: judged by host and pid only.
@@ -62,6 +86,11 @@ FOREIGN_TMP_STALE_SECONDS = 6 * 3600
 # A soft-lock marker older than this is broken: a registry update holds the lock for milliseconds, and a
 # holder killed on another node could otherwise block the run for ever.
 SOFT_LOCK_LIFETIME = 120.0
+# A directory changed this shortly before it was listed may change again with the same time stamp (file
+# times tick with the kernel's coarse clock, and NFS servers round them): listed again on the next lookup.
+RACY_SECONDS = 2.0
+# A reader lists checkpoints/ at most this often while it keeps changing (see Registry._scan).
+SCAN_INTERVAL = 0.5
 
 LockMode = Literal["auto", "fcntl", "soft"]
 
@@ -78,6 +107,47 @@ def warn(message: str) -> None:
     warnings.warn(message, HpcckptWarning, stacklevel=3)
 
 
+class _View:
+    """What one Registry has parsed: the snapshot, the journal up to an offset, the last directory scan.
+    Guarded by the Registry's thread lock."""
+
+    def __init__(self) -> None:
+        self.snapshot_sig: tuple[int, ...] = ()
+        self.snapshot_size = 0
+        self.generation: str | None = None  # None: a version-1 index (its journal, if any, is not ours)
+        self.base: dict[str, Checkpoint] = {}
+        self.base_reserved = 0
+        self.reserved = 0  # the highest commit sequence number handed out
+        self.logged: dict[str, Checkpoint] = {}  # the snapshot plus the journal's records
+        self.deleted: set[str] = set()  # deleted by a journal record (maybe still on disk for a moment)
+        self.journal_ino: int | None = None
+        self.journal_offset = 0
+        self.journal_ours = False  # its header names the snapshot's generation
+        self.scan_sig: tuple[int, ...] = ()
+        self.scan_time = 0.0
+        self.scan_clock = 0.0  # time.monotonic() of the last listing
+        self.rescan = True  # what was parsed started over: list the directory again before trusting it
+        self.scan: dict[str, int] | None = None  # name -> inode of each checkpoint directory
+        self.listed_key: tuple[Any, ...] | None = None
+        self.listed: list[Checkpoint] = []
+
+    def restart_journal(self, ino: int | None) -> None:
+        self.logged, self.deleted, self.reserved = dict(self.base), set(), self.base_reserved
+        self.rescan = True
+        self.journal_ino, self.journal_offset, self.journal_ours = ino, 0, False
+
+    def next_seq(self) -> int:
+        return 1 + max(self.reserved, max((c.seq for c in self.logged.values() if c.seq is not None), default=0))
+
+    def apply(self, name: str, checkpoint: Checkpoint | None) -> None:
+        if checkpoint is None:
+            self.logged.pop(name, None)
+            self.deleted.add(name)
+        else:
+            self.logged[name] = checkpoint
+            self.deleted.discard(name)
+
+
 class Registry:
     """The index and event log of one run directory, guarded by a file lock."""
 
@@ -85,36 +155,44 @@ class Registry:
         self.run_dir = run_dir
         self.checkpoint_dir = run_dir / CHECKPOINTS
         self.index_path = run_dir / INDEX
+        self.journal_path = run_dir / JOURNAL
         self.events_path = run_dir / EVENTS
         self.lock_timeout = lock_timeout
         self._lock = _make_lock(run_dir, lock, lock_timeout)
         self.host = host_identity()
-        # The parsed index and the bytes it was parsed from, and each entry's JSON text with the checksum
-        # and time it describes: parsing or encoding a thousand entries costs milliseconds.
-        self._index_cache: tuple[tuple[int, ...], bytes, list[Checkpoint]] | None = None
-        self._encoded: dict[str, tuple[str, float, int | None, str]] = {}
-        # The index and directory signatures when they last agreed, and directories already warned about.
-        self._agreed: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        self._ignored: set[str] = set()
+        # The in-process state below is shared by the threads of this process (an async save's background
+        # thread commits while the main thread lists): guarded by _mutex, always taken after the file lock.
+        self._mutex = threading.Lock()
+        self._view = _View()
+        self._encoded: dict[str, tuple[str, float, int | None, str]] = {}  # each entry's JSON, for compaction
+        # Each entry's JSON text and the record built (and checked) from it: a snapshot written by another
+        # process holds the entries this one already read from the journal, so re-reading it parses nothing.
+        self._parsed: dict[bytes, Checkpoint] = {}
+        self._manifests: dict[tuple[str, int], Checkpoint] = {}  # directories adopted from their manifests
+        self._ignored: set[str] = set()  # directories already warned about
+        self._warned: set[str] = set()  # journal entries and vanished checkpoints already warned about
         self._refused_index: bytes | None = None  # an index just refused (and warned about)
+
+    @property
+    def longest_lock_wait(self) -> float:
+        """The longest this registry waited for its lock, in seconds (the benchmark reports it)."""
+        return float(self._lock.longest_wait)
 
     # -- locking ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        import filelock
-
         if os.path.islink(self._lock.lock_file):
             # Refused, not waited for: a soft lock would take a link for a marker held by someone else.
             raise link_refused(self._lock.lock_file)
         try:
             self._lock.acquire()
-        except filelock.Timeout:
+        except LockTimeoutError:
             raise StoreError(
                 f"could not lock {self._lock.lock_file} within {self.lock_timeout:g} s: another process holds "
                 "it. If none does (a crash on a filesystem without fcntl locks), delete that file"
             ) from None
         except OSError as error:
-            if os.path.islink(self._lock.lock_file):  # filelock opens it with O_NOFOLLOW: ELOOP
+            if os.path.islink(self._lock.lock_file):  # opened with O_NOFOLLOW: ELOOP
                 raise link_refused(self._lock.lock_file) from None
             raise LockUnavailableError(f"cannot lock {self._lock.lock_file}: {error.strerror or error}") from None
         try:
@@ -124,23 +202,24 @@ class Registry:
 
     # -- reading ------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest first (by the time they were saved)."""
-        index_sig, dir_sig = _signature(self.index_path), _signature(self.checkpoint_dir)
-        if self._agreed == (index_sig, dir_sig) and self._index_cache is not None:
-            return list(self._index_cache[2])
-        entries = self._read_index()
-        names = self._names_on_disk()
-        if entries is None and not names and not index_sig:
-            return []  # a run with nothing saved yet: no need to wait for the lock
-        if entries is not None and {c.name for c in entries} == names:
-            self._agreed = (index_sig, dir_sig)
-            return entries
+        """Committed checkpoints, oldest first (by commit sequence number). Without the lock, from what this
+        registry parsed before plus what was appended since; the directory listing wins."""
+        with self._mutex:
+            scan = self._scan()  # before the journal: a checkpoint deleted since is then already recorded
+            if self._load_snapshot():
+                self._read_journal()
+                if self._view.rescan:
+                    scan = self._scan(fresh=True)
+                return self._listing(scan)
+            if not scan and not os.path.lexists(self.index_path):
+                return []  # a run with nothing saved yet: no need to wait for the lock
         try:
-            with self.locked():
+            with self.locked(), self._mutex:
                 return self._reconciled()
         except LockUnavailableError:
             # A read-only run directory (another user's, a read-only mount): reconcile in memory only.
-            return self._reconciled(write=False)
+            with self._mutex:
+                return self._reconciled(write=False)
 
     def resolve(self, name: str) -> Path:
         """The directory of checkpoint ``name``; a name that could lead elsewhere raises :class:`StoreError`."""
@@ -168,37 +247,74 @@ class Registry:
         return event_log.last_status(self.events())
 
     # -- writing ------------------------------------------------------------------------------------------
+    def reserve(self) -> int:
+        """A commit sequence number for a checkpoint about to be committed, recorded so that no other writer
+        gets it: the writer writes its manifest with it (durably) before it takes the lock to commit, so
+        that no fsync happens under the lock (issue 13: with 8 writers, commits queued behind each other's
+        fsyncs). Numbers are handed out in order; one whose writer fails is never used. Also above the
+        number of any checkpoint on disk that the journal lost (a power loss takes unsynced lines with it)."""
+        with self._mutex:  # before the lock: listing a thousand directories takes milliseconds
+            on_disk: list[Checkpoint] = []
+            scan = self._scan()
+            if self._load_snapshot():
+                self._read_journal()
+                on_disk = self._listing(scan)
+            floor = 1 + max((c.seq for c in on_disk if c.seq is not None), default=0)
+        with self.locked():
+            if os.path.islink(self.journal_path):
+                raise link_refused(self.journal_path)
+            with self._mutex:
+                if not (self._load_snapshot(fresh=True) and self._view.generation is not None):
+                    self._reconciled()  # missing, unusable or of version 1: rebuilt or migrated first
+                self._read_journal()
+                seq = max(self._view.next_seq(), floor)
+                self._journal([Record("reserve", seq=seq)])
+        return seq
+
     def commit(
         self,
         publish: Callable[[int], Checkpoint],
         select_deletions: Callable[[list[Checkpoint]], list[Checkpoint]],
+        *,
+        seq: int | None = None,
     ) -> tuple[Checkpoint, list[Checkpoint]]:
-        """Under the lock: ``publish(seq)`` writes the manifest with its commit sequence number ``seq`` and
-        renames a written checkpoint into place (the commit point), and returns it; then it is recorded and
-        retention applied. Returns it and what retention deleted.
+        """Under the lock: ``publish(seq)`` writes the manifest with its commit sequence number ``seq`` (the
+        one :meth:`reserve` gave, when passed; else the next) and renames a written checkpoint into place
+        (the commit point), and returns it; then it is recorded and retention applied. Returns it and what
+        retention deleted. Before anything is deleted the rename is made durable, so a power loss never
+        keeps a deletion without the commit that allowed it.
 
         Once ``publish`` has returned the checkpoint is committed: a failure to update the index or the
         log afterwards (a full disk, a refused entry) is only warned about; the files are the truth.
         """
+        with self._mutex:
+            scan = dict(self._scan())  # before the lock: listing a thousand directories takes milliseconds
         with self.locked():
-            for path in (self.index_path, self.events_path):
+            for path in (self.index_path, self.journal_path, self.events_path):
                 if os.path.islink(path):  # refused before anything is committed, not warned about after
                     raise link_refused(path)
-            before = self._reconciled()
-            checkpoint = publish(1 + max((c.seq for c in before if c.seq is not None), default=0))
+            with self._mutex:
+                before = self._reconciled(scan=scan)
+                number = self._view.next_seq() if seq is None else seq
+            checkpoint = publish(number)
             doomed: list[Checkpoint] = []
             trashed: list[Path] = []
             try:
                 entries = _ordered([*(c for c in before if c.name != checkpoint.name), checkpoint])
                 doomed = [c for c in select_deletions(entries) if c.name != checkpoint.name]
-                doomed_names = {c.name for c in doomed}
-                # The index drops the doomed first; a crash before they are moved away leaves them on disk,
-                # where the next reader adopts them again: nothing is ever listed that is not there.
-                self._write_index([c for c in entries if c.name not in doomed_names])
+                # The journal records the deletions first; a crash before they are moved away leaves them on
+                # disk, where the next writer finishes the deletion: nothing is listed that is not there.
+                with self._mutex:
+                    self._journal([commit_record(checkpoint.summary())])
+                    if doomed:
+                        self._journal([Record("delete", c.name) for c in doomed])
                 self._append([event_log.commit(checkpoint.summary())])
                 if doomed:
                     self._append([event_log.delete(c.name, c.step) for c in doomed])
+                    fsync_dir(self.checkpoint_dir)
                 trashed = [trash for c in doomed if (trash := self._trash(c)) is not None]
+                with self._mutex:
+                    self._compact_if_due()
             except Exception as error:
                 warn(
                     f"checkpoint {checkpoint.name} is committed, but updating the registry after it failed "
@@ -335,91 +451,295 @@ class Registry:
             return True
         return True
 
-    def _names_on_disk(self) -> set[str]:
-        names: set[str] = set()
+    # -- the view: snapshot, journal, directory scan (callers hold _mutex) --------------------------------
+    def _scan(self, *, fresh: bool = False) -> dict[str, int]:
+        """The checkpoint directories on disk (name -> inode). Listed again only when the directory changed
+        since the last listing (or changed so shortly before it that a later change could carry the same
+        time stamp: file times tick coarsely), and then at most every SCAN_INTERVAL: with writers at work
+        the directory changes all the time (their temporary directories), while every commit they make is
+        in the journal at once. So a directory the journal does not know (a writer killed after its rename)
+        shows within SCAN_INTERVAL. ``fresh`` always lists."""
+        view = self._view
+        signature = _signature(self.checkpoint_dir)
+        racy = bool(signature) and signature[-1] >= (view.scan_time - RACY_SECONDS) * 1e9
+        recent = time.monotonic() - view.scan_clock < SCAN_INTERVAL
+        if (
+            not fresh
+            and view.scan is not None
+            and not view.rescan
+            and (recent or (signature == view.scan_sig and not racy))
+        ):
+            return view.scan
+        view.scan_clock, view.rescan = time.monotonic(), False
+        started = time.time()
+        names: dict[str, int] = {}
         try:
             entries = list(os.scandir(self.checkpoint_dir))
         except FileNotFoundError:
-            return names
+            entries = []
         for entry in entries:
             if entry.name.startswith(".") or entry.name in self._ignored:
                 continue
-            if entry.is_symlink():
+            if entry.is_dir(follow_symlinks=False):
+                names[entry.name] = entry.inode()
+            elif entry.is_symlink():
                 self._ignored.add(entry.name)
                 warn(
                     f"{entry.path} is refused: a symbolic link in {self.checkpoint_dir} may lead outside the "
                     "run directory; checkpoints are plain directories"
                 )
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                names.add(entry.name)
+        view.scan, view.scan_sig, view.scan_time = names, signature, started
         return names
 
-    def _read_index(self, *, fresh: bool = False) -> list[Checkpoint] | None:
-        """The indexed checkpoints, or None when the index is missing or unusable. ``fresh`` (under the
-        lock) compares the file's bytes, not its stat, with the cached parse: NFS may serve a stale stat."""
-        signature = _signature(self.index_path)
-        cache = self._index_cache
-        if not fresh and cache is not None and cache[0] == signature:
-            return list(cache[2])
+    def _load_snapshot(self, *, fresh: bool = False) -> bool:
+        """Parse the snapshot if it changed since it was parsed; False when it is missing or unusable.
+        ``fresh`` (under the lock) takes the signature of the opened file: NFS revalidates a file it opens,
+        while a plain stat may be served from its attribute cache."""
+        view = self._view
+        signature = _opened_signature(self.index_path) if fresh else _signature(self.index_path)
+        if not signature:
+            return False
+        if signature == view.snapshot_sig:
+            return True
         try:
             raw = read_nofollow(self.index_path)  # a link there raises StoreError: never read through
         except OSError:
-            return None
-        if cache is not None and cache[1] == raw:
-            self._index_cache = (signature, raw, cache[2])
-            return list(cache[2])
+            return False
         try:
-            data = json.loads(raw)
-            if not isinstance(data, dict) or data.get("hpcckpt_registry") != INDEX_VERSION:
-                return None
-            entries = [
-                Checkpoint.from_dict(e, self.resolve(str(e["name"])), source=f"{self.index_path}: entry {e['name']!r}")
-                for e in data["checkpoints"]
-            ]
+            snapshot = parse_snapshot(raw)
+            parsed = {}
+            for text in snapshot.entries:
+                checkpoint = self._parsed.get(text) or self._entry(json.loads(text), self.index_path)
+                parsed[text] = checkpoint
+            base = {c.name: c for c in parsed.values()}
         except StoreError as refused:
-            warn(f"{refused}; rebuilding the index from the manifests")
+            if self._refused_index != raw:
+                warn(f"{refused}; rebuilding the index from the manifests")
             self._refused_index = raw
-            return None
-        except (ValueError, KeyError, TypeError, CorruptCheckpointError):
-            return None
-        self._index_cache = (signature, raw, entries)
-        return list(entries)
+            return False
+        except (BadSnapshotError, KeyError, TypeError, ValueError):
+            return False
+        view.snapshot_sig, view.snapshot_size = signature, len(raw)
+        view.generation, view.base, view.base_reserved = snapshot.generation, base, snapshot.reserved
+        self._parsed = parsed
+        view.restart_journal(None)
+        view.listed_key = None
+        return True
 
-    def _reconciled(self, committing: str | None = None, *, write: bool = True) -> list[Checkpoint]:
-        """Under the lock: the index made to agree with the checkpoint directories (files win).
-        ``committing`` is a checkpoint being committed right now, not to be reported as unexpected;
-        without ``write`` nothing is written (a read-only run directory)."""
-        on_disk = self._names_on_disk() - {committing}
-        indexed = self._read_index(fresh=write)
-        if indexed is None:
-            already_said = self._refused_index is not None
-            self._refused_index = None
-            if not already_said and (on_disk or self.index_path.exists()):
-                warn(f"registry index {self.index_path} is missing or corrupt; rebuilding it from the manifests")
-            indexed = []
-        by_name = {c.name: c for c in indexed}
-        changed = False
-        for gone in sorted(set(by_name) - on_disk - {committing}):
-            warn(f"checkpoint {gone} is listed in {self.index_path} but gone from disk; dropping it")
-            del by_name[gone]
-            changed = True
-        for orphan in sorted(on_disk - set(by_name)):
+    def _read_journal(self, *, again: bool = True) -> None:
+        """Apply what was appended to the journal since it was last read (nothing for a version-1 index).
+        A journal of another generation than the snapshot parsed means a writer compacted in between (it
+        writes the snapshot first): the snapshot is read again, then the journal."""
+        view = self._view
+        if view.generation is None:
+            return
+        try:
+            fd = open_nofollow(self.journal_path, os.O_RDONLY)  # a link raises StoreError
+        except FileNotFoundError:
+            return
+        try:
+            size, ino = os.fstat(fd).st_size, os.fstat(fd).st_ino
+            if ino != view.journal_ino or size < view.journal_offset:
+                view.restart_journal(ino)  # a new journal (compacted): replayed from the snapshot
+            if size > view.journal_offset:
+                self._apply_journal(os.pread(fd, size - view.journal_offset, view.journal_offset))
+        finally:
+            os.close(fd)
+        stale = view.journal_offset > 0 and not view.journal_ours
+        if stale and again and self._load_snapshot() and view.journal_ino is None:  # a new snapshot was read
+            self._read_journal(again=False)
+
+    def _apply_journal(self, data: bytes) -> None:
+        view = self._view
+        lines, used = complete_lines(data)
+        if view.journal_offset == 0 and lines:
+            view.journal_ours = header_generation(lines[0]) == view.generation
+            lines = lines[1:]
+        view.journal_offset += used
+        if not view.journal_ours:
+            return  # a journal of an older snapshot: its records are in the snapshot already
+        for record in parse_records(lines):
+            self._apply(record)
+
+    def _apply(self, record: Record) -> None:
+        view = self._view
+        if record.op == "reserve":
+            view.reserved = max(view.reserved, record.seq)
+        else:
+            view.apply(record.name, self._journaled(record) if record.entry is not None else None)
+
+    def _journaled(self, record: Record) -> Checkpoint | None:
+        known = self._parsed.get(record.text)
+        if known is not None:
+            return known
+        try:
+            checkpoint = self._entry(record.entry or {}, self.journal_path)
+        except StoreError as refused:  # the directory scan adopts the checkpoint from its manifest instead
+            if record.name not in self._warned:
+                self._warned.add(record.name)
+                warn(f"{refused}; reading its manifest instead")
+            return None
+        if record.text:
+            self._parsed[record.text] = checkpoint
+        return checkpoint
+
+    def _entry(self, entry: Any, source: Path) -> Checkpoint:
+        """The record of one index or journal entry, checked; :class:`StoreError` naming the bad field."""
+        name = str(entry["name"])
+        return Checkpoint.from_dict(entry, self.resolve(name), source=f"{source}: entry {name!r}")
+
+    def _listing(self, scan: dict[str, int]) -> list[Checkpoint]:
+        """The journal's view made to agree with the directories on disk (files win), without the lock."""
+        view = self._view
+        key = (view.snapshot_sig, view.journal_ino, view.journal_offset, view.scan_sig, id(scan))
+        if key == view.listed_key:
+            return list(view.listed)
+        found = []
+        for name, inode in scan.items():
+            if name in view.deleted:
+                continue  # being deleted (or its deleter was killed: the next writer finishes)
+            checkpoint = view.logged.get(name) or self._adopted(name, inode)
+            if checkpoint is not None:
+                found.append(checkpoint)
+        missing = []
+        for name in view.logged.keys() - scan.keys():
+            if _is_plain_dir(self.checkpoint_dir / name):
+                found.append(view.logged[name])  # committed after the directory was listed
+            else:
+                missing.append(name)
+        if missing and view.generation is not None:
+            self._read_journal()  # deleted by retention since the journal was read: its line is there now
+        for name in missing:
+            if name in view.logged and view.logged[name] is not None and name not in self._warned:
+                self._warned.add(name)
+                warn(f"checkpoint {name} is listed in {self.index_path} but gone from disk; dropping it")
+        view.listed_key, view.listed = key, _extended(view.listed, found)
+        return list(view.listed)
+
+    def _adopted(self, name: str, inode: int) -> Checkpoint | None:
+        """A checkpoint directory the journal does not (yet) list, from its manifest: committed by a writer
+        that has not recorded it yet, or was killed before it could (the rename is the commit point)."""
+        known = self._manifests.get((name, inode))
+        if known is not None:
+            return known
+        try:
+            checkpoint = read_manifest(self.resolve(name))
+        except CorruptCheckpointError as error:
+            self._ignored.add(name)  # warned once per process, not on every lookup
+            warn(f"skipping {self.checkpoint_dir / name}: {error}")
+            return None
+        self._manifests[(name, inode)] = checkpoint
+        return checkpoint
+
+    def _reconciled(self, *, write: bool = True, scan: dict[str, int] | None = None) -> list[Checkpoint]:
+        """Under the lock: the registry made to agree with the checkpoint directories (files win) and, with
+        ``write``, the journal told: adopted orphans, vanished checkpoints, deletions a killed writer left
+        half done. An unusable snapshot is rebuilt from the manifests. Without ``write`` nothing is written
+        (a read-only run directory). ``scan``: a listing of ``checkpoints/`` made before the lock was taken
+        (a commit's: what changed since is in the journal, or adopted by the next reader)."""
+        if scan is None:
+            scan = self._scan(fresh=True)
+        if not self._load_snapshot(fresh=write):
+            return self._rebuilt(scan, write=write)
+        self._read_journal()
+        view = self._view
+        listed = self._listing(scan)
+        if not write:
+            return listed
+        names = {c.name for c in listed}
+        fixes = [commit_record(c.summary()) for c in listed if view.logged.get(c.name) is not c]
+        fixes += [Record("delete", name) for name in view.logged.keys() - names]
+        for name in sorted(view.deleted & scan.keys()):  # its deleter was killed before moving it away
+            self._trash_quietly(name)
+        if fixes or view.generation is None or not view.journal_ours:
             try:
-                by_name[orphan] = read_manifest(self.resolve(orphan))
-                changed = True
-            except CorruptCheckpointError as error:
-                self._ignored.add(orphan)  # warned once per process, not on every lookup
-                warn(f"skipping {self.checkpoint_dir / orphan}: {error}")
-        entries = _ordered(list(by_name.values()))
-        if write and (changed or not self.index_path.exists()):
-            try:
-                self._write_index(entries)
+                self._journal(fixes)
+                if view.generation is None:
+                    self._compact(listed)  # a version-1 index: migrated
             except OSError as error:
-                if committing is not None:
-                    raise
+                warn(f"could not update {self.journal_path} ({error.strerror or error}); using the files as they are")
+        return listed
+
+    def _rebuilt(self, scan: dict[str, int], *, write: bool) -> list[Checkpoint]:
+        """Every checkpoint read from its manifest, for a missing or unusable snapshot; written as a new
+        snapshot (and an empty journal) unless ``write`` is false."""
+        already_said = self._refused_index is not None
+        self._refused_index = None
+        if not already_said and (scan or os.path.lexists(self.index_path)):
+            warn(f"registry index {self.index_path} is missing or corrupt; rebuilding it from the manifests")
+        found = [c for name, inode in scan.items() if (c := self._adopted(name, inode)) is not None]
+        entries = _ordered(found)
+        if write:
+            try:
+                self._compact(entries)
+            except OSError as error:
                 warn(f"could not rewrite {self.index_path} ({error.strerror or error}); using the files as they are")
         return entries
+
+    def _journal(self, records: Sequence[Record]) -> None:
+        """Under the lock: append ``records`` to the journal (one write), or start a journal of the
+        snapshot's generation with them when the one there belongs to another snapshot or is missing."""
+        view = self._view
+        data = encode_records(records)
+        fd = open_nofollow(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        try:
+            st = os.fstat(fd)
+            ours = view.generation is not None and view.journal_ours and st.st_ino == view.journal_ino
+            appended = ours and st.st_size >= view.journal_offset  # else cut short behind our back: replaced
+            if appended:
+                if st.st_size > view.journal_offset:  # a crash tore the last line: start on a fresh one
+                    data = b"\n" + data
+                os.write(fd, data)
+                view.journal_offset = st.st_size + len(data)
+        finally:
+            os.close(fd)
+        if not appended:
+            generation = view.generation or new_generation()
+            text = journal_header(generation) + data
+            write_atomic(self.journal_path, text, durable=False)
+            view.journal_ino, view.journal_offset, view.journal_ours = _signature(self.journal_path)[0], len(text), True
+        for record in records:
+            self._apply(record)
+
+    def _compact_if_due(self) -> None:
+        view = self._view
+        if view.journal_offset > COMPACT_FRACTION * view.snapshot_size:
+            self._compact(_ordered(list(view.logged.values())))
+
+    def _compact(self, entries: Sequence[Checkpoint]) -> None:
+        """Under the lock: write ``entries`` as a new snapshot, then an empty journal of its generation.
+        Atomic but not fsynced: both are caches of the manifests (each checkpoint is durable on its own), so
+        after a power loss they are at worst stale or unreadable, and then rebuilt. A crash between the two
+        leaves the old journal, whose generation no longer matches: ignored."""
+        generation = new_generation()
+        view = self._view
+        reserved = max(view.reserved, max((c.seq for c in entries if c.seq is not None), default=0))
+        text = encode_snapshot(generation, reserved, self._encode(entries))
+        write_atomic(self.index_path, text, durable=False)
+        view.snapshot_sig, view.snapshot_size, view.generation = _signature(self.index_path), len(text), generation
+        view.base, view.base_reserved = {c.name: c for c in entries}, reserved
+        view.restart_journal(None)
+        view.listed_key = None
+        header = journal_header(generation)
+        write_atomic(self.journal_path, header, durable=False)
+        view.journal_ino, view.journal_offset, view.journal_ours = _signature(self.journal_path)[0], len(header), True
+
+    def _encode(self, entries: Sequence[Checkpoint]) -> list[str]:
+        encoded = {}
+        for c in entries:
+            known = self._encoded.get(c.name)
+            if known is None or known[0] != c.checksum or known[1] != c.created or known[2] != c.seq:
+                known = (c.checksum, c.created, c.seq, json.dumps(c.summary(), separators=(",", ":")))
+                self._parsed[known[3].encode()] = c
+            encoded[c.name] = known
+        self._encoded = encoded
+        return [e[3] for e in encoded.values()]
+
+    def _trash_quietly(self, name: str) -> None:
+        trash = self.checkpoint_dir / f"{TRASH_PREFIX}{name}-{os.getpid()}-{time.monotonic_ns()}"
+        with contextlib.suppress(OSError):
+            os.rename(self.checkpoint_dir / name, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def _trash(self, victim: Checkpoint) -> Path | None:
         """Move a checkpoint out of sight in one rename, so no half-deleted directory looks committed."""
@@ -429,21 +749,6 @@ class Registry:
         except FileNotFoundError:
             return None
         return trash
-
-    def _write_index(self, entries: Sequence[Checkpoint]) -> None:
-        encoded = {}
-        for c in entries:
-            known = self._encoded.get(c.name)
-            if known is None or known[0] != c.checksum or known[1] != c.created or known[2] != c.seq:
-                known = (c.checksum, c.created, c.seq, json.dumps(c.summary(), separators=(",", ":")))
-            encoded[c.name] = known
-        self._encoded = encoded
-        header = f'"hpcckpt_registry":{INDEX_VERSION},"updated":{time.time()}'
-        text = f'{{{header},"checkpoints":[{",".join(e[3] for e in encoded.values())}]}}'.encode()
-        # Atomic but not fsynced: the index is a cache of the manifests (each checkpoint is durable on its
-        # own), so after a power loss it is at worst stale or unreadable, and then rebuilt.
-        write_atomic(self.index_path, text, durable=False)
-        self._index_cache = (_signature(self.index_path), text, list(entries))
 
     def _append(self, events: Sequence[Mapping[str, Any]], *, durable: bool = False) -> None:
         """Append events. Commit and delete events need no fsync of their own: the checkpoint they
@@ -495,6 +800,30 @@ def _signature(path: Path) -> tuple[int, ...]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _opened_signature(path: Path) -> tuple[int, ...]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return _signature(path)  # missing (empty), or a link: read_nofollow then says so
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _extended(before: list[Checkpoint], found: list[Checkpoint]) -> list[Checkpoint]:
+    """``found`` in order; when it is ``before`` plus checkpoints that all rank after it (the usual case: new
+    commits), without sorting the history again."""
+    ids = {id(c) for c in found}
+    if before and len(ids) >= len(before) and all(id(c) in ids for c in before):
+        kept = {id(c) for c in before}
+        new = _ordered([c for c in found if id(c) not in kept])
+        if not new or order_key(new[0]) > order_key(before[-1]):
+            return [*before, *new]
+    return _ordered(found)
+
+
 def _ordered(entries: list[Checkpoint]) -> list[Checkpoint]:
     return sorted(entries, key=order_key)
 
@@ -521,17 +850,18 @@ def lock_mode(environ: Mapping[str, str]) -> LockMode:
     raise UsageError(f"Invalid lock mode {mode!r} (HPCCKPT_LOCK): expected 'auto', 'fcntl' or 'soft'")
 
 
-def _make_lock(run_dir: Path, mode: LockMode, timeout: float) -> Any:
-    import filelock
+def _make_lock(run_dir: Path, mode: LockMode, timeout: float) -> RunLock:
+    if mode not in LOCK_MODES:
+        raise UsageError(f"Invalid lock mode {mode!r}: expected 'auto', 'fcntl' or 'soft'")
+    # soft: for filesystems without working fcntl locks. filelock's marker names host and pid: a marker left
+    # by a dead process on the same host is broken by the next contender, any marker after
+    # SOFT_LOCK_LIFETIME. Its own file, so an fcntl lock file left behind is never taken for a marker.
+    # auto: fcntl, falling back to the soft marker where the filesystem refuses fcntl locks.
+    return RunLock(run_dir / LOCK, run_dir / SOFT_LOCK, mode=mode, timeout=timeout, soft_lifetime=SOFT_LOCK_LIFETIME)
 
-    if mode == "soft":
-        # For filesystems without working fcntl locks. filelock's marker names host and pid: a marker left
-        # by a dead process on the same host is broken by the next contender, any marker after
-        # SOFT_LOCK_LIFETIME. Its own file, so an fcntl lock file left behind is never taken for a marker.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the age-based expiry is chosen on purpose (see above)
-            return filelock.SoftFileLock(run_dir / SOFT_LOCK, timeout=timeout, lifetime=SOFT_LOCK_LIFETIME)
-    if mode in ("auto", "fcntl"):
-        # auto: fcntl, falling back to the soft marker where the filesystem refuses fcntl locks.
-        return filelock.FileLock(run_dir / LOCK, timeout=timeout, fallback_to_soft=mode == "auto")
-    raise UsageError(f"Invalid lock mode {mode!r}: expected 'auto', 'fcntl' or 'soft'")
+
+def _is_plain_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

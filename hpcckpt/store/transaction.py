@@ -8,10 +8,13 @@ one):
    cleaner on any host can tell a live writer from a dead one;
 2. the files are written into :attr:`SaveTransaction.directory`, each fsynced: by a format in this process,
    or by every rank of a collective save;
-3. :meth:`SaveTransaction.commit`, under the registry lock, takes the next commit sequence number, writes
-   ``manifest.json`` (files, sizes, checksums, step, epoch, metrics, versions, the job's ids, metadata)
-   durably, renames the directory to ``step_<step>`` (the commit point) and fsyncs ``checkpoints/``;
-4. still under the lock, the registry records it, then retention applies.
+3. :meth:`SaveTransaction.commit` reserves the next commit sequence number from the registry, writes
+   ``manifest.json`` (files, sizes, checksums, step, epoch, metrics, versions, the job's ids, metadata, that
+   number) durably, then, under the registry lock, renames the directory to ``step_<step>`` (the commit
+   point);
+4. still under the lock, the registry records it, then retention applies; ``checkpoints/`` is fsynced
+   (under the lock only when retention deletes something, before it does; else after the lock is released:
+   no fsync of this save holds up the other writers, issue 13).
 
 Anything that fails before the rename aborts (:meth:`SaveTransaction.abort`): the temporary directory is
 removed and its lock released, and the previous checkpoints are untouched. A failed write (disk full,
@@ -122,14 +125,26 @@ class SaveTransaction:
         return checkpoint
 
     def record(self, draft: Checkpoint) -> Checkpoint:
-        """Steps 3-4 for the checkpoint :meth:`describe` drafted: under the registry lock, number, rename
-        and record it, then release this process's lock on the directory (the registry commit alone, which
-        the benchmark times). Abort the transaction if this raises."""
-        checkpoint, _ = self.request.registry.commit(
-            lambda seq: self._rename_into_place(draft, seq), self.request.retention
+        """Steps 3-4 for the checkpoint :meth:`describe` drafted: take a commit sequence number, write the
+        manifest with it, and under the registry lock rename and record it; then release this process's
+        lock on the directory and make the rename durable (the registry commit alone, which the benchmark
+        times). Abort the transaction if this raises before the rename."""
+        registry = self.request.registry
+        seq = registry.reserve()
+        named = dataclasses.replace(draft, seq=seq)
+        write_atomic(self.directory / MANIFEST, _json(named.manifest()))  # durable before it can be visible
+        checkpoint, _ = registry.commit(
+            lambda number: self._rename_into_place(named, number), self.request.retention, seq=seq
         )
         self.committed = checkpoint
         self.owner.release()
+        try:
+            fsync_dir(registry.checkpoint_dir)  # the rename, durable
+        except OSError as error:
+            warn(
+                f"checkpoint {checkpoint.name} is committed, but syncing {registry.checkpoint_dir} failed "
+                f"({error.strerror or error}): it may not survive a power loss of the file server"
+            )
         return checkpoint
 
     def abort(self) -> None:
@@ -180,14 +195,15 @@ class SaveTransaction:
         )
 
     def _rename_into_place(self, checkpoint: Checkpoint, seq: int) -> Checkpoint:
-        """Step 3, under the registry lock: write the manifest durably, with the commit sequence number
-        ``seq`` the registry assigned, and rename the directory to a free final name. The commit point."""
-        checkpoint_dir = self.request.registry.checkpoint_dir
+        """Step 3, under the registry lock: rename the directory, whose manifest already names it and its
+        commit sequence number ``seq``, to a free final name. The commit point. Where that name is taken (a
+        second save of one step), the manifest is rewritten durably for the next free one first."""
         suffix = 0
         while True:
             final = checkpoint.path if suffix == 0 else checkpoint.path.with_name(f"{checkpoint.path.name}.{suffix}")
             named = dataclasses.replace(checkpoint, name=final.name, path=final, seq=seq)
-            write_atomic(self.directory / MANIFEST, _json(named.manifest()))  # it names its directory and number
+            if suffix:
+                write_atomic(self.directory / MANIFEST, _json(named.manifest()))  # it names its directory
             try:
                 # A rename onto an existing non-empty directory fails: a second save of one step takes the
                 # next suffix instead of replacing the first.
@@ -199,13 +215,6 @@ class SaveTransaction:
                 if not (_manifest_created(final) == checkpoint.created and not self.directory.exists()):
                     raise
                 # The rename went through and its answer was lost (NFS retransmits it, then says ENOENT).
-            try:
-                fsync_dir(checkpoint_dir)
-            except OSError as error:
-                warn(
-                    f"checkpoint {final.name} is committed, but syncing {checkpoint_dir} failed "
-                    f"({error.strerror or error}): it may not survive a power loss of the file server"
-                )
             return named
 
 
