@@ -11,7 +11,6 @@ limits the overlap: the figure is reported as measured.
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import statistics
 import time
@@ -20,14 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from .restore import Trainee
-
-ASYNC_MISSING = "store.save(..., blocking=False) is not in this hpcckpt"
-
-
-def hpcckpt_async_available() -> bool:
-    from ..store.store import CheckpointStore
-
-    return "blocking" in inspect.signature(CheckpointStore.save).parameters
 
 
 class HpcckptAsync:
@@ -43,8 +34,7 @@ class HpcckptAsync:
 
     def start(self) -> None:
         self.step += 1
-        save: Any = self.store.save  # blocking= is issue 13's async save: typed loosely to read either way
-        self.handle = save(self.subject.state(), step=self.step, blocking=False)
+        self.handle = self.store.save(self.subject.state(), step=self.step, blocking=False)
 
     def wait(self) -> None:
         if self.handle is not None:

@@ -96,16 +96,25 @@ def _lookups_until(reader: Any, procs: list[Any]) -> list[float]:
 
 def _writer(run_dir: str, first_step: int, samples: int, start: Any, results: Any) -> None:
     """One writer process: ``samples`` commits of a tiny checkpoint, each commit timed alone."""
+    from ..store.store import CheckpointStore
+
+    store = CheckpointStore(Path(run_dir), create=False, keep_last=None)
+    start.wait()
+    times = timed_commits(store, first_step, samples)
+    wait = getattr(store.registry, "longest_lock_wait", None)  # None in hpcckpt before issue 13
+    results.put((times, None if wait is None else wait * 1e3))
+
+
+def timed_commits(store: Any, first_step: int, samples: int) -> list[float]:
+    """``samples`` commits of a tiny checkpoint into ``store`` from ``first_step`` on, in ms each: the
+    registry commit alone (:meth:`SaveTransaction.record`), not the writing of its file before it."""
     import torch
 
     from ..store.formats.torchfile import TorchFileFormat
-    from ..store.store import CheckpointStore
     from ..store.transaction import SaveRequest, SaveTransaction
 
-    store = CheckpointStore(Path(run_dir), create=False, keep_last=None)
     tiny = {"w": torch.zeros(TINY_ELEMENTS)}
     times = []
-    start.wait()
     for step in range(first_step, first_step + samples):
         request = SaveRequest(store.registry, step, 0, {"loss": 0.0}, retention=lambda checkpoints: [])
         with SaveTransaction.begin(request) as transaction:
@@ -113,8 +122,7 @@ def _writer(run_dir: str, first_step: int, samples: int, start: Any, results: An
             began = time.perf_counter()
             transaction.record(draft)
             times.append((time.perf_counter() - began) * 1e3)
-    wait = getattr(store.registry, "longest_lock_wait", None)
-    results.put((times, None if wait is None else wait * 1e3))
+    return times
 
 
 def _summary(values: list[float]) -> dict[str, float]:

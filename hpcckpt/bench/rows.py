@@ -9,7 +9,6 @@ loads), :mod:`.restore` (a live model and AdamW), :mod:`.overlap` (asynchronous 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shutil
 import statistics
@@ -342,13 +341,11 @@ def _async_case(root: Path, args: argparse.Namespace, device: str) -> Figures:
 
     subject = r.trainee(args.async_mib << 20, device=device)
     nbytes = r.state_nbytes(subject)
-    available = o.hpcckpt_async_available()
     print(f"\nasync saves ({device}): {nbytes / 2**20:.0f} MiB of model + AdamW state")
-    if not available:
-        print(f"  hpcckpt async rows not measured: {o.ASYNC_MISSING}")
-    savers: dict[str, o.Saver] = {"dcp.async_save": o.DcpAsync(subject, root / "dcp")}
-    if available:
-        savers["hpcckpt async"] = o.HpcckptAsync(subject, root / "hpcckpt-async")
+    savers: dict[str, o.Saver] = {
+        "dcp.async_save": o.DcpAsync(subject, root / "dcp"),
+        "hpcckpt async": o.HpcckptAsync(subject, root / "hpcckpt-async"),
+    }
     blocked = o.blocked(savers, args.repeats)
     savers["hpcckpt sync"] = o.HpcckptSync(subject, root / "hpcckpt-sync")
     stalls, base = o.stalls(subject, savers, args.repeats, args.loop_steps, args.save_every)
@@ -357,21 +354,13 @@ def _async_case(root: Path, args: argparse.Namespace, device: str) -> Figures:
     for label, seconds in stalls.items():
         print(f"  {label:<36} net stall per save in the loop     {seconds:7.3f} s")
     print(f"  loop of {args.loop_steps} steps without saves: {base:.3f} s (a save every {args.save_every} steps)")
-    return {"bytes": nbytes, "blocked_s": blocked, "stall_s": stalls, "baseline_loop_s": base, "async": available}
+    return {"bytes": nbytes, "blocked_s": blocked, "stall_s": stalls, "baseline_loop_s": base}
 
 
 def _async_targets(prefix: str, case: Figures, stall_goal: str) -> list[Target]:
-    from .overlap import ASYNC_MISSING
-
     blocked, stalls = case["blocked_s"], case["stall_s"]
     cores = os.cpu_count() or 1
     few = f"{cores} cores: the writer competes with the step" if cores <= 2 else ""
-    if not case["async"]:
-        return [
-            Target(f"{prefix}: thread blocked per save, hpcckpt / dcp.async_save", None, "<= 1.0", ASYNC_MISSING),
-            Target(f"{prefix}: net stall per save, hpcckpt async / sync", None, stall_goal, ASYNC_MISSING),
-            Target(f"{prefix}: dcp.async_save blocked per save (s)", blocked["dcp.async_save"], "info"),
-        ]
     sync = stalls["hpcckpt sync"]
     return [
         Target(
@@ -393,16 +382,12 @@ def _async_targets(prefix: str, case: Figures, stall_goal: str) -> list[Target]:
 # -- peak memory --------------------------------------------------------------------------------------------
 def memory_rows(root: Path, args: argparse.Namespace, figures: Figures) -> list[Target]:
     from .memory import CONTENDERS, measure
-    from .overlap import ASYNC_MISSING, hpcckpt_async_available
 
     nbytes = args.large_mib << 20
-    available = hpcckpt_async_available()
     print(f"\npeak extra memory of one save of {nbytes / 2**20:.0f} MiB (a fresh process each)")
     extra: dict[str, float] = {}
     crashed: dict[str, int] = {}
     for contender in CONTENDERS:
-        if contender == "hpcckpt async save" and not available:
-            continue
         samples = []
         for attempt in range(min(args.repeats, 3)):
             found = measure(contender, root / f"{contender.replace(' ', '-')}-{attempt}", nbytes)
@@ -422,9 +407,9 @@ def memory_rows(root: Path, args: argparse.Namespace, figures: Figures) -> list[
         Target("peak extra memory, sync save / state", extra["hpcckpt save"], "<= 0.1", note("hpcckpt save")),
         Target(
             "peak extra memory, async save / state",
-            extra.get("hpcckpt async save"),
+            extra["hpcckpt async save"],
             "<= 1.0",
-            note("hpcckpt async save") if available else ASYNC_MISSING,
+            note("hpcckpt async save"),
         ),
         Target("peak extra memory, torch.save / state", extra["torch.save"], "info"),
         Target("peak extra memory, safetensors / state", extra["safetensors save_file"], "info"),
@@ -433,73 +418,22 @@ def memory_rows(root: Path, args: argparse.Namespace, figures: Figures) -> list[
 
 # -- the registry -------------------------------------------------------------------------------------------
 def registry_rows(root: Path, args: argparse.Namespace, figures: Figures) -> list[Target]:
-    """Commit and lookup latency with ``--history`` checkpoints and ``--writers`` writer processes.
+    """Commit and lookup latency with ``--history`` checkpoints and ``--writers`` writer processes
+    (:func:`hpcckpt.bench.registry.measure`)."""
+    from .registry import measure
 
-    The measurement is the registry part's ``hpcckpt.bench.registry.measure(root, history, writers)``
-    (issue 13), whose figures hold ``commit_ms`` and ``lookup_ms`` as ``{"p50", "p99", "max"}`` and
-    ``lock_wait_max_ms``. Where that module is missing, this process alone commits and looks up (one
-    writer), with figures of the same shape, and the rows say so.
-    """
     root.mkdir(parents=True)
     print(f"\nregistry with {args.history} checkpoints in history, {args.writers} writers:")
-    try:
-        module = importlib.import_module(f"{__package__}.registry")
-    except ModuleNotFoundError:
-        module = None
-    if module is not None:
-        found: Figures = module.measure(root, history=args.history, writers=args.writers)
-        note = ""
-    else:
-        found = _one_writer_latency(root, args.history)
-        note = "1 writer: hpcckpt.bench.registry is not in this hpcckpt"
+    found: Figures = measure(root, history=args.history, writers=args.writers)
     figures["registry"] = found
     commit, lookup = found["commit_ms"], found["lookup_ms"]
     print(f"  commit p50 {commit['p50']:8.2f} ms  p99 {commit['p99']:8.2f} ms  max {commit['max']:8.2f} ms")
-    print(f"  lookup p50 {lookup['p50']:8.2f} ms  p99 {lookup['p99']:8.2f} ms  max {lookup['max']:8.2f} ms  {note}")
-    targets = [
-        Target("registry commit p99 (ms)", commit["p99"], "<= 50", note),
-        Target("registry lookup p99 (ms)", lookup["p99"], "<= 10", note),
+    print(f"  lookup p50 {lookup['p50']:8.2f} ms  p99 {lookup['p99']:8.2f} ms  max {lookup['max']:8.2f} ms")
+    return [
+        Target("registry commit p99 (ms)", commit["p99"], "<= 50"),
+        Target("registry lookup p99 (ms)", lookup["p99"], "<= 10"),
+        Target("registry longest lock wait of a writer (ms)", found["lock_wait_max_ms"], "info"),
     ]
-    if found.get("lock_wait_max_ms") is not None:
-        targets.append(Target("registry longest lock wait of a writer (ms)", found["lock_wait_max_ms"], "info"))
-    return targets
-
-
-def _one_writer_latency(directory: Path, history: int) -> Figures:
-    commit_ms, lookup_ms = _registry_latency(directory, history)
-    return {"history": history, "writers": 1, "commit_ms": _summary(commit_ms), "lookup_ms": _summary(lookup_ms)}
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    return {"p50": _pct(values, 50), "p99": _pct(values, 99), "max": max(values)}
-
-
-def _registry_latency(directory: Path, history: int, samples: int = 200) -> tuple[list[float], list[float]]:
-    """This process's registry commits (the commit alone, not the files' writing) and lookups of the latest,
-    in milliseconds, with ``history`` checkpoints before them."""
-    import torch
-
-    from ..store.formats.torchfile import TorchFileFormat
-    from ..store.store import CheckpointStore
-    from ..store.transaction import SaveRequest, SaveTransaction
-
-    store = CheckpointStore(directory, keep_last=None)
-    tiny = {"w": torch.zeros(4)}
-    for step in range(history):
-        store.save(tiny, step=step, metrics={"loss": 1.0 / (step + 1)})
-    commit_ms, lookup_ms = [], []
-    for step in range(history, history + samples):
-        request = SaveRequest(store.registry, step, 0, {"loss": 0.0}, retention=lambda checkpoints: [])
-        with SaveTransaction.begin(request) as transaction:
-            draft = transaction.describe(tuple(TorchFileFormat().write(tiny, transaction.directory)), "torch")
-            start = time.perf_counter()
-            transaction.record(draft)  # the registry commit alone (and the lock's release)
-            commit_ms.append((time.perf_counter() - start) * 1e3)
-        start = time.perf_counter()
-        latest = store.latest()
-        lookup_ms.append((time.perf_counter() - start) * 1e3)
-        assert latest is not None and latest.step == step, f"lookup found {latest}, expected step {step}"
-    return commit_ms, lookup_ms
 
 
 def _pct(values: list[float], pct: int) -> float:
