@@ -281,7 +281,9 @@ def _view_like(tensor: torch.Tensor, storage: Any) -> torch.Tensor:
     """``tensor``'s view (offset, size, stride, dtype, requires_grad, Parameter-ness) of ``storage``."""
     import torch
 
-    view = torch.empty(0, dtype=tensor.dtype).set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
+    from .formats.tensorfile import on_storage
+
+    view = on_storage(storage, tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride())
     if isinstance(tensor, torch.nn.Parameter):
         return torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
     return view.requires_grad_(tensor.requires_grad) if tensor.requires_grad else view

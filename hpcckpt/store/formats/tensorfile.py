@@ -438,8 +438,6 @@ class _Reader:
         return torch.nn.Parameter(tensor, requires_grad=requires_grad)
 
     def _build(self, entry: Any) -> Any:
-        import torch
-
         try:
             index, name, shape, stride, offset = entry
         except (TypeError, ValueError):
@@ -459,7 +457,7 @@ class _Reader:
                 f"a {name} tensor of shape {shape}, stride {stride}, offset {offset} reaches byte "
                 f"{reach * dtype.itemsize} of a storage of {storage.numel()} bytes"
             )
-        return torch.empty(0, dtype=dtype, device=storage.device).set_(storage.untyped_storage(), offset, shape, stride)
+        return on_storage(storage.untyped_storage(), dtype, offset, shape, stride)
 
 
 def _reach(shape: Any, stride: Any, offset: Any) -> int | None:
@@ -480,6 +478,16 @@ def _reach(shape: Any, stride: Any, offset: Any) -> int | None:
     return last + 1 if numel else 0
 
 
+def on_storage(storage: Any, dtype: Any, offset: int, shape: Any, stride: Any) -> Any:
+    """A tensor of ``dtype`` over ``storage`` (no copy). Made from an empty uint8 tensor: an empty tensor of
+    ``dtype`` itself is filled when deterministic algorithms are on, which torch lacks for some dtypes
+    (float4_e2m1fn_x2: NotImplementedError)."""
+    import torch
+
+    empty = torch.empty(0, dtype=torch.uint8, device=storage.device).view(dtype)
+    return empty.set_(storage, offset, shape, stride)
+
+
 def owned(value: Any, _copies: dict[int, Any] | None = None) -> Any:
     """``value`` with every tensor copied once into fresh memory (tensors that shared a storage share the
     copy): what is assigned into live objects keeps no checkpoint file mapped."""
@@ -493,7 +501,7 @@ def owned(value: Any, _copies: dict[int, Any] | None = None) -> Any:
         key = storage.data_ptr()
         if key not in copies:
             copies[key] = storage.clone()  # type: ignore[no-untyped-call]
-        copy = torch.empty(0, dtype=value.dtype).set_(copies[key], value.storage_offset(), value.shape, value.stride())
+        copy = on_storage(copies[key], value.dtype, value.storage_offset(), value.shape, value.stride())
         if isinstance(value, torch.nn.Parameter):
             return torch.nn.Parameter(copy, requires_grad=value.requires_grad)
         return copy
