@@ -283,7 +283,7 @@ def _view_like(tensor: torch.Tensor, storage: Any) -> torch.Tensor:
 
     from .formats.tensorfile import on_storage
 
-    view = on_storage(storage, tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride())
+    view: torch.Tensor = on_storage(storage, tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride())
     if isinstance(tensor, torch.nn.Parameter):
         return torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
     return view.requires_grad_(tensor.requires_grad) if tensor.requires_grad else view

@@ -478,7 +478,7 @@ def _reach(shape: Any, stride: Any, offset: Any) -> int | None:
     return last + 1 if numel else 0
 
 
-def on_storage(storage: Any, dtype: Any, offset: int, shape: Any, stride: Any) -> Any:
+def on_storage(storage: Any, dtype: Any, offset: Any, shape: Any, stride: Any) -> Any:
     """A tensor of ``dtype`` over ``storage`` (no copy). Made from an empty uint8 tensor: an empty tensor of
     ``dtype`` itself is filled when deterministic algorithms are on, which torch lacks for some dtypes
     (float4_e2m1fn_x2: NotImplementedError)."""
