@@ -3,6 +3,7 @@ protects against corruption, not against a crafted file shipped with a crafted m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from hpcckpt import CheckpointStore
 from hpcckpt.errors import CorruptCheckpointError
 from hpcckpt.store.formats import FORMATS
-from hpcckpt.store.manifest import Checkpoint
+from hpcckpt.store.manifest import Checkpoint, FileRecord, file_digest
 from hpcckpt.store.transaction import SaveRequest, SaveTransaction
 
 GOOD = {"storages": [[0, 16]], "tensors": [[0, "float32", [4], [1], 0]], "state": {"w": {"$tensor": 0}}}
@@ -33,9 +34,13 @@ def checkpoint(tmp_path: Path) -> Checkpoint:
     return CheckpointStore(tmp_path / "run").save({"w": torch.ones(4)}, step=1)
 
 
-def read(checkpoint: Checkpoint, content: bytes) -> dict[str, Any]:
-    (checkpoint.path / "state.tensors").write_bytes(content)
-    return FORMATS["tensors"].read(checkpoint, "cpu", weights_only=True, mmap=True)
+def read(checkpoint: Checkpoint, content: bytes, *, mmap: bool = True) -> dict[str, Any]:
+    """Read ``content`` as the checkpoint's file: mapped, or (``mmap=False``) read into fresh memory and
+    verified while read, against a manifest record crafted to match it (the checksum passes)."""
+    path = checkpoint.path / "state.tensors"
+    path.write_bytes(content)
+    matching = dataclasses.replace(checkpoint, files=(FileRecord(path.name, len(content), file_digest(path)),))
+    return FORMATS["tensors"].read(matching, "cpu", weights_only=True, mmap=mmap)
 
 
 def test_the_crafting_helper_makes_a_valid_file(checkpoint: Checkpoint) -> None:
@@ -88,15 +93,21 @@ CASES = [
     ("bad ndarray", craft(with_(state={"w": {"$ndarray": [0, "|O", [2]]}})), r"NumPy dtype '\|O' is not one of"),
     ("ndarray size", craft(with_(state={"w": {"$ndarray": [0, "<f8", [3]]}})), r"needs 24 bytes, the data has 16"),
     ("state not a dict", craft(with_(state=[1])), r"its state is a list, expected a dict"),
+    (
+        "integer parameter",
+        craft(with_(tensors=[[0, "int32", [4], [1], 0]], state={"w": {"$param": [0, True]}})),
+        r"parameter 0 cannot be made",
+    ),
 ]
 
 
+@pytest.mark.parametrize("mmap", [True, False], ids=["mapped", "read"])
 @pytest.mark.parametrize(("content", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_a_crafted_file_is_refused_naming_the_file_and_the_fault(
-    checkpoint: Checkpoint, content: bytes, message: str
+    checkpoint: Checkpoint, content: bytes, message: str, mmap: bool
 ) -> None:
     with pytest.raises(CorruptCheckpointError, match=message) as info:
-        read(checkpoint, content)
+        read(checkpoint, content, mmap=mmap)
     assert str(info.value).startswith(f"{checkpoint.path / 'state.tensors'}: ")
 
 

@@ -219,3 +219,33 @@ def test_a_loaded_tensor_written_to_leaves_the_file_intact(tmp_path: Path) -> No
     del loaded
     store.verify(1)
     assert float(store.load()["w"].sum()) == 0.0
+
+
+def test_a_restore_reads_the_file_once_and_a_changed_byte_is_refused_before_any_tensor(tmp_path: Path) -> None:
+    """restore() hashes the file as it reads it into fresh memory: one pass over its bytes (this process
+    reads about the file's size, not twice that), and a byte changed on disk after the save is found by
+    that same pass, before the model is touched."""
+    store = CheckpointStore(tmp_path / "run")
+    state = make_state(seed=1)
+    train(state, 2)
+    ckpt = store.save(state)
+    path = ckpt.path / "state.tensors"
+    size = path.stat().st_size
+
+    def bytes_read() -> int:
+        return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+    before = bytes_read()
+    store.restore(make_state(seed=2))
+    assert size <= bytes_read() - before < size + (1 << 20), "read once (plus the manifest and registry)"
+    fresh = make_state(seed=3)
+    weights = {k: v.clone() for k, v in fresh.model.state_dict().items()}  # type: ignore[union-attr]
+    with path.open("r+b") as f:
+        f.seek(size - 5)
+        byte = f.read(1)
+        f.seek(size - 5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptCheckpointError, match=r"checksum xxh3_64:\w+, the manifest says"):
+        store.restore(fresh, ckpt=ckpt.step)
+    for key, value in fresh.model.state_dict().items():  # type: ignore[union-attr]
+        assert torch.equal(value, weights[key]), key

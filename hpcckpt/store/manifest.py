@@ -256,17 +256,28 @@ def verify_file(path: Path, record: FileRecord) -> None:
         raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
     try:
         size = os.fstat(fd).st_size
-        if size != record.size:
-            raise CorruptCheckpointError(
-                f"{path}: size {size} bytes, the manifest says {record.size} (truncated or overwritten)"
-            )
-        if not record.digest.startswith(f"{DIGEST}:"):
-            raise CorruptCheckpointError(f"{path}: checksum {record.digest!r} is not {DIGEST}, which hpcckpt uses")
+        check_size(path, size, record)
         digest = _file_digest(fd, size)
     except OSError as error:
         raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
     finally:
         os.close(fd)
+    check_digest(path, digest, record)
+
+
+def check_size(path: Path, size: int, record: FileRecord) -> None:
+    """Raise :class:`CorruptCheckpointError` when a file of ``size`` bytes is not the one ``record``
+    describes, or ``record``'s checksum is not of the kind hpcckpt computes: checked before reading."""
+    if size != record.size:
+        raise CorruptCheckpointError(
+            f"{path}: size {size} bytes, the manifest says {record.size} (truncated or overwritten)"
+        )
+    if not record.digest.startswith(f"{DIGEST}:"):
+        raise CorruptCheckpointError(f"{path}: checksum {record.digest!r} is not {DIGEST}, which hpcckpt uses")
+
+
+def check_digest(path: Path, digest: str, record: FileRecord) -> None:
+    """Raise :class:`CorruptCheckpointError` when the checksum read, ``digest``, is not ``record``'s."""
     if digest != record.digest:
         raise CorruptCheckpointError(
             f"{path}: checksum {digest}, the manifest says {record.digest} (the data changed on disk)"

@@ -354,12 +354,14 @@ class CheckpointStore:
     def _read_verified(
         self, checkpoint: Checkpoint, map_location: Any, unsafe_allow_pickle: bool, mmap: bool
     ) -> dict[str, Any]:
-        self.verify(checkpoint)
+        reading = self.format_of(checkpoint)
+        if not reading.verifies_read(mmap=mmap):
+            self.verify(checkpoint)
         try:
-            return self.format_of(checkpoint).read(
-                checkpoint, map_location, weights_only=not unsafe_allow_pickle, mmap=mmap
-            )
-        except FileNotFoundError:
+            return reading.read(checkpoint, map_location, weights_only=not unsafe_allow_pickle, mmap=mmap)
+        except (FileNotFoundError, CorruptCheckpointError):
+            if checkpoint.path.exists():
+                raise
             raise CheckpointNotFoundError(
                 f"checkpoint {checkpoint.name} was deleted (by retention) while it was being read"
             ) from None

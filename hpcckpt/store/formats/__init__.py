@@ -75,7 +75,14 @@ class CheckpointFormat(Protocol):
         ...
 
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
-        """The whole state in this process (files already verified). ``mmap``: tensors may map the files."""
+        """The whole state in this process (files verified by the store first, unless :meth:`verifies_read`
+        says this read checks them itself). ``mmap``: tensors may map the files."""
+        ...
+
+    def verifies_read(self, *, mmap: bool) -> bool:
+        """Whether :meth:`read` with this ``mmap`` checks every file against the manifest itself, hashing
+        the bytes as it reads them (one pass: no separate verification), and hands nothing out before they
+        match; the store then skips its own verification pass."""
         ...
 
     def restore(

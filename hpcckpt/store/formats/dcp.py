@@ -220,6 +220,10 @@ class DcpFormat:
         assert isinstance(state, TrainState)  # check_save refused anything else
         return save_async(dataclasses.replace(request, step=int(state.step), epoch=int(state.epoch)), state)
 
+    def verifies_read(self, *, mmap: bool) -> bool:
+        """The store verifies the files before :meth:`read` (a separate pass)."""
+        return False
+
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
         """The whole state in this process, every shard gathered (the export and ``load`` path). Nothing in
         the files runs code: see :mod:`.dcpread`."""

@@ -68,6 +68,10 @@ class TorchFileFormat:
             raise
         return [FileRecord(self.filename, out.size, out.digest)]
 
+    def verifies_read(self, *, mmap: bool) -> bool:
+        """The store verifies the files before :meth:`read` (a separate pass)."""
+        return False
+
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
         import torch
 
