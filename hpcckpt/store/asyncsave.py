@@ -73,7 +73,7 @@ class BackgroundSave:
         """Run ``work`` (persist, checksum, commit) on a daemon thread; see :func:`_wait_at_exit`."""
         handle = cls(step)
         handle._thread = threading.Thread(target=handle._run, args=(work,), name=f"hpcckpt-save-{step}", daemon=True)
-        _watch_at_exit(handle)
+        watch_at_exit(handle)
         handle._thread.start()
         return handle
 
@@ -105,6 +105,11 @@ class BackgroundSave:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
+    def settle_at_exit(self) -> None:
+        """At exit (:func:`_wait_at_exit`): wait until the save has committed or failed."""
+        self._finished.wait()
+        self._join()
+
     def abandon(self) -> None:
         """Let the process exit without this save (after a crash): if it is still running at exit, the
         process ends with ``os._exit(1)``; see the module's docstring."""
@@ -123,10 +128,20 @@ class BackgroundSave:
         return f"BackgroundSave(step={self.step}, {state})"
 
 
-_LIVE: weakref.WeakSet[BackgroundSave] = weakref.WeakSet()
+class ExitWatched(Protocol):
+    """A save the process settles at exit (:func:`watch_at_exit`): BackgroundSave, the sharded format's."""
+
+    abandoned: bool
+
+    def done(self) -> bool: ...
+
+    def settle_at_exit(self) -> None: ...
 
 
-def _watch_at_exit(handle: BackgroundSave) -> None:
+_LIVE: weakref.WeakSet[ExitWatched] = weakref.WeakSet()
+
+
+def watch_at_exit(handle: ExitWatched) -> None:
     # Registered at the first save, after torch's own exit handlers: they run last (atexit is last in,
     # first out), so the writer never runs into a torch being torn down (it aborts the process).
     if not _LIVE:
@@ -141,8 +156,7 @@ def _wait_at_exit() -> None:
     handles = list(_LIVE)
     for handle in handles:
         if not handle.abandoned:
-            handle._finished.wait()
-            handle._join()
+            handle.settle_at_exit()
     if any(not handle.done() for handle in handles):  # abandoned, still writing
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

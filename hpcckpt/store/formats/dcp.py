@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import errno
 import io
+import sys
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -325,7 +326,14 @@ def save_async(request: SaveRequest, state: TrainState) -> AsyncDcpSave:
         if transaction is not None:
             transaction.abort()
         raise
-    return AsyncDcpSave(request, transaction, future, records)
+    from ..asyncsave import watch_at_exit
+
+    handle = AsyncDcpSave(request, transaction, future, records)
+    # Never waited for: in one process it is committed at exit, with ranks warned about. Held here until
+    # waited for, even when the script kept neither the store nor the handle (the exit watch holds weakly).
+    _UNSETTLED.add(handle)
+    watch_at_exit(handle)
+    return handle
 
 
 class AsyncDcpSave:
@@ -339,6 +347,10 @@ class AsyncDcpSave:
     before every part is durable, and retention runs only at that commit. A ``timeout`` bounds only the wait
     for this rank's own part: on expiry ``TimeoutError`` is raised before any collective, the save stays in
     flight, and wait() may be called again (with ranks, time out on all of them or on none).
+
+    At exit, a handle never waited for: in a single process the exit waits for it and commits (as for the
+    generic async save); with ranks the wait is collective and cannot run at exit, so the process says on
+    stderr that the save was not committed and why (call wait() on every rank before exiting; Run does).
     """
 
     def __init__(
@@ -350,6 +362,28 @@ class AsyncDcpSave:
         self._future = future
         self._records = records
         self._outcome: Checkpoint | StoreError | None = None
+        self._ranks = world()[1]  # as at the save: at exit the process group may be gone already
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        """Let the process exit without this save (Run, after a crash whose wait ran out): not committed."""
+        self.abandoned = True
+
+    def settle_at_exit(self) -> None:
+        """At exit (see :mod:`..asyncsave`): commit in a single process; with ranks, warn if never waited."""
+        if self._outcome is not None:
+            return
+        if self._ranks > 1:
+            _say(
+                f"hpcckpt: rank {world()[0]}: the sharded async save of step {self.step} was never waited for "
+                f"and is NOT committed: with {self._ranks} ranks its wait() is collective and cannot run at "
+                "exit; call handle.wait() on every rank before exiting (Run does it at the stop)"
+            )
+            return
+        try:
+            self.wait()
+        except Exception as error:  # nobody is left to raise it to
+            _say(f"hpcckpt: the async save of step {self.step}, committed at exit, failed: {error}")
 
     def done(self) -> bool:
         """Whether :meth:`wait` would not wait for this rank's own part any more."""
@@ -370,9 +404,19 @@ class AsyncDcpSave:
                 if self._transaction is not None:
                     self._transaction.abort()
                 raise
+            _UNSETTLED.discard(self)
         if isinstance(self._outcome, StoreError):
             raise self._outcome
         return self._outcome
+
+
+_UNSETTLED: set[AsyncDcpSave] = set()  # the background saves not waited for yet
+
+
+def _say(message: str) -> None:
+    with contextlib.suppress(Exception):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
 
 def _persist_in_background(content: dict[str, Any], writer: Any) -> Future[Any]:

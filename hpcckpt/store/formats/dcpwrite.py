@@ -76,6 +76,10 @@ class HashingStream:
         self._raw.flush()
 
     def fileno(self) -> int:
+        # Callers take the descriptor to fsync it (DCP's ``os.fsync(stream.fileno())`` before close): what is
+        # still in the buffer above it must reach the file first, or the fsync misses the file's tail (a
+        # ``.metadata`` of a few KB was fsynced with 0 bytes, then written at close, never synced).
+        self._raw.flush()
         return self._raw.fileno()
 
     def writable(self) -> bool:
