@@ -13,9 +13,16 @@ of it, so the rewriting costs a constant factor per commit and a fresh reader pa
 Snapshot (``registry.json``): ``{"hpcckpt_registry": 2, "generation": "<hex>", "updated": <time>,
 "reserved": <seq>, "checkpoints": [<entry>, ...]}``; version 1 (hpcckpt 0.1, no generation) is read as it is.
 Journal: a header line ``{"hpcckpt_journal": 1, "generation": "<hex>"}``, then one record a line: ``{"op":
-"commit", "checkpoint": <entry>}``, ``{"op": "delete", "name": "<name>"}`` or ``{"op": "reserve", "seq": <n>}``
-(a commit sequence number handed to a writer, which writes its manifest with it before it commits; the
-snapshot keeps the highest as ``reserved``). An entry is :meth:`Checkpoint.summary`.
+"commit", "checkpoint": <entry>}``, ``{"op": "delete", "name": "<name>", "seq": <n or null>, "created": <time>}``
+or ``{"op": "reserve", "seq": <n>}`` (a commit sequence number handed to a writer, which writes its manifest with
+it before it commits; the snapshot keeps the highest as ``reserved``). An entry is :meth:`Checkpoint.summary`.
+
+A delete names the instance it deleted (its ``seq`` and ``created``, as its manifest has them), not only its
+name: the same name may be committed again later (a re-save of a step after a rewind), and when that commit's
+line never lands (a writer killed after its rename, a full disk, a crash losing the unsynced line) the new
+directory must be adopted, not taken for the deleted one. A delete without them (written by an hpcckpt before
+this format) is read as deleting the entry the snapshot and journal listed under that name before it, and
+nothing else (:class:`Instance`).
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .manifest import Checkpoint
 
 INDEX_VERSION = 2
 _ENTRIES_OPEN = b'"checkpoints":['
@@ -50,15 +60,35 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Instance:
+    """Which checkpoint of a name a delete record deleted: its commit sequence number (None for one written
+    before hpcckpt numbered commits) and its time saved, both from its manifest. Numbers are unique, and the
+    time tells apart the rare number handed out twice (a lost journal and snapshot forget what was reserved)."""
+
+    seq: int | None
+    created: float
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> Instance:
+        """The instance ``checkpoint`` is."""
+        return cls(checkpoint.seq, float(checkpoint.created))
+
+    def matches(self, checkpoint: Checkpoint) -> bool:
+        """Whether ``checkpoint`` (read from its manifest) is this very instance."""
+        return checkpoint.seq == self.seq and float(checkpoint.created) == self.created
+
+
+@dataclass(frozen=True)
 class Record:
-    """One journal line: a commit (with its entry, and the entry's JSON text), a delete (by name) or a
-    reserved sequence number."""
+    """One journal line: a commit (with its entry, and the entry's JSON text), a delete (by name, and the
+    instance deleted: None in a record written before deletes named it) or a reserved sequence number."""
 
     op: str
     name: str = ""
     entry: dict[str, Any] | None = None
     seq: int = 0
     text: bytes = b""
+    instance: Instance | None = None
 
 
 def new_generation() -> str:
@@ -116,6 +146,12 @@ def commit_record(entry: dict[str, Any]) -> Record:
     return Record("commit", str(entry["name"]), entry, text=json.dumps(entry, separators=(",", ":")).encode())
 
 
+def delete_record(checkpoint: Checkpoint) -> Record:
+    """The journal record of the deletion of ``checkpoint``: this instance of its name, not a later one
+    committed under the same name."""
+    return Record("delete", checkpoint.name, instance=Instance.of(checkpoint))
+
+
 def encode_records(records: Iterable[Record]) -> bytes:
     lines = []
     for record in records:
@@ -124,7 +160,10 @@ def encode_records(records: Iterable[Record]) -> bytes:
         elif record.op == "reserve":
             lines.append(json.dumps({"op": "reserve", "seq": record.seq}, separators=(",", ":")).encode())
         else:
-            lines.append(json.dumps({"op": "delete", "name": record.name}, separators=(",", ":")).encode())
+            fields: dict[str, Any] = {"op": "delete", "name": record.name}
+            if record.instance is not None:
+                fields.update(seq=record.instance.seq, created=record.instance.created)
+            lines.append(json.dumps(fields, separators=(",", ":")).encode())
     return b"".join(line + b"\n" for line in lines)
 
 
@@ -162,6 +201,15 @@ def parse_records(lines: Iterable[bytes]) -> Iterator[Record]:
                 text = line[len(_COMMIT_OPEN) : -1] if line.startswith(_COMMIT_OPEN) else b""
                 yield Record("commit", name, entry, text=text or json.dumps(entry, separators=(",", ":")).encode())
         elif data.get("op") == "delete" and isinstance(name := data.get("name"), str):
-            yield Record("delete", name)
+            yield Record("delete", name, instance=_instance(data))
         elif data.get("op") == "reserve" and _whole(seq := data.get("seq")):
             yield Record("reserve", seq=seq)  # type: ignore[arg-type]
+
+
+def _instance(data: dict[str, Any]) -> Instance | None:
+    """The instance a delete record names; None when it names none (an older record) or names it in another
+    form (the safe reading: it deletes only what the journal listed under that name before it)."""
+    seq, created = data.get("seq"), data.get("created")
+    if not (seq is None or _whole(seq)) or isinstance(created, bool) or not isinstance(created, (int, float)):
+        return None
+    return Instance(seq, float(created))

@@ -16,11 +16,18 @@ Cost (issue 13): a commit appends a line; a reader keeps what it parsed and read
 and lists ``checkpoints/`` again only when that directory changed. Neither grows with the history (at 1,000
 checkpoints and 8 writers, rewriting one index per commit took 1.6 s).
 
-Checkpoints are ordered by their commit sequence number (``seq``), assigned under the lock when each one
-is committed and kept in its manifest (so a rebuilt index has it too): the latest is the last committed,
-also after a deliberate rewind to an earlier step, whatever the clocks of the saving hosts say (issue 11:
-one node an hour ahead made every later task resume from its old checkpoint). Checkpoints written before
-hpcckpt numbered commits have no ``seq``: they come first, by step, then time saved.
+Checkpoints are ordered by their commit sequence number (``seq``), kept in each one's manifest (so a rebuilt
+index has it too); the latest is the one with the highest. A writer reserves its number under the lock before
+it writes its manifest (:meth:`Registry.reserve`), and renames its directory into place under the lock later
+(:meth:`Registry.commit`). What is guaranteed: numbers are handed out in increasing order, each once; the
+saves of one writer rank in the order it made them, also after a deliberate rewind to an earlier step; the
+clocks of the saving hosts never matter (issue 11: one node an hour ahead made every later task resume from
+its old checkpoint). Not guaranteed: that the latest is the last renamed. Two writers whose saves overlap may
+commit in the other order than they reserved; the latest is then the one that reserved last. Checkpoints
+written before hpcckpt numbered commits have no ``seq``: they come first, by step, then time saved.
+
+A journal delete names the instance it deleted (its ``seq`` and time saved), so a checkpoint committed again
+under a deleted name is never hidden or deleted for it, even when its own journal line never landed.
 
 The registry reads no environment variable: its lock mode is an argument (entry points turn
 ``HPCCKPT_LOCK`` into one with :func:`lock_mode`).
@@ -56,9 +63,11 @@ from .fileio import fsync_dir, link_refused, open_nofollow, read_nofollow, write
 from .journal import (
     COMPACT_FRACTION,
     BadSnapshotError,
+    Instance,
     Record,
     commit_record,
     complete_lines,
+    delete_record,
     encode_records,
     encode_snapshot,
     header_generation,
@@ -119,7 +128,9 @@ class _View:
         self.base_reserved = 0
         self.reserved = 0  # the highest commit sequence number handed out
         self.logged: dict[str, Checkpoint] = {}  # the snapshot plus the journal's records
-        self.deleted: set[str] = set()  # deleted by a journal record (maybe still on disk for a moment)
+        # Deleted by a journal record, and which instance of the name (maybe still on disk for a moment; a
+        # directory of that name that is another instance was committed again since: adopted).
+        self.deleted: dict[str, Instance] = {}
         self.journal_ino: int | None = None
         self.journal_offset = 0
         self.journal_ours = False  # its header names the snapshot's generation
@@ -132,20 +143,30 @@ class _View:
         self.listed: list[Checkpoint] = []
 
     def restart_journal(self, ino: int | None) -> None:
-        self.logged, self.deleted, self.reserved = dict(self.base), set(), self.base_reserved
+        self.logged, self.deleted, self.reserved = dict(self.base), {}, self.base_reserved
         self.rescan = True
         self.journal_ino, self.journal_offset, self.journal_ours = ino, 0, False
 
     def next_seq(self) -> int:
         return 1 + max(self.reserved, max((c.seq for c in self.logged.values() if c.seq is not None), default=0))
 
-    def apply(self, name: str, checkpoint: Checkpoint | None) -> None:
+    def commit(self, name: str, checkpoint: Checkpoint | None) -> None:
+        """A commit record; ``checkpoint`` None when its entry was refused (the directory scan adopts the
+        checkpoint from its manifest instead: a bad journal line never hides a checkpoint)."""
+        self.deleted.pop(name, None)
         if checkpoint is None:
             self.logged.pop(name, None)
-            self.deleted.add(name)
         else:
             self.logged[name] = checkpoint
-            self.deleted.discard(name)
+
+    def delete(self, name: str, instance: Instance | None) -> None:
+        """A delete record. One without its instance (written before deletes named it) deletes the entry
+        listed under that name before it, or, when none was, nothing."""
+        prior = self.logged.pop(name, None)
+        if instance is None and prior is not None:
+            instance = Instance.of(prior)
+        if instance is not None:
+            self.deleted[name] = instance
 
 
 class Registry:
@@ -307,7 +328,7 @@ class Registry:
                 with self._mutex:
                     self._journal([commit_record(checkpoint.summary())])
                     if doomed:
-                        self._journal([Record("delete", c.name) for c in doomed])
+                        self._journal([delete_record(c) for c in doomed])
                 self._append([event_log.commit(checkpoint.summary())])
                 if doomed:
                     self._append([event_log.delete(c.name, c.step) for c in doomed])
@@ -565,8 +586,10 @@ class Registry:
         view = self._view
         if record.op == "reserve":
             view.reserved = max(view.reserved, record.seq)
+        elif record.op == "delete":
+            view.delete(record.name, record.instance)
         else:
-            view.apply(record.name, self._journaled(record) if record.entry is not None else None)
+            view.commit(record.name, self._journaled(record))
 
     def _journaled(self, record: Record) -> Checkpoint | None:
         known = self._parsed.get(record.text)
@@ -596,9 +619,13 @@ class Registry:
             return list(view.listed)
         found = []
         for name, inode in scan.items():
-            if name in view.deleted:
-                continue  # being deleted (or its deleter was killed: the next writer finishes)
-            checkpoint = view.logged.get(name) or self._adopted(name, inode)
+            gone = view.deleted.get(name)
+            if gone is not None:
+                # None when it is the instance deleted: being moved away (or its deleter was killed: the next
+                # writer finishes); another instance was committed again under the name since.
+                checkpoint = self._recommitted(name, gone)
+            else:
+                checkpoint = view.logged.get(name) or self._adopted(name, inode)
             if checkpoint is not None:
                 found.append(checkpoint)
         missing = []
@@ -631,6 +658,18 @@ class Registry:
         self._manifests[(name, inode)] = checkpoint
         return checkpoint
 
+    def _recommitted(self, name: str, gone: Instance) -> Checkpoint | None:
+        """Directory ``name``, whose name a journal record deleted, when it is another instance than the one
+        deleted: committed again under that name since (a re-save of a step after a rewind) by a writer whose
+        journal line never landed. None when it is the deleted one, or unreadable (then it is neither listed
+        nor deleted). Its manifest is read each time, never cached by inode: the deleted directory's inode
+        number is free for the new one to reuse."""
+        try:
+            checkpoint = read_manifest(self.resolve(name))
+        except CorruptCheckpointError:
+            return None  # moved away meanwhile (its deletion finished), or damaged
+        return None if gone.matches(checkpoint) else checkpoint
+
     def _reconciled(self, *, write: bool = True, scan: dict[str, int] | None = None) -> list[Checkpoint]:
         """Under the lock: the registry made to agree with the checkpoint directories (files win) and, with
         ``write``, the journal told: adopted orphans, vanished checkpoints, deletions a killed writer left
@@ -648,9 +687,10 @@ class Registry:
             return listed
         names = {c.name for c in listed}
         fixes = [commit_record(c.summary()) for c in listed if view.logged.get(c.name) is not c]
-        fixes += [Record("delete", name) for name in view.logged.keys() - names]
-        for name in sorted(view.deleted & scan.keys()):  # its deleter was killed before moving it away
-            self._trash_quietly(name)
+        fixes += [delete_record(view.logged[name]) for name in view.logged.keys() - names]
+        for name in sorted(view.deleted.keys() & scan.keys() - names):  # its deleter was killed before moving it
+            if (gone := view.deleted.get(name)) is not None and self._is_instance(name, gone):
+                self._trash_quietly(name)
         if fixes or view.generation is None or not view.journal_ours:
             try:
                 self._journal(fixes)
@@ -659,6 +699,14 @@ class Registry:
             except OSError as error:
                 warn(f"could not update {self.journal_path} ({error.strerror or error}); using the files as they are")
         return listed
+
+    def _is_instance(self, name: str, gone: Instance) -> bool:
+        """Under the lock: whether directory ``name`` is the very instance a journal record deleted (read from
+        its manifest now; an unreadable one is never taken for it)."""
+        try:
+            return gone.matches(read_manifest(self.resolve(name)))
+        except CorruptCheckpointError:
+            return False
 
     def _rebuilt(self, scan: dict[str, int], *, write: bool) -> list[Checkpoint]:
         """Every checkpoint read from its manifest, for a missing or unusable snapshot; written as a new
@@ -677,8 +725,9 @@ class Registry:
         return entries
 
     def _journal(self, records: Sequence[Record]) -> None:
-        """Under the lock: append ``records`` to the journal (one write), or start a journal of the
-        snapshot's generation with them when the one there belongs to another snapshot or is missing."""
+        """Under the lock: append ``records`` to the journal (one write, continued when the system writes less),
+        or start a journal of the snapshot's generation with them when the one there belongs to another snapshot
+        or is missing. An ``OSError`` (a full disk) leaves none of them applied, and the journal cut back."""
         view = self._view
         data = encode_records(records)
         fd = open_nofollow(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
@@ -689,7 +738,16 @@ class Registry:
             if appended:
                 if st.st_size > view.journal_offset:  # a crash tore the last line: start on a fresh one
                     data = b"\n" + data
-                os.write(fd, data)
+                try:
+                    _write_all(fd, data)
+                except OSError:
+                    # A full disk took part of it: cut back to what was there, so that no record this view has
+                    # not applied stays, and keep the offset: the journal is not taken for replaced by the next
+                    # append (rewriting it would drop the other writers' records). Cut or not, the next read
+                    # resumes from the offset, and the next append starts on a fresh line.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, st.st_size)
+                    raise
                 view.journal_offset = st.st_size + len(data)
         finally:
             os.close(fd)
@@ -759,7 +817,7 @@ class Registry:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a crash tore the last line: start on a fresh one
                 lines = "\n" + lines
-            os.write(fd, lines.encode())
+            _write_all(fd, lines.encode())
             if durable:
                 os.fsync(fd)
         finally:
@@ -790,6 +848,17 @@ def _host_and_pid(tmp: Path) -> tuple[str, int] | None:
         return "-".join(parts[1:-2]), int(parts[-2])
     except (IndexError, ValueError):
         return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (opened with O_APPEND). ``os.write`` may write less than asked (a disk
+    filling up, a signal): the rest is written after it; a write that makes no progress is a full disk."""
+    rest = memoryview(data)
+    while rest:
+        written = os.write(fd, rest)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a write made no progress)")
+        rest = rest[written:]
 
 
 def _signature(path: Path) -> tuple[int, ...]:
