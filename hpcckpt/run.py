@@ -32,11 +32,14 @@ With ``async_save=True`` an interval save only takes a snapshot at the step boun
 persists and commits it while training goes on (:mod:`hpcckpt.store.asyncsave`). The rule, the same on
 every rank: one save in flight; a save that comes due while the previous one is in flight waits for it
 first; a stop (completion, budget, signal) waits for it, then saves the step it stops at, and the budget
-counts its remaining time. A background failure is raised at the next step boundary (or the stop), as a
-:class:`~hpcckpt.StoreError` naming the step that failed and the checkpoint that stays. Leaving the
-``with`` block after an exception waits for the save in flight (it holds a finished step) up to the
-budget's time left; past that it is abandoned: nothing of it is visible, and the next save removes its
-temporary directory.
+counts its remaining time. A background failure is raised as a :class:`~hpcckpt.StoreError` naming the
+step that failed and the latest checkpoint: alone, at the next step boundary; with ranks, at the next save
+or the stop (where the ranks all are: collecting a sharded save is collective). When it is collected at a
+save, that save is still done first (synchronously), so a stop's checkpoint is committed before the
+failure is raised. Leaving the ``with`` block after an exception waits for the save in flight (it holds a
+finished step) up to the budget's time left; past that it is abandoned: nothing of it is visible, and the
+next save removes its temporary directory. With ranks, a crash drops the save in flight instead of
+waiting: its wait is collective, and the other ranks are still training.
 
 Exit status: the script ends normally (0) after completion, a budget stop and a signal stop, saved or
 not, so the array goes on to its next task; an exception in the training code propagates (non-zero).
@@ -222,6 +225,7 @@ class Run:
         shield(self.state.dataloader, self._stop_signals)
         self._last_save_time = 0.0
         self._stopping = False
+        self._pending_failure: StoreError | None = None  # an async save's failure collected by a stop's save
         self._saved_at: int | None = None
         self._entered = False
 
@@ -378,7 +382,7 @@ class Run:
 
     def _boundary_checks(self) -> bool:
         """At a step boundary: True to run the next step, False once the run stops (after saving)."""
-        self._settle(wait=False)  # a background failure surfaces here, at the next step boundary
+        self._settle(wait=False)  # alone, a background failure surfaces here (with ranks: at the next save or stop)
         decision = self._agree(self._decide())
         if decision == "signal":
             with _worker_deaths_deferred():
@@ -483,9 +487,28 @@ class Run:
     def _save(self, why: str, *, background: bool = False) -> Checkpoint | None:
         """Save the current step, unless it is saved already; first wait for the save in flight. With
         ``background`` (and ``async_save``) only the snapshot is taken here."""
-        self._settle(wait=True)
-        if self._saved_at == self.state.step:
-            return None  # this step is already in a checkpoint
+        # A failed save in flight does not prevent this one (a stop's save above all): it is collected here,
+        # this save is done (synchronously), and then the failure is raised, naming the new latest checkpoint.
+        failed = self._settle(wait=True, raise_failure=False)
+        if failed is not None:
+            background = False
+        try:
+            # None: this step is already in a checkpoint
+            checkpoint = None if self._saved_at == self.state.step else self._save_now(why, background=background)
+        except Exception as error:
+            if failed is None:
+                raise
+            # This save failed too: the earlier failure is the one raised (its step, the latest that stays),
+            # this one is logged.
+            log.error("hpcckpt: the save of step %s after it failed too: %s", self.state.step, error)
+            raise self._failure(*failed) from failed[1]
+        if failed is not None:
+            if why == "interval":
+                raise self._failure(*failed)
+            self._pending_failure = self._failure(*failed)  # raised once the stop is recorded (_finish)
+        return checkpoint
+
+    def _save_now(self, why: str, *, background: bool) -> Checkpoint | None:
         started = self.clock()
         metrics = dict(self._metrics) or None
         with _worker_deaths_deferred():
@@ -507,16 +530,19 @@ class Run:
             self._last_save_time = self.clock()
         log.info("hpcckpt: saved %s (%s, %.1f MiB in %.2f s)", checkpoint.name, why, checkpoint.size / 2**20, elapsed)
 
-    def _settle(self, *, wait: bool, timeout: float | None = None) -> None:
-        """Collect the async save in flight once it is done (with ``wait``: wait for it, up to ``timeout``);
-        its failure is raised here, naming its step and the checkpoint that stays."""
+    def _settle(
+        self, *, wait: bool, timeout: float | None = None, raise_failure: bool = True
+    ) -> tuple[int, BaseException] | None:
+        """Collect the async save in flight once it is done (with ``wait``: wait for it, up to ``timeout``).
+        Its failure is raised here, naming its step and the latest checkpoint; without ``raise_failure`` it
+        is returned instead, as (step, error), for the caller to raise after its own save."""
         in_flight = self._in_flight
         if in_flight is None:
-            return
+            return None
         if not wait and (self._agreement is not None or not in_flight.handle.done()):
             # Ranks collect a sharded save only where they all are (the next save, the stop): its wait() is
             # collective, and whether it is done differs from rank to rank.
-            return
+            return None
         try:
             checkpoint = in_flight.handle.wait(timeout)
         except TimeoutError:
@@ -524,27 +550,51 @@ class Run:
         except Exception as error:
             self._in_flight = None
             self.budget.save_settled()
-            last = self.last_checkpoint
-            stays = f"checkpoint {last.name} (step {last.step}) stays the latest" if last else "nothing is saved yet"
-            raise StoreError(f"the async save of step {in_flight.step} failed: {error}; {stays}") from error
+            if raise_failure:
+                raise self._failure(in_flight.step, error) from error
+            return in_flight.step, error
         self._in_flight = None
         self.budget.save_settled()
         self._saved(checkpoint, in_flight.why, checkpoint.save_seconds or (self.clock() - in_flight.started))
+        return None
+
+    def _failure(self, step: int, error: BaseException) -> StoreError:
+        """The error raised for the failed async save of ``step``: what failed, and what is the latest."""
+        last = self.last_checkpoint
+        if last is None:
+            stays = "nothing is saved yet"
+        elif last.step > step:
+            stays = f"checkpoint {last.name} (step {last.step}, saved since) is the latest"
+        else:
+            stays = f"checkpoint {last.name} (step {last.step}) stays the latest"
+        failure = StoreError(f"the async save of step {step} failed: {error}; {stays}")
+        failure.__cause__ = error
+        return failure
 
     def _leave_in_flight(self, *, crashed: bool) -> None:
         """At ``__exit__``: wait for the save in flight, up to the budget's time left; past that, abandon it
-        (see the module's docstring). After a crash its failure is logged, not raised over the crash's."""
+        (see the module's docstring). After a crash its failure is logged, not raised over the crash's; with
+        ranks, a crash drops it without waiting (its wait is collective)."""
         in_flight = self._in_flight
         if in_flight is None:
+            return
+        if crashed and self._agreement is not None:
+            # With ranks the save's wait is collective: run by the crashing rank alone it would pair with the
+            # other ranks' training collectives (NCCL: a hang until the timeout). Nothing of it is committed
+            # (rank 0 commits only in that wait); the next save's clean_temporaries removes its directory.
+            self._drop_in_flight(in_flight)
+            log.error(
+                "hpcckpt: the async save of step %s is dropped after the crash (its wait is collective, the other "
+                "ranks are still training); the latest checkpoint stays %s",
+                in_flight.step,
+                self.last_checkpoint.name if self.last_checkpoint else "none",
+            )
             return
         left = self.budget.remaining()
         try:
             self._settle(wait=True, timeout=None if left is None else max(0.0, left))
         except TimeoutError:
-            abandon = getattr(in_flight.handle, "abandon", None)
-            if abandon is not None:
-                abandon()
-            self._in_flight = None
+            self._drop_in_flight(in_flight)
             log.warning(
                 "hpcckpt: the async save of step %s is still running at the deadline; abandoned (nothing of it "
                 "is visible; the next save removes its temporary directory)",
@@ -554,6 +604,14 @@ class Run:
             if not crashed:
                 raise
             log.error("hpcckpt: %s", error)
+
+    def _drop_in_flight(self, in_flight: _InFlight) -> None:
+        """Leave the save in flight to itself: the process may exit without it (see the module's docstring)."""
+        abandon = getattr(in_flight.handle, "abandon", None)
+        if abandon is not None:
+            abandon()
+        self._in_flight = None
+        self.budget.save_settled()
 
     def _complete(self) -> None:
         with _worker_deaths_deferred():
@@ -598,6 +656,9 @@ class Run:
             f"{left:.1f} s unused" if left is not None else "no deadline",
             f"; {lost} steps lost" if lost else "",
         )
+        if self._pending_failure is not None:  # the stop is saved and recorded: now the earlier failure
+            failure, self._pending_failure = self._pending_failure, None
+            raise failure
 
     def _record(self, event: event_log.Event) -> None:
         """Registry events are rank 0's: one record per task, not one per rank."""

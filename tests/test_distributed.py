@@ -235,6 +235,31 @@ def test_ranks_with_async_saves_commit_every_due_save_and_resume_from_the_last(t
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_crash_on_one_rank_drops_the_async_save_in_flight_instead_of_waiting_alone(tmp_path: Path) -> None:
+    """A crash on rank 1 while an async save is in flight: its wait is collective, and rank 0 is still
+    training. Rank 1 leaves at once with its own error (waiting alone would pair its wait's collectives with
+    rank 0's training ones: undefined, a hang until the process group's 600-s timeout here); nothing of the
+    dropped save is committed, and the checkpoint before it stays the latest and loads."""
+    run_dir = tmp_path / "run"
+    args = ("--steps", "100000", "--save-every", "2ba", "--async-save", "--crash-at", "5", "--crash-rank", "1")
+    ranks = Ranks(run_dir, 2, *args)
+    _, crashing = ranks.processes
+    try:
+        _, err = crashing.communicate(timeout=120)  # well under the process group's timeout
+    finally:
+        ranks.processes[0].kill()  # rank 0 waits for its peer in training's collectives
+        ranks.end(check=False)
+    assert crashing.returncode != 0
+    assert "RuntimeError: diverged on rank 1 at step 5" in err, err[-3000:]
+    assert "the async save of step 4 is dropped after the crash" in err, err[-3000:]
+    store = CheckpointStore(run_dir, create=False)
+    assert [c.step for c in store.list()] == [2], "step 4's save was never committed"
+    store.verify(store.list()[0])
+    assert store.load()["step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_a_sharded_checkpoint_resumes_at_another_world_size_and_exports(tmp_path: Path, wrapper: str) -> None:
     run_dir = tmp_path / "run"

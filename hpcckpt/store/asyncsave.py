@@ -189,15 +189,18 @@ class Staging:
         """A copy of ``state`` whose plain tensors live in the staging buffers, or None when they would
         need more than ``limit`` bytes (nothing is copied then)."""
         tensors = [t for t in _tensors(state) if _stageable(t)]
+        values = {id(t): _resolved(t) for t in tensors}  # what the tensor's storage holds, as a blocking save writes
         storages: dict[int, Any] = {}
-        for tensor in tensors:
-            storage = tensor.untyped_storage()
+        for value in values.values():
+            storage = value.untyped_storage()
             storages.setdefault(storage._cdata, storage)  # the identity torch.save shares storages by
         needed = sum(int(s.nbytes()) for s in storages.values())
         if self.limit is not None and needed > self.limit:
             return None
         staged = dict(zip(storages, self._fill(list(storages.values())), strict=True))
-        memo: dict[int, Any] = {id(t): _view_like(t, staged[t.untyped_storage()._cdata]) for t in tensors}
+        memo: dict[int, Any] = {
+            id(t): _view_like(t, staged[values[id(t)].untyped_storage()._cdata], values[id(t)]) for t in tensors
+        }
         return dict(copy.deepcopy(dict(state), memo))
 
     def ready(self) -> None:
@@ -291,13 +294,24 @@ def _bytes_of(storage: Any) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def _view_like(tensor: torch.Tensor, storage: Any) -> torch.Tensor:
-    """``tensor``'s view (offset, size, stride, dtype, requires_grad, Parameter-ness) of ``storage``."""
+def _resolved(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or for a lazy conjugate or negative view (``x.conj()``, ``x._neg_view()``, whose storage
+    alone is not its value) a copy with the conjugation and negation applied: what the blocking save
+    resolves it to (formats/tensorfile.py), so both write the same bytes."""
+    if tensor.is_conj() or tensor.is_neg():
+        return tensor.detach().resolve_conj().resolve_neg()
+    return tensor
+
+
+def _view_like(tensor: torch.Tensor, storage: Any, value: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor``'s view (offset, size, stride, dtype, requires_grad, Parameter-ness) of ``storage``; the
+    offset, size and stride are those of ``value`` when given (``tensor`` resolved, see :func:`_resolved`)."""
     import torch
 
     from .formats.tensorfile import on_storage
 
-    view: torch.Tensor = on_storage(storage, tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride())
+    like = tensor if value is None else value
+    view: torch.Tensor = on_storage(storage, like.dtype, like.storage_offset(), like.size(), like.stride())
     if isinstance(tensor, torch.nn.Parameter):
         return torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
     return view.requires_grad_(tensor.requires_grad) if tensor.requires_grad else view

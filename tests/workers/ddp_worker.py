@@ -5,6 +5,7 @@ Each rank draws its batches from its own global RNG (seeded by rank and saved pe
 checkpoint), so a run resumed at the same world size continues exactly; gloo on CPU.
 
     torchrun --nproc-per-node 2 ddp_worker.py RUN_DIR --steps 300 [--step-sleep 0.02] [--pid-dir DIR]
+        [--crash-at STEP [--crash-rank RANK]]
     srun -N 2 -n 2 python ddp_worker.py RUN_DIR --steps 300
 
 Prints one JSON line per rank when it ends.
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--agree-every", type=int, default=1)
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
     parser.add_argument("--async-save", action="store_true", help="interval saves in the background")
+    parser.add_argument("--crash-at", type=int, default=None, help="raise in the training code at this step")
+    parser.add_argument("--crash-rank", type=int, default=None, help="the rank that crashes (default: every rank)")
     parser.add_argument(
         "--deadline-in",
         type=float,
@@ -78,7 +81,9 @@ def main() -> None:
     ) as run:
         if args.pid_dir:
             Path(args.pid_dir, f"{env.rank}.pid").write_text(str(os.getpid()))
-        for _ in run:
+        for step in run:
+            if step == args.crash_at and args.crash_rank in (None, env.rank):
+                raise RuntimeError(f"diverged on rank {env.rank} at step {step}")
             loss = toy.train_step(ddp, optimizer, toy.random_batch(x, y))
             run.report(loss=loss.item())
             if args.step_sleep:
