@@ -195,12 +195,7 @@ class CheckpointStore:
         save_async: Callable[..., SaveHandle] | None = getattr(self.format, "save_async", None)
         if save_async is not None:
             return save_async(request, state, self.staging)
-        # As the formats write a TrainState: its state dict, with the step and epoch the manifest records.
-        payload = (
-            {**state.state_dict(), "step": request.step, "epoch": request.epoch}
-            if isinstance(state, TrainState)
-            else state
-        )
+        payload = request.payload(state)
         staged = self.staging.stage(payload)
         if staged is None:
             if not self._warned_over_staging:

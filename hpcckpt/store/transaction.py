@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from .._version import __version__
 from ..errors import StoreError
+from ..state import TrainState
 from .fileio import fsync_dir, open_nofollow, write_atomic
 from .manifest import MANIFEST, Checkpoint, FileRecord, combined_checksum, file_digest
 from .registry import CLAIM_PREFIX, OWNER, Registry, warn
@@ -76,6 +77,14 @@ class SaveRequest:
     tag: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     job: JobIds | None = None
+
+    def payload(self, state: TrainState | Mapping[str, Any]) -> Mapping[str, Any]:
+        """What a format writes for ``state``: a :class:`TrainState`'s state dict with this request's step
+        and epoch (so that the file agrees with the manifest even when they were given explicitly), or a
+        plain dict as it is."""
+        if isinstance(state, TrainState):
+            return {**state.state_dict(), "step": self.step, "epoch": self.epoch}
+        return state
 
 
 class SaveTransaction:

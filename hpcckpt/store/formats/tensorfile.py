@@ -89,11 +89,7 @@ class TensorFileFormat:
     def save(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> Checkpoint:
         """Write ``state`` (a :class:`TrainState`'s state dict with the request's step and epoch, or a dict as
         it is) and commit it. What cannot be saved is refused before the temporary directory exists."""
-        payload = (
-            {**state.state_dict(), "step": request.step, "epoch": request.epoch}
-            if isinstance(state, TrainState)
-            else state
-        )
+        payload = request.payload(state)
         plan = self.plan(payload)
         with SaveTransaction.begin(request) as transaction:
             return transaction.commit(

@@ -41,12 +41,7 @@ class TorchFileFormat:
     def save(self, request: SaveRequest, state: TrainState | Mapping[str, Any]) -> Checkpoint:
         """Write ``state`` (a :class:`TrainState`'s state dict with the request's step and epoch, or a plain
         dict as it is) and commit it."""
-        # A TrainState's file has its step and epoch agree with the manifest even when given explicitly.
-        payload = (
-            {**state.state_dict(), "step": request.step, "epoch": request.epoch}
-            if isinstance(state, TrainState)
-            else state
-        )
+        payload = request.payload(state)
         with SaveTransaction.begin(request) as transaction:
             return transaction.commit(self.write(payload, transaction.directory), format=self.name)
 
