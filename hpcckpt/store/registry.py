@@ -611,8 +611,12 @@ class Registry:
         name = str(entry["name"])
         return Checkpoint.from_dict(entry, self.resolve(name), source=f"{source}: entry {name!r}")
 
-    def _listing(self, scan: dict[str, int]) -> list[Checkpoint]:
-        """The journal's view made to agree with the directories on disk (files win), without the lock."""
+    def _listing(self, scan: dict[str, int], *, again: bool = False) -> list[Checkpoint]:
+        """The journal's view made to agree with the directories on disk (files win), without the lock.
+
+        A checkpoint the journal lists that is gone from the listing ``scan`` was deleted by a commit made
+        since the journal was read: the journal is read again and, once, the directory listed afresh, so a
+        writer that committed and deleted twice meanwhile (keep_last=1) never leaves an empty listing."""
         view = self._view
         key = (view.snapshot_sig, view.journal_ino, view.journal_offset, view.scan_sig, id(scan))
         if key == view.listed_key:
@@ -636,6 +640,8 @@ class Registry:
                 missing.append(name)
         if missing and view.generation is not None:
             self._read_journal()  # deleted by retention since the journal was read: its line is there now
+            if not again:
+                return self._listing(self._scan(fresh=True), again=True)
         for name in missing:
             if name in view.logged and view.logged[name] is not None and name not in self._warned:
                 self._warned.add(name)

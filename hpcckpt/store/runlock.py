@@ -133,7 +133,14 @@ class RunLock:
             raise LockTimeoutError(self.lock_file) from None
 
     def _acquire_fcntl(self, deadline: float) -> int:
-        fd = os.open(self._fcntl_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self._fcntl_path, flags, 0o644)
+        except FileNotFoundError:
+            # A run directory not made yet (a submitit chain records its submission before the first task
+            # runs): made here, as filelock, the lock before this one, made its lock file's directory.
+            os.makedirs(os.path.dirname(self._fcntl_path), exist_ok=True)
+            fd = os.open(self._fcntl_path, flags, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
