@@ -42,9 +42,11 @@ def final_state(run_dir: Path) -> dict[str, Any]:
 def test_interrupted_training_ends_bitwise_identical_to_an_uninterrupted_one(tmp_path: Path) -> None:
     """The acceptance test: budget stops, USR1 and TERM at random moments, mid-epoch included, with a
     shuffling DataLoader (one worker process, random augmentation) and dropout."""
-    args = ("--epochs", "6", "--workers", "1", "--step-sleep", "0.03")
+    # 144 steps of at least 0.03 s: however fast the machine, the first five interruptions (a budget stop
+    # lasts 1.6 s at most, a signal comes 0.3 s after the start at most) leave steps to train.
+    args = ("--epochs", "12", "--workers", "1", "--step-sleep", "0.03")
     reference = Job(tmp_path / "reference", *args).end()
-    assert reference["completed"] and reference["step"] == 6 * STEPS_PER_EPOCH
+    assert reference["completed"] and reference["step"] == 12 * STEPS_PER_EPOCH
 
     run_dir = tmp_path / "interrupted"
     rng = random.Random(7)
