@@ -3,15 +3,10 @@ background hold their values, and a failed background save does not prevent the 
 
 from __future__ import annotations
 
-import json
-import resource
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from harness import clean_env, events
+from harness import events, run_with_file_size_limit
 
 from hpcckpt import CheckpointStore, TrainState
 
@@ -84,23 +79,8 @@ def test_a_failed_background_save_does_not_prevent_the_stops_save_and_is_raised_
     """The interval save of step 4 fails in the background (a real file-size limit) while the run ends at
     step 5: the final save is committed and the run recorded complete, then the failure is raised."""
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
-
     run_dir = tmp_path / "run"
-    workers = Path(__file__).parent / "workers"
-    result = subprocess.run(
-        [sys.executable, "-c", STOP_AFTER_FAILURE, str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        preexec_fn=limit,
-        env=clean_env(PYTHONPATH=f"{workers}:{Path(__file__).parents[1]}"),
-    )
-    assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout)
+    outcome = run_with_file_size_limit(STOP_AFTER_FAILURE, run_dir)
     assert outcome["error"].startswith("the async save of step 4 failed: could not save step 4 into ")
     assert outcome["error"].endswith("checkpoint step_000000005 (step 5, saved since) is the latest")
     assert (outcome["step"], outcome["reason"]) == (5, "completed")

@@ -3,10 +3,8 @@ at the next step boundary, a budget that counts the save in flight, and exact re
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import pytest
 import torch
 import toy
 from compare import assert_same_training
-from harness import TrainWorker, clean_env, events
+from harness import TrainWorker, events, run_with_file_size_limit
 
 from hpcckpt import CheckpointStore, Run, TrainState
 from hpcckpt.budget import Budget, Deadline
@@ -149,23 +147,8 @@ except StoreError as error:
 
 
 def test_a_background_failure_is_raised_at_the_next_step_boundary_naming_what_stays(tmp_path: Path) -> None:
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
-
     run_dir = tmp_path / "run"
-    workers = Path(__file__).parent / "workers"
-    result = subprocess.run(
-        [sys.executable, "-c", FAILING_RUN, str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        preexec_fn=limit,
-        env=clean_env(PYTHONPATH=f"{workers}:{Path(__file__).parents[1]}"),
-    )
-    assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout)
+    outcome = run_with_file_size_limit(FAILING_RUN, run_dir)
     assert outcome["error"].startswith("the async save of step 4 failed: could not save step 4 into ")
     assert "File too large (disk full, quota or file-size limit)" in outcome["error"]
     assert outcome["error"].endswith("checkpoint step_000000002 (step 2) stays the latest")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -124,3 +125,25 @@ class TrainWorker:
         self._stderr_text = self.stderr
         self._stderr.close()
         return [json.loads(line) for line in out.splitlines() if '"end"' in line]
+
+
+def run_with_file_size_limit(script: str, run_dir: Path, limit: int = 1 << 20) -> dict[str, Any]:
+    """Run ``script`` (``python -c``, given ``run_dir``) in a child whose files may not grow past ``limit``
+    bytes: a real write error (EFBIG) at the process edge, for saves that fail. Its JSON output, parsed."""
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
+
+    tests = Path(__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        preexec_fn=limited,
+        env=clean_env(PYTHONPATH=f"{tests / 'workers'}:{tests.parent}"),
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
