@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 # The shared helpers assert too: rewritten, their failures show values as a test's own asserts do.
-pytest.register_assert_rewrite("chains", "harness", "compare")
+pytest.register_assert_rewrite("chains", "harness", "compare", "s3lab")
 
 from chains import SlurmChain  # noqa: E402
+from s3lab import S3Lab  # noqa: E402
 from slurm_cluster import SlurmCluster, SlurmStartError, SlurmUnavailableError, start_cluster, stop_cluster  # noqa: E402
 
 # --- Slurm cluster (tests/cluster/slurm-lab) ---------------------------------------------------------
@@ -55,3 +56,26 @@ def slurm_chain(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[SlurmCh
         yield chain
     finally:
         chain.cancel_leftovers()
+
+
+# --- an S3-protocol server (tests/support/s3lab.py) --------------------------------------------------
+# moto's standalone server in a process of its own, for the whole session, behind a relay the tests can
+# kill. It is installed by the test extra (moto[server]); it never skips: a missing server fails the tests.
+@pytest.fixture(scope="session")
+def s3_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Lab]:
+    lab = S3Lab(tmp_path_factory.mktemp("s3lab"))
+    try:
+        yield lab.start()
+    finally:
+        lab.stop()
+
+
+@pytest.fixture
+def s3_env(s3_lab: S3Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Lab]:
+    """This test's process (and the processes it starts) reaches the server through the standard AWS
+    variables; the relay is up again after a test that cut it."""
+    for key, value in s3_lab.env().items():
+        monkeypatch.setenv(key, value)
+    yield s3_lab
+    if not s3_lab.relay_up:
+        s3_lab.resume()

@@ -19,3 +19,5 @@ TRAIN_WORKER = WORKERS / "train_worker.py"
 DDP_WORKER = WORKERS / "ddp_worker.py"
 # The same toy training as a function, for submitit's executors (imported by name in the jobs).
 SUBMITIT_TRAIN = WORKERS / "submitit_train.py"
+# A TCP relay in front of the tests' S3 server: killed to cut the server off mid-transfer (s3lab.py).
+TCP_RELAY = WORKERS / "tcprelay.py"
