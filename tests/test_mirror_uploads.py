@@ -206,3 +206,18 @@ def test_wrong_credentials_are_said_once_and_never_shown(
         for path in (tmp_path / "run").rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
+
+
+def test_what_a_task_left_unuploaded_is_uploaded_at_the_next_task_start(tmp_path: Path, s3_env: S3Lab) -> None:
+    url = f"s3://{s3_env.new_bucket()}/run"
+    first_task = CheckpointStore(tmp_path / "run", mirror=url)
+    assert first_task.uploads is not None
+    s3_env.cut()
+    saved = first_task.save(_weights(1), step=1)
+    assert first_task.uploads.wait(WAIT) == [saved.name]  # the server is away until this task ends
+    s3_env.resume()
+    next_task = CheckpointStore(tmp_path / "run", mirror=url)
+    assert next_task.uploads is not None and next_task.mirror is not None
+    next_task.upload_to_mirror(None)  # what Run does right after it resumes
+    assert next_task.uploads.wait(WAIT) == []
+    assert [(c.name, c.checksum) for c in next_task.mirror.list()] == [(saved.name, saved.checksum)]
