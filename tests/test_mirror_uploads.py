@@ -169,11 +169,15 @@ def test_server_killed_in_the_middle_of_a_large_upload_leaves_no_partial_checkpo
         return send(local, name, CutAfterFirstPart())
 
     location.put_file = cut_while_sending  # type: ignore[method-assign]
-    store.save({"w": torch.arange(16 << 20, dtype=torch.float32)}, step=1)  # 64 MiB
+    # 104 MiB: s3fs sends a file of twice its 50 MiB part size or more as a multipart upload, part by part.
+    store.save({"w": torch.arange(26 << 20, dtype=torch.float32)}, step=1)
     assert store.uploads.wait(WAIT) == ["step_000000001"]
     location.put_file = send  # type: ignore[method-assign]
     s3_env.resume()
     assert started == ["checkpoints/step_000000001/state.tensors"]
+    # Cut in the middle: the multipart upload never completed, so not even the data file exists remotely.
+    direct = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert not direct.exists(f"{bucket}/run/checkpoints/step_000000001/state.tensors")
     assert _names(store.mirror) == []
     store.save(_weights(2), step=2)
     assert store.uploads.wait(WAIT) == []
