@@ -97,6 +97,7 @@ def test_an_empty_run_directory_restores_the_mirror_newest_and_a_mirror_without_
     assert restored is not None and state.step == 9
 
 
+@pytest.mark.timeout(900)
 def test_server_cut_before_the_manifest_leaves_nothing_visible_and_the_next_save_completes_the_mirror(
     tmp_path: Path, s3_env: S3Lab, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -146,6 +147,8 @@ def test_server_cut_before_the_manifest_leaves_nothing_visible_and_the_next_save
     assert kinds.count("upload_failed") >= 2 and kinds.count("uploaded") == 3
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_server_killed_in_the_middle_of_a_large_upload_leaves_no_partial_checkpoint(
     tmp_path: Path, s3_env: S3Lab
 ) -> None:
@@ -186,6 +189,7 @@ def test_server_killed_in_the_middle_of_a_large_upload_leaves_no_partial_checkpo
         store.mirror.verify(remote)
 
 
+@pytest.mark.timeout(900)
 def test_wrong_credentials_are_said_once_and_never_shown(
     tmp_path: Path, s3_lab: S3Lab, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -212,6 +216,7 @@ def test_wrong_credentials_are_said_once_and_never_shown(
                 assert secret.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.timeout(900)
 def test_what_a_task_left_unuploaded_is_uploaded_at_the_next_task_start(tmp_path: Path, s3_env: S3Lab) -> None:
     url = f"s3://{s3_env.new_bucket()}/run"
     first_task = CheckpointStore(tmp_path / "run", mirror=url)
