@@ -93,9 +93,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HPCCKPT_BACKEND", "'local' or 'slurm'", _one_of("local", "slurm"), "set by the local backend"),
     Variable(
         "HPCCKPT_PROGRESS",
-        "'0' (off) or '1' (on, the default)",
+        "'0' (off) or '1' (on, even for work under 2 s)",
         _one_of("0", "1"),
-        "progress bars and 10 % lines of long transfers, export and verify",
+        "progress bars and 10 % lines of transfers, export and verify (unset: only work over 2 s)",
     ),
     Variable("HPCCKPT_REQUIRE_SLURM", "'0' or '1'", _one_of("0", "1"), "the test suite: fail, not skip, without Slurm"),
 )

@@ -6,7 +6,7 @@ per step of 10 % through the ``hpcckpt`` logger, e.g. ``hpcckpt: upload step_000
 (300.0 MiB of 1.0 GiB, 85.0 MiB/s)``, and the 100 % line exactly once when any line was written; with an
 unknown total, a line every :data:`EVERY` seconds with the amount so far. Work that ends within
 :data:`QUIET` seconds writes nothing, bar or line: a small checkpoint's save or upload adds no noise to a log
-of thousands of them. ``HPCCKPT_PROGRESS=0`` turns it all off.
+of thousands of them. ``HPCCKPT_PROGRESS=0`` turns it all off; ``HPCCKPT_PROGRESS=1`` shows short work too.
 
 Invariants: :meth:`Progress.update` may be called from any thread (uploads run on a background thread;
 the count and the lines are kept under one lock), and nothing here ever raises into the work it reports on:
@@ -31,12 +31,12 @@ log = logging.getLogger("hpcckpt")
 QUIET = 2.0  # seconds: work that ends sooner shows nothing
 EVERY = 10.0  # seconds between lines when the total is unknown
 STEP = 10  # percent between lines when the total is known
-VARIABLE = "HPCCKPT_PROGRESS"  # "0": no bar and no lines (checked with the others in hpcckpt.environment)
+VARIABLE = "HPCCKPT_PROGRESS"  # "0": nothing; "1": even short work (checked with the others in hpcckpt.environment)
 
 
-def enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """False when ``HPCCKPT_PROGRESS=0``; any other value, or none, leaves progress on."""
-    return (os.environ if environ is None else environ).get(VARIABLE, "") != "0"
+def setting(environ: Mapping[str, str] | None = None) -> str:
+    """``HPCCKPT_PROGRESS``: "0" off, "1" on even for work shorter than :data:`QUIET`, "" (unset) the default."""
+    return (os.environ if environ is None else environ).get(VARIABLE, "")
 
 
 class Progress:
@@ -66,8 +66,8 @@ class Progress:
         self._stream = stream
         self._to_log = stream is None  # lines through the logger unless a stream was chosen
         self._clock = clock
-        self._quiet = quiet
-        self._on = enabled(environ)
+        self._quiet = 0.0 if setting(environ) == "1" else quiet
+        self._on = setting(environ) != "0"
         self._lock = threading.Lock()
         self._start = 0.0
         self._shown = -1  # the last percent step written as a line (-1: none yet)
@@ -91,6 +91,10 @@ class Progress:
         """Count ``n`` more units done; draws or logs when a step is reached. Thread-safe, never raises."""
         with self._lock:
             self.done += n
+            if self.total is not None and self.done > self.total:
+                self.total = self.done  # a total that was an estimate (an export's file): never past 100 %
+                if self._bar is not None:
+                    self._guard(setattr, self._bar, "total", self.done)
             if self._on and not self._finished:
                 self._guard(self._advance, n)
 
