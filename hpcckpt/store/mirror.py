@@ -28,7 +28,7 @@ import builtins
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -118,12 +118,19 @@ class Mirror:
         mirror already holds this checkpoint). :class:`CorruptCheckpointError` when a local file does not
         match its manifest (nothing is published); backend errors (``OSError``, ``PermissionError``...)
         propagate, with nothing published."""
-        remote = self.list()
-        existing = self.find(checkpoint, remote)
+        return self.push(checkpoint, progress)[0]
+
+    def push(
+        self, checkpoint: Checkpoint, progress: Advance | None = None, remote: Sequence[Checkpoint] | None = None
+    ) -> tuple[Checkpoint, bool]:
+        """:meth:`upload`, also saying whether anything was sent (False: the mirror already held it).
+        ``remote`` is the mirror's listing when the caller has one."""
+        listed = self.list() if remote is None else list(remote)
+        existing = self.find(checkpoint, listed)
         if existing is not None:
-            return existing
-        name = _free_name(checkpoint.name, {c.name for c in remote})
-        seq = 1 + max((c.seq or 0 for c in remote), default=0)
+            return existing, False
+        name = _free_name(checkpoint.name, {c.name for c in listed})
+        seq = 1 + max((c.seq or 0 for c in listed), default=0)
         directory = f"{PREFIX}/{name}"
         for record in checkpoint.files:
             local = checkpoint.path / record.name
@@ -133,7 +140,7 @@ class Mirror:
                 raise OSError(f"{self.url}/{directory}/{record.name}: stored {stored} bytes of {record.size}")
         published = dataclasses.replace(checkpoint, name=name, seq=seq, path=self.location.root / directory)
         self.location.put_bytes(f"{directory}/{MANIFEST}", _manifest_bytes(published))
-        return published
+        return published, True
 
     # -- downloading --------------------------------------------------------------------------------------
     def download(
@@ -170,10 +177,15 @@ class Mirror:
         registry.append_event(event_log.pulled(name=local.name, step=local.step, url=self.where(checkpoint)))
         return local
 
-    def pull_newest(self, store: Any, progress: Advance | None = None) -> Checkpoint | None:
+    def pull_newest(
+        self, store: Any, progress: Advance | None = None, skip: Collection[tuple[int, str]] = ()
+    ) -> Checkpoint | None:
         """Download the newest remote checkpoint whose files verify into ``store`` (an older one when the
-        newest does not verify); None when the mirror has none that does."""
+        newest does not verify); None when the mirror has none that does. Remote checkpoints whose (step,
+        combined checksum) is in ``skip`` (found bad here) are passed over."""
         for checkpoint in reversed(self.list()):
+            if (checkpoint.step, checkpoint.checksum) in skip:
+                continue
             try:
                 return self.download(checkpoint, store, progress)
             except CorruptCheckpointError as error:
