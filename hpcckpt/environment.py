@@ -105,6 +105,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HPCCKPT_LOCK", "'auto', 'fcntl' or 'soft'", _one_of(*LOCK_MODES), "registry lock mode"),
     Variable("HPCCKPT_MASTER_PORT", "a port number from 1 to 65535", _port, "torch.distributed's rendezvous port"),
     Variable("HPCCKPT_BACKEND", "'local' or 'slurm'", _one_of("local", "slurm"), "set by the local backend"),
+    Variable(
+        "HPCCKPT_PROGRESS",
+        "'0' (off) or '1' (on, even for work under 2 s)",
+        _one_of("0", "1"),
+        "progress bars and 10 % lines of transfers, export and verify (unset: only work over 2 s)",
+    ),
     Variable("HPCCKPT_REQUIRE_SLURM", "'0' or '1'", _one_of("0", "1"), "the test suite: fail, not skip, without Slurm"),
 )
 _BY_NAME = {variable.name: variable for variable in VARIABLES}

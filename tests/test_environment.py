@@ -28,6 +28,7 @@ BAD = {
     "HPCCKPT_MASTER_PORT": ("70000", "a port number from 1 to 65535"),
     "HPCCKPT_BACKEND": ("pbs", "'local' or 'slurm'"),
     "HPCCKPT_REQUIRE_SLURM": ("yes", "'0' or '1'"),
+    "HPCCKPT_PROGRESS": ("off", "'0' (off) or '1'"),
 }
 
 

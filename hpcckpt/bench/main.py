@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from . import mirror as bench_mirror
 from .targets import GROUPS, Target
 
-SIZES = ("large_mib", "small_mib", "small_count", "model_mib", "async_mib", "history", "writers")
+SIZES = ("large_mib", "small_mib", "small_count", "model_mib", "async_mib", "history", "writers", "mirror_mib")
 QUICK = {
     "repeats": 1,
     "large_mib": 4,
@@ -30,6 +31,7 @@ QUICK = {
     "save_every": 2,
     "history": 20,
     "writers": 2,
+    "mirror_mib": 4,
 }
 
 
@@ -56,6 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="how to empty the page cache for cold loads: drop (root: /proc/sys/vm/drop_caches), fadvise "
         "(POSIX_FADV_DONTNEED on each file), auto (drop where allowed)",
     )
+    bench_mirror.configure(parser)
     parser.add_argument(
         "--only", action="append", choices=GROUPS, help="run only this group of rows (repeatable); default: all"
     )
@@ -89,12 +92,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         from .rows import bench_store
 
-        needs = set(args.only or GROUPS) - {"async", "registry"}
+        needs = set(args.only or GROUPS) - {"async", "registry", "mirror"}
         if needs and importlib.util.find_spec("safetensors") is None:
             raise UsageError(
                 f"hpcckpt bench store's rows {', '.join(sorted(needs))} measure against safetensors, which is "
-                "not installed: pip install safetensors (or hpcckpt[test]); --only async and --only registry "
-                "run without it"
+                "not installed: pip install safetensors (or hpcckpt[test]); --only async, --only registry and "
+                "--only mirror run without it"
             )
 
         parent = Path(args.dir) if args.dir else Path.cwd()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import contenders as c
+from .mirror import mirror_rows
 from .targets import GROUPS, Target
 
 Figures = dict[str, Any]
@@ -79,6 +80,7 @@ def bench_store(root: Path, args: argparse.Namespace, groups: set[str]) -> tuple
         "async": async_rows,
         "memory": memory_rows,
         "registry": registry_rows,
+        "mirror": mirror_rows,
     }
     targets: list[Target] = []
     # For the whole run: dcp.async_save's background thread warns after the call has returned.

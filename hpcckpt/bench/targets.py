@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-GROUPS = ("save", "tmpfs", "restore", "small", "async", "memory", "registry")
+GROUPS = ("save", "tmpfs", "restore", "small", "async", "memory", "registry", "mirror")
 
 
 @dataclass(frozen=True)

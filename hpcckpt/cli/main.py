@@ -18,13 +18,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..bench import main as bench
 from ..environment import check_environment
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, HpcckptError, UsageError
+from ..progress import Progress
 from . import chain
+
+if TYPE_CHECKING:
+    from ..store.manifest import Checkpoint
+    from ..store.store import CheckpointStore
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -97,19 +102,31 @@ def _run_verify(args: argparse.Namespace) -> int:
     store = chain.open_run(args.run_dir)
     checkpoints = store.list()
     corrupt = gone = 0
-    for checkpoint in checkpoints:
-        try:
-            store.verify(checkpoint)
-        except CheckpointNotFoundError:
-            gone += 1  # retention deleted it while we were checking: not a fault of the run
-            print(f"gone     {checkpoint.name} (deleted by retention while verifying)")
-        except CorruptCheckpointError as error:
-            corrupt += 1
-            print(f"CORRUPT  {checkpoint.name}: {error}")
-        else:
-            print(f"ok       {checkpoint.name}  step {checkpoint.step}  {_bytes(checkpoint.size)}")
+    with Progress(sum(c.size for c in checkpoints), f"verify {store.run_dir}") as bar:
+        for checkpoint in checkpoints:
+            corrupt, gone = _verify_one(store, checkpoint, bar, corrupt, gone)
     print(f"{len(checkpoints) - corrupt - gone} ok, {corrupt} corrupt in {store.run_dir}")
     return 1 if corrupt else 0
+
+
+def _verify_one(
+    store: CheckpointStore, checkpoint: Checkpoint, bar: Progress, corrupt: int, gone: int
+) -> tuple[int, int]:
+    """Verify one checkpoint, print its line, count its bytes as done however it ended."""
+    start = bar.done
+    try:
+        try:
+            store.verify(checkpoint, on_bytes=bar.update)
+        finally:
+            bar.update(max(0, start + checkpoint.size - bar.done))  # a corrupt file stops early
+    except CheckpointNotFoundError:
+        print(f"gone     {checkpoint.name} (deleted by retention while verifying)")
+        return corrupt, gone + 1  # retention deleted it while we were checking: not a fault of the run
+    except CorruptCheckpointError as error:
+        print(f"CORRUPT  {checkpoint.name}: {error}")
+        return corrupt + 1, gone
+    print(f"ok       {checkpoint.name}  step {checkpoint.step}  {_bytes(checkpoint.size)}")
+    return corrupt, gone
 
 
 def _configure_export(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,10 +241,11 @@ def file_digest(path: Path) -> str:
         os.close(fd)
 
 
-def verify_file(path: Path, record: FileRecord) -> None:
+def verify_file(path: Path, record: FileRecord, on_bytes: Callable[[int], None] | None = None) -> None:
     """Raise :class:`CorruptCheckpointError` naming ``path`` when its size or checksum differ from ``record``.
 
     The file is read once, in chunks; its pages stay in the page cache for the ``mmap`` load that follows.
+    ``on_bytes(n)`` is called after each chunk hashed (a progress bar's ``update``).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -257,7 +258,7 @@ def verify_file(path: Path, record: FileRecord) -> None:
     try:
         size = os.fstat(fd).st_size
         check_size(path, size, record)
-        digest = _file_digest(fd, size)
+        digest = _file_digest(fd, size, on_bytes)
     except OSError as error:
         raise CorruptCheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
     finally:
@@ -289,7 +290,7 @@ def check_digest(path: Path, digest: str, record: FileRecord) -> None:
 _SLICE = 64 << 20
 
 
-def _file_digest(fd: int, size: int) -> str:
+def _file_digest(fd: int, size: int, on_bytes: Callable[[int], None] | None = None) -> str:
     hasher = new_digest()
     if size == 0:
         return format_digest(hasher)
@@ -300,6 +301,8 @@ def _file_digest(fd: int, size: int) -> str:
             for offset in range(0, size, _SLICE):
                 with view[offset : offset + _SLICE] as piece:
                     hasher.update(piece)
+                    if on_bytes is not None:
+                        on_bytes(piece.nbytes)
         finally:
             view.release()
     return format_digest(hasher)

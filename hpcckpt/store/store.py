@@ -30,8 +30,8 @@ from ..rundir import CHECKPOINTS
 from ..slurm.env import read_slurm_env
 from ..state import RestoreOptions, TrainState
 from .asyncsave import BackgroundSave, SaveHandle, Staging
-from .export import EXPORT_FORMATS, write_safetensors
-from .fileio import SyncedWriter, fsync_dir, open_nofollow
+from .export import EXPORT_FORMATS, write_export
+from .fileio import fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
 from .manifest import Checkpoint, verify_file
 from .mirror import DEFAULT_KEEP_LAST as DEFAULT_MIRROR_KEEP_LAST
@@ -312,8 +312,9 @@ class CheckpointStore:
         return matches[-1]
 
     # -- checking and loading ---------------------------------------------------------------------------
-    def verify(self, ckpt: CheckpointRef = None) -> Checkpoint:
-        """Check every file of a checkpoint against its manifest (size and checksum).
+    def verify(self, ckpt: CheckpointRef = None, *, on_bytes: Callable[[int], None] | None = None) -> Checkpoint:
+        """Check every file of a checkpoint against its manifest (size and checksum); ``on_bytes(n)`` is told
+        of the bytes as they are read (a progress bar's ``update``).
 
         Raises :class:`CorruptCheckpointError` naming the file and what is wrong, and
         :class:`CheckpointNotFoundError` when the checkpoint was deleted (by retention) meanwhile.
@@ -321,7 +322,7 @@ class CheckpointStore:
         checkpoint = ckpt if isinstance(ckpt, Checkpoint) else self._require(ckpt)
         try:
             for record in checkpoint.files:
-                verify_file(checkpoint.path / record.name, record)
+                verify_file(checkpoint.path / record.name, record, on_bytes)
         except CorruptCheckpointError:
             if not checkpoint.path.exists():
                 raise CheckpointNotFoundError(
@@ -476,27 +477,7 @@ class CheckpointStore:
                     f"{', '.join(sorted(map(str, state)))}); export it whole instead"
                 )
             state = state["model"]
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        writer = None
-        try:
-            writer = SyncedWriter(tmp, checksum=False)
-            if as_ == "safetensors":
-                write_safetensors(state, writer, source=checkpoint.name)
-            else:
-                import torch
-
-                torch.save(state, writer)  # type: ignore[arg-type]
-            writer.close()
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
-        except BaseException as error:
-            if writer is not None:
-                writer.abort()
-            tmp.unlink(missing_ok=True)
-            failed = writer.failed if writer is not None and writer.failed is not None else error
-            if isinstance(failed, OSError):
-                raise StoreError(f"could not write {target}: {failed.strerror or failed}") from error
-            raise
+        write_export(target, state, as_=as_, source=checkpoint.name)
         return target, checkpoint
 
     def format_of(self, checkpoint: Checkpoint) -> CheckpointFormat:
