@@ -137,6 +137,9 @@ class Run:
       docstring for the rule); stops still save before leaving.
     - ``async_staging_bytes``: the most host memory a snapshot may take (default: a quarter of the
       machine's); a larger state is saved synchronously, with a warning.
+    - ``compression``, ``compression_level``: ``"zstd"`` compresses checkpoints at that level (1-22,
+      default 3; needs ``hpcckpt[zstd]``), as on :class:`CheckpointStore`. One process only: the sharded
+      checkpoints of several ranks are not compressed (a :class:`UsageError`).
     """
 
     def __init__(
@@ -159,6 +162,8 @@ class Run:
         agree_every: int = 1,
         async_save: bool = False,
         async_staging_bytes: int | None = None,
+        compression: str | None = None,
+        compression_level: int = 3,
     ) -> None:
         self.environ = os.environ if environ is None else environ
         values = check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
@@ -197,6 +202,8 @@ class Run:
             lock=lock_mode(self.environ),
             job=read_slurm_env(self.environ),
             async_staging_bytes=async_staging_bytes,
+            compression=compression,
+            compression_level=compression_level,
         )
         if not isinstance(async_save, bool):
             raise UsageError(f"Invalid async_save={async_save!r}: expected True or False")

@@ -31,7 +31,7 @@ from ..state import RestoreOptions, TrainState
 from .asyncsave import BackgroundSave, SaveHandle, Staging
 from .export import EXPORT_FORMATS, write_safetensors
 from .fileio import SyncedWriter, fsync_dir, open_nofollow
-from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
+from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef, writing_format
 from .manifest import Checkpoint, verify_file
 from .registry import LockMode, Registry, lock_mode, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
@@ -56,6 +56,8 @@ class CheckpointStore:
     ``create`` makes the run directory when it does not exist. ``async_staging_bytes`` bounds the host
     memory an async save (``save(..., blocking=False)``) may stage a state in (default: a quarter of this
     machine's memory); a larger state is saved synchronously, with a warning the first time.
+    ``compression="zstd"`` compresses what the ``tensors`` format writes, at ``compression_level`` (1-22;
+    needs ``hpcckpt[zstd]``); off by default. Any checkpoint loads whatever this setting.
     """
 
     def __init__(
@@ -71,6 +73,8 @@ class CheckpointStore:
         create: bool = True,
         job: JobIds | None = None,
         async_staging_bytes: int | None = None,
+        compression: str | None = None,
+        compression_level: int = 3,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.keep_last = check_keep_last(keep_last)
@@ -81,9 +85,7 @@ class CheckpointStore:
         self.job = read_slurm_env(os.environ) if job is None else job
         if lock is None:
             lock = lock_mode(os.environ)
-        if format not in FORMATS:
-            raise UsageError(f"Invalid checkpoint format {format!r}: expected one of {sorted(FORMATS)}")
-        self.format: CheckpointFormat = FORMATS[format]
+        self.format: CheckpointFormat = writing_format(format, compression, compression_level)
         _prepare_run_dir(self.run_dir, create=create)
         self.registry = Registry(self.run_dir, lock=lock, lock_timeout=lock_timeout)
         self.staging = Staging(_default_staging_bytes() if async_staging_bytes is None else async_staging_bytes)
