@@ -463,7 +463,11 @@ class _Reader:
 
         if self.map is None:  # read into fresh memory by the kernel: no page faults on a mapping
             if self.compressed:
-                self.storages = self._decompress([nbytes for _begin, nbytes in spans])
+                try:
+                    self.storages = self._decompress([nbytes for _begin, nbytes in spans])
+                except CorruptCheckpointError:
+                    self._check_whole_file()  # a changed byte: say so, rather than what zstd made of it
+                    raise
             else:
                 self.storages = [self._read_fresh(begin, nbytes) for begin, nbytes in spans]
             self._hash_gap(self.size)
@@ -503,6 +507,14 @@ class _Reader:
         if self.position != self.size:
             raise self.corrupt(f"its last storage's compressed records end at byte {self.position}, not at its end")
         return storages
+
+    def _check_whole_file(self) -> None:
+        """With a manifest record to check against: hash the rest of the file and raise the checksum
+        mismatch when there is one."""
+        if self.expected is not None and self.hasher is not None:
+            while self.hashed < self.size:  # in pieces: the rest of a large file is not read into memory whole
+                self._hash_gap(min(self.hashed + _READ_PIECE, self.size))
+            check_digest(self.path, format_digest(self.hasher), self.expected)
 
     def _take(self, view: memoryview) -> None:
         """The file's next bytes into ``view``, hashed."""
