@@ -21,7 +21,7 @@ from typing import Any
 from .targets import Target
 
 Figures = dict[str, Any]
-QUICK = {"width": 64, "layers": 1, "train_steps": 3, "levels": "1", "repeats": 1}
+QUICK = {"width": 64, "layers": 1, "train_steps": 3, "repeats": 1}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -130,9 +130,8 @@ def writing_format(name: str, compression: str | None, compression_level: int) -
     setting = parse(compression, compression_level, name)
     if setting is None:
         return FORMATS[name]
-    from .tensorfile import TensorFileFormat
-
-    return TensorFileFormat(compression=setting)
+    module = importlib.import_module(f"{__name__}.{_MODULES[TENSORS_FORMAT]}")  # as the table does: no cycle
+    return cast("CheckpointFormat", module.TensorFileFormat(compression=setting))
 
 
 def restore_whole(

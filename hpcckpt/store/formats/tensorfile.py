@@ -414,7 +414,9 @@ class _Reader:
         if magic != MAGIC:
             raise self.corrupt(f"starts with {magic!r}, expected the magic {MAGIC!r}")
         if version not in (VERSION, COMPRESSED_VERSION):
-            raise self.corrupt(f"version {version}; this hpcckpt reads versions {VERSION} and {COMPRESSED_VERSION}")
+            raise self.corrupt(
+                f"version {version}; this hpcckpt reads version {VERSION} or {COMPRESSED_VERSION} (compressed)"
+            )
         if length > self.size - _PREAMBLE.size:
             raise self.corrupt(f"header length {length} reaches beyond the file's {self.size} bytes")
         start = self.data_start = _aligned(_PREAMBLE.size + length)
