@@ -137,9 +137,10 @@ class Run:
       docstring for the rule); stops still save before leaving.
     - ``async_staging_bytes``: the most host memory a snapshot may take (default: a quarter of the
       machine's); a larger state is saved synchronously, with a warning.
-    - ``compression``, ``compression_level``: ``"zstd"`` compresses checkpoints at that level (1-22,
-      default 3; needs ``hpcckpt[zstd]``), as on :class:`CheckpointStore`. One process only: the sharded
-      checkpoints of several ranks are not compressed (a :class:`UsageError`).
+    - ``compression``: ``"zstd"`` compresses checkpoints (needs ``hpcckpt[zstd]``), as on
+      :class:`CheckpointStore`; default None. One process only: the sharded checkpoints of several ranks
+      are not compressed (a :class:`UsageError`).
+    - ``compression_level``: zstd's level, 1 to 22 (default 3).
     """
 
     def __init__(
