@@ -144,6 +144,11 @@ class Run:
       waits for uploads as long as the budget allows and leaves the rest to the next task.
     - ``mirror_keep_last``: how many of the newest checkpoints the mirror keeps (default 3; ``None``: all);
       the newest complete one is never deleted.
+
+    - ``compression``: ``"zstd"`` compresses checkpoints (needs ``hpcckpt[zstd]``), as on
+      :class:`CheckpointStore`; default None. One process only: the sharded checkpoints of several ranks
+      are not compressed (a :class:`UsageError`).
+    - ``compression_level``: zstd's level, 1 to 22 (default 3).
     """
 
     def __init__(
@@ -168,6 +173,8 @@ class Run:
         async_staging_bytes: int | None = None,
         mirror: str | None = None,
         mirror_keep_last: int | None = DEFAULT_MIRROR_KEEP_LAST,
+        compression: str | None = None,
+        compression_level: int = 3,
     ) -> None:
         self.environ = os.environ if environ is None else environ
         values = check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
@@ -208,6 +215,8 @@ class Run:
             async_staging_bytes=async_staging_bytes,
             mirror=values.get("HPCCKPT_MIRROR") if mirror is None else mirror,
             mirror_keep_last=mirror_keep_last,
+            compression=compression,
+            compression_level=compression_level,
         )
         if not isinstance(async_save, bool):
             raise UsageError(f"Invalid async_save={async_save!r}: expected True or False")

@@ -103,7 +103,8 @@ def test_a_one_file_store_never_imports_the_sharded_format(tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[-2] == (
-        "['hpcckpt.store.formats', 'hpcckpt.store.formats.codec', 'hpcckpt.store.formats.tensorfile']"
+        "['hpcckpt.store.formats', 'hpcckpt.store.formats.codec', 'hpcckpt.store.formats.tensorfile', "
+        "'hpcckpt.store.formats.zstdframes']"
     )
 
 

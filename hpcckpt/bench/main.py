@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from . import compression as bench_compression
 from . import mirror as bench_mirror
 from .targets import GROUPS, Target
 
@@ -36,7 +37,7 @@ QUICK = {
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=("store", "agree"), help="which benchmark to run")
+    parser.add_argument("what", choices=("store", "agree", "compression"), help="which benchmark to run")
     parser.add_argument("--steps", type=int, default=300, help="agree: steps per timed loop")
     parser.add_argument("--dir", help="where to write (default: a temporary directory in the current one)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions, median taken")
@@ -65,6 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that it all runs")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    bench_compression.configure(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"Invalid --steps {args.steps}: expected a whole number >= 1")
         figures, found = bench_agree.run(args)
         targets = [Target(name, value, goal) for name, value, goal in found]
+    elif args.what == "compression":
+        parent = Path(args.dir) if args.dir else Path.cwd()
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="hpcckpt-bench-", dir=parent) as scratch:
+            figures, targets = bench_compression.run(Path(scratch), args)
     else:
         from .rows import bench_store
 

@@ -64,13 +64,15 @@ class Checkpoint:
     # saving node's skewed clock must not decide which is the latest). None for checkpoints written by
     # hpcckpt before it numbered commits.
     seq: int | None = None
+    # How its files are compressed (issue 14): {"codec": "zstd", "level": 3}, or None for plain files.
+    compression: Mapping[str, Any] | None = None
 
     def __hash__(self) -> int:
         return hash(self.path)
 
     def summary(self) -> dict[str, Any]:
-        """The record as the index and ``hpcckpt ls --json`` show it."""
-        return {
+        """The record as the index and ``hpcckpt ls --json`` show it (``compression`` only when set)."""
+        summary: dict[str, Any] = {
             "name": self.name,
             "seq": self.seq,
             "step": self.step,
@@ -90,6 +92,9 @@ class Checkpoint:
             "versions": dict(self.versions),
             "metadata": dict(self.metadata),
         }
+        if self.compression is not None:
+            summary["compression"] = dict(self.compression)
+        return summary
 
     def manifest(self) -> dict[str, Any]:
         return {"hpcckpt_manifest": MANIFEST_VERSION, **self.summary()}
@@ -133,6 +138,7 @@ class Checkpoint:
                 versions=dict(data.get("versions") or {}),
                 metadata=dict(data.get("metadata") or {}),
                 seq=seq,
+                compression=None if data.get("compression") is None else dict(data["compression"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptCheckpointError(f"{path / MANIFEST}: malformed entry ({error!r})") from None
@@ -160,6 +166,7 @@ _FIELDS: dict[str, tuple[str, bool]] = {  # field: (expected, may be null or abs
     "save_seconds": (_NUMBER, True),
     "versions": (_OBJECT, True),
     "metadata": (_OBJECT, True),
+    "compression": (_OBJECT, True),
 }
 
 

@@ -32,7 +32,7 @@ from ..state import RestoreOptions, TrainState
 from .asyncsave import BackgroundSave, SaveHandle, Staging
 from .export import EXPORT_FORMATS, write_export
 from .fileio import fsync_dir, open_nofollow
-from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
+from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef, writing_format
 from .manifest import Checkpoint, verify_file
 from .mirror import DEFAULT_KEEP_LAST as DEFAULT_MIRROR_KEEP_LAST
 from .mirror import Mirror, describe_failure
@@ -66,6 +66,8 @@ class CheckpointStore:
     (``mirror_keep_last``, default 3; ``mirror_keep_best``); ``uploads`` is then its upload thread (None
     without a mirror), and :meth:`restore` takes the mirror's newest valid checkpoint when this run
     directory has none.
+    ``compression="zstd"`` compresses what the ``tensors`` format writes, at ``compression_level`` (1-22;
+    needs ``hpcckpt[zstd]``); off by default. Any checkpoint loads whatever this setting.
     """
 
     def __init__(
@@ -84,6 +86,8 @@ class CheckpointStore:
         mirror: str | None = None,
         mirror_keep_last: int | None = DEFAULT_MIRROR_KEEP_LAST,
         mirror_keep_best: KeepBest | tuple[str, str, int] | None = None,
+        compression: str | None = None,
+        compression_level: int = 3,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.keep_last = check_keep_last(keep_last)
@@ -94,9 +98,7 @@ class CheckpointStore:
         self.job = read_slurm_env(os.environ) if job is None else job
         if lock is None:
             lock = lock_mode(os.environ)
-        if format not in FORMATS:
-            raise UsageError(f"Invalid checkpoint format {format!r}: expected one of {sorted(FORMATS)}")
-        self.format: CheckpointFormat = FORMATS[format]
+        self.format: CheckpointFormat = writing_format(format, compression, compression_level)
         # Checked before anything is written: a bad mirror URL is a usage error, not a half-made run.
         self.mirror = None if not mirror else Mirror(mirror, keep_last=mirror_keep_last, keep_best=mirror_keep_best)
         _prepare_run_dir(self.run_dir, create=create)

@@ -116,17 +116,19 @@ class SaveTransaction:
             raise StoreError(save_failure(registry.checkpoint_dir, request.step, error, previous)) from error
         return cls(request, directory, owner, previous, started)
 
-    def commit(self, files: Sequence[FileRecord] | None, *, format: str) -> Checkpoint:
+    def commit(
+        self, files: Sequence[FileRecord] | None, *, format: str, compression: Mapping[str, Any] | None = None
+    ) -> Checkpoint:
         """Steps 2-4: describe, number, rename and record the checkpoint; durable and registered on return.
 
         ``files`` are those a format wrote with their checksums; None checksums every file in the directory
         (files that other processes wrote). On any failure the transaction is aborted and the error raised
         as it is (an ``OSError`` becomes the :class:`StoreError` that says what stays when the transaction
-        is left as a context manager).
+        is left as a context manager). ``compression`` says how the files are compressed, for the manifest.
         """
         try:
             records = tuple(file_records(self.directory) if files is None else files)
-            checkpoint = self.record(self.describe(records, format))
+            checkpoint = self.record(self.describe(records, format, compression))
         except BaseException:
             self.abort()  # not renamed: nothing was committed
             raise
@@ -178,7 +180,9 @@ class SaveTransaction:
         if isinstance(error, OSError):
             raise self.failure(error) from error
 
-    def describe(self, files: tuple[FileRecord, ...], format_name: str) -> Checkpoint:
+    def describe(
+        self, files: tuple[FileRecord, ...], format_name: str, compression: Mapping[str, Any] | None = None
+    ) -> Checkpoint:
         """The checkpoint's record under its intended final name (written as the manifest at the commit)."""
         request, job = self.request, self.request.job
         final = _final_path(request.registry, request.step)
@@ -201,6 +205,7 @@ class SaveTransaction:
             save_seconds=time.perf_counter() - self.started,
             versions=_versions(),
             metadata=request.metadata,
+            compression=compression,
         )
 
     def _rename_into_place(self, checkpoint: Checkpoint, seq: int) -> Checkpoint:

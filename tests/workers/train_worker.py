@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--loader-in-state", action="store_true", help="TrainState(dataloader=loader)")
     parser.add_argument("--linger", action="store_true", help="after the loop, wait for a line on stdin")
     parser.add_argument("--async-save", action="store_true", help="Run(async_save=True)")
+    parser.add_argument("--compression", default=None, help="Run(compression=...), e.g. zstd")
     parser.add_argument(
         "--deadline-in",
         type=float,
@@ -112,6 +113,7 @@ def main() -> None:
         save_every=args.save_every,
         grace=args.grace,
         async_save=args.async_save,
+        compression=args.compression,
     ) as run:
         print(json.dumps({"event": "started", "step": state.step}), flush=True)
         if args.steps is not None:

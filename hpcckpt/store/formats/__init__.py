@@ -25,6 +25,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
+from ...errors import UsageError
 from ..manifest import Checkpoint
 
 if TYPE_CHECKING:
@@ -116,6 +117,21 @@ class _FormatTable(Mapping[str, "CheckpointFormat"]):
 
 
 FORMATS: Mapping[str, CheckpointFormat] = _FormatTable()
+
+
+def writing_format(name: str, compression: str | None, compression_level: int) -> CheckpointFormat:
+    """The format ``name`` as a store writes it: with ``compression`` (``"zstd"``, only for the
+    ``tensors`` format) at ``compression_level``, or as it is. A :class:`UsageError` for a bad value, a
+    format that cannot compress, or zstandard missing. Reading is always by the file's own layout."""
+    from .zstdframes import parse
+
+    if name not in FORMATS:
+        raise UsageError(f"Invalid checkpoint format {name!r}: expected one of {sorted(FORMATS)}")
+    setting = parse(compression, compression_level, name)
+    if setting is None:
+        return FORMATS[name]
+    module = importlib.import_module(f"{__name__}.{_MODULES[TENSORS_FORMAT]}")  # as the table does: no cycle
+    return cast("CheckpointFormat", module.TensorFileFormat(compression=setting))
 
 
 def restore_whole(

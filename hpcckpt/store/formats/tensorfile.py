@@ -7,7 +7,9 @@ data region (the first 64-byte boundary after the header). A tensor is a view of
 are written once and load tied, and views, non-contiguous and empty tensors come back with their exact
 strides. The state's other values are in the safe encoding of :mod:`.codec`; values it cannot carry are
 pickled alone into a storage and loaded with ``torch.load(weights_only=True)`` unless the caller allows
-full pickle by name.
+full pickle by name. Version 2 of the layout (``compression="zstd"``, issue 14) has the same preamble and
+header, with a ``"compression"`` field, and each storage's bytes as zstd records (:mod:`.zstdframes`);
+every file is read by what it says it is, whatever the store's current setting.
 
 Invariants: bytes go from each storage's memory to :class:`~hpcckpt.store.fileio.SyncedWriter` with no
 intermediate copy (CUDA storages: one host copy through a reused buffer), hashed once while written. On
@@ -37,6 +39,7 @@ from ..manifest import Checkpoint, FileRecord, check_digest, check_size
 from ..transaction import SaveRequest, SaveTransaction
 from . import TENSORS_FORMAT, CheckpointRef, CheckpointSource
 from .codec import CodecError, Decoder, Encoder, PickleRefusedError
+from .zstdframes import MAX_RATIO, Compression, FrameReader, FrameWriter
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 
 MAGIC = b"HPCKTENS"
 VERSION = 1
+COMPRESSED_VERSION = 2  # storages as zstd records: a hpcckpt that predates it refuses the file by its version
 _PREAMBLE = struct.Struct("<8sIIQ")
 ALIGN = 64
 _MAX_DIMS = 64
@@ -78,8 +82,9 @@ class TensorFileFormat:
     name = TENSORS_FORMAT
     filename = "state.tensors"
 
-    def __init__(self, *, checksum: bool = True) -> None:
+    def __init__(self, *, checksum: bool = True, compression: Compression | None = None) -> None:
         self.checksum = checksum
+        self.compression = compression
 
     def check_save(self, state: object, tag: str | None, metadata: Mapping[str, Any] | None) -> None:
         """A state dict or a TrainState, with a tag and metadata: everything the store takes (a value the
@@ -91,9 +96,12 @@ class TensorFileFormat:
         it is) and commit it. What cannot be saved is refused before the temporary directory exists."""
         payload = request.payload(state)
         plan = self.plan(payload)
+        compression = None if self.compression is None else self.compression.describe()
         with SaveTransaction.begin(request) as transaction:
             return transaction.commit(
-                [plan.write(transaction.directory / self.filename, self.checksum)], format=self.name
+                [plan.write(transaction.directory / self.filename, self.checksum)],
+                format=self.name,
+                compression=compression,
             )
 
     def write(self, state: Mapping[str, Any], directory: Path) -> list[FileRecord]:
@@ -102,7 +110,7 @@ class TensorFileFormat:
 
     def plan(self, state: Mapping[str, Any]) -> _Plan:
         """The header and the storages to write for ``state``; :class:`UsageError` for what cannot be saved."""
-        plan = _Plan({dtype: name for name, dtype in dtypes().items()})
+        plan = _Plan({dtype: name for name, dtype in dtypes().items()}, self.compression)
         try:
             tree = plan.encoder.encode(dict(state))
             plan.finish(tree)
@@ -112,7 +120,8 @@ class TensorFileFormat:
 
     # -- loading --------------------------------------------------------------------------------------------
     def read(self, checkpoint: Checkpoint, map_location: Any, *, weights_only: bool, mmap: bool) -> dict[str, Any]:
-        """The state; with ``mmap`` its tensors are views of a private (copy-on-write) mapping of the file."""
+        """The state; with ``mmap`` its tensors are views of a private (copy-on-write) mapping of the file
+        (a compressed file cannot be mapped: it is read, and decompressed, into fresh memory instead)."""
         path = checkpoint.path / self.filename
         device = _device(map_location)
         _check_usable(device, path)
@@ -163,8 +172,9 @@ class TensorFileFormat:
 class _Plan:
     """What one save writes: the encoded header, then each storage's bytes at its aligned offset."""
 
-    def __init__(self, dtype_names: Mapping[Any, str]) -> None:
+    def __init__(self, dtype_names: Mapping[Any, str], compression: Compression | None = None) -> None:
         self.dtype_names = dtype_names
+        self.compression = compression
         self.sources: list[Any] = []  # a uint8 tensor over a storage, or a memoryview of raw bytes
         self.sizes: list[int] = []
         self.entries: list[list[Any]] = []
@@ -222,20 +232,28 @@ class _Plan:
             self.offsets.append(offset)
             offset = _aligned(offset + size)
         storages = [[o, n] for o, n in zip(self.offsets, self.sizes, strict=True)]
-        header = {"storages": storages, "tensors": self.entries, "state": tree}
+        header: dict[str, Any] = {"storages": storages, "tensors": self.entries, "state": tree}
+        if self.compression is not None:
+            header["compression"] = self.compression.describe()
         self.header = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
 
     def write(self, path: Path, checksum: bool) -> FileRecord:
         out = SyncedWriter(path, checksum=checksum)
         try:
-            out.write(_PREAMBLE.pack(MAGIC, VERSION, 0, len(self.header)))
+            version = VERSION if self.compression is None else COMPRESSED_VERSION
+            out.write(_PREAMBLE.pack(MAGIC, version, 0, len(self.header)))
             out.write(self.header)
             start = _aligned(_PREAMBLE.size + len(self.header))
             _pad(out, start)
             host: list[Any] = []  # the reused host buffer for device storages
-            for source, offset in zip(self.sources, self.offsets, strict=True):
-                _pad(out, start + offset)
-                _write_storage(out, source, host)
+            if self.compression is not None:
+                frames = FrameWriter(self.compression, out)
+                for source in self.sources:  # the background thread of an async save compresses
+                    _write_storage(frames, source, host)
+            else:
+                for source, offset in zip(self.sources, self.offsets, strict=True):
+                    _pad(out, start + offset)
+                    _write_storage(out, source, host)
             out.close()
         except BaseException:
             out.abort()
@@ -243,7 +261,7 @@ class _Plan:
         return FileRecord(path.name, out.size, out.digest)
 
 
-def _write_storage(out: SyncedWriter, source: Any, host: list[Any]) -> None:
+def _write_storage(out: SyncedWriter | FrameWriter, source: Any, host: list[Any]) -> None:
     """Write one storage's bytes: from its own memory on the CPU, else through one reused host buffer."""
     if isinstance(source, memoryview):
         out.write(source)
@@ -321,9 +339,10 @@ class _Reader:
     """One checkpoint file, parsed and checked; tensors are built on demand from its storages.
 
     ``mapped``: the storages are views of a private (copy-on-write) mapping of the file, which the store has
-    verified before. Otherwise each storage is read into fresh memory, and with ``expected`` (the manifest's
-    record) every byte of the file is hashed in file order as it is read, each piece right after its read
-    (still in the CPU's cache), and the checksum compared before any tensor is built.
+    verified before; a compressed file is never mapped. Otherwise each storage is read (or decompressed)
+    into fresh memory, and with ``expected`` (the manifest's record) every byte of the file is hashed in
+    file order as it is read, each piece right after its read (still in the CPU's cache), and the checksum
+    compared before any tensor is built.
     """
 
     def __init__(self, path: Path, dtypes: Mapping[str, Any], *, mapped: bool, expected: FileRecord | None) -> None:
@@ -341,6 +360,10 @@ class _Reader:
                 check_size(path, size, expected)
             if size < _PREAMBLE.size:
                 raise self.corrupt(f"{size} bytes, shorter than the {_PREAMBLE.size}-byte preamble")
+            self.size = size
+            # A compressed file's storages are records, not bytes to map: read (and decompress) it instead.
+            self.compressed = _PREAMBLE.unpack(self._read_bytes(0, _PREAMBLE.size))[1] == COMPRESSED_VERSION
+            mapped = self.mapped = mapped and not self.compressed
             if mapped:
                 # Private (copy-on-write): tensors handed out may be written to; the file never is.
                 self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_COPY)
@@ -349,7 +372,6 @@ class _Reader:
         except BaseException:
             os.close(self.fd)
             raise
-        self.size = size
         self.storages: list[Any] = []
         self.built: list[Any] = []
 
@@ -391,11 +413,13 @@ class _Reader:
         magic, version, _flags, length = _PREAMBLE.unpack_from(head, 0)
         if magic != MAGIC:
             raise self.corrupt(f"starts with {magic!r}, expected the magic {MAGIC!r}")
-        if version != VERSION:
-            raise self.corrupt(f"version {version}; this hpcckpt reads version {VERSION}")
+        if version not in (VERSION, COMPRESSED_VERSION):
+            raise self.corrupt(
+                f"version {version}; this hpcckpt reads version {VERSION} or {COMPRESSED_VERSION} (compressed)"
+            )
         if length > self.size - _PREAMBLE.size:
             raise self.corrupt(f"header length {length} reaches beyond the file's {self.size} bytes")
-        start = _aligned(_PREAMBLE.size + length)
+        start = self.data_start = _aligned(_PREAMBLE.size + length)
         if self.map is None:
             # Read (and hash) from the file's start through the header and its padding, as one piece.
             head = self._read_bytes(0, min(start, self.size))
@@ -406,6 +430,10 @@ class _Reader:
             raise self.corrupt(f"its header is not valid JSON ({type(error).__name__}: {str(error)[:80]})") from None
         if type(header) is not dict:
             raise self.corrupt("its header is not a JSON object")
+        if self.compressed:
+            codec = header.get("compression")
+            if type(codec) is not dict or codec.get("codec") != "zstd":
+                raise self.corrupt(f"header field 'compression' is {str(codec)[:60]}, expected a codec 'zstd'")
         return header, start
 
     def _spans(self, storages: Any, start: int) -> list[tuple[int, int]]:
@@ -419,7 +447,14 @@ class _Reader:
             if offset < end or nbytes < 0 or offset % ALIGN:
                 raise self.corrupt(f"storage {index} at [{offset}, +{nbytes}) overlaps, is misaligned or negative")
             end = offset + nbytes
-            if start + end > self.size:
+            if self.compressed:
+                # Records hold the bytes: refuse what no zstd data of this size can hold before allocating it.
+                if end > (self.size - start) * MAX_RATIO:
+                    raise self.corrupt(
+                        f"storage {index} ends at raw byte {end}, more than {MAX_RATIO} times the "
+                        f"{self.size - start} compressed bytes could hold (a decompression bomb)"
+                    )
+            elif start + end > self.size:
                 raise self.corrupt(f"storage {index} ends at byte {start + end}, beyond the file's {self.size} bytes")
             spans.append((start + offset, nbytes))
         return spans
@@ -429,7 +464,14 @@ class _Reader:
         import torch
 
         if self.map is None:  # read into fresh memory by the kernel: no page faults on a mapping
-            self.storages = [self._read_fresh(begin, nbytes) for begin, nbytes in spans]
+            if self.compressed:
+                try:
+                    self.storages = self._decompress([nbytes for _begin, nbytes in spans])
+                except CorruptCheckpointError:
+                    self._check_whole_file()  # a changed byte: say so, rather than what zstd made of it
+                    raise
+            else:
+                self.storages = [self._read_fresh(begin, nbytes) for begin, nbytes in spans]
             self._hash_gap(self.size)
             if self.expected is not None and self.hasher is not None:
                 check_digest(self.path, format_digest(self.hasher), self.expected)
@@ -451,6 +493,38 @@ class _Reader:
             self._read_into(piece, begin + offset)
             self._hash(piece, begin + offset)
         return fresh
+
+    def _decompress(self, sizes: list[int]) -> list[Any]:
+        """Each storage in fresh memory of its declared size, decompressed from the records that follow
+        the header (hashed as they are read, in file order); nothing may follow the last record."""
+        import torch
+
+        self.position = self.data_start
+        frames = FrameReader(self.path, self._take, self.corrupt)
+        storages = []
+        for index, nbytes in enumerate(sizes):
+            fresh = torch.empty(nbytes, dtype=torch.uint8)
+            frames.fill(index, fresh.numpy().data)
+            storages.append(fresh)
+        if self.position != self.size:
+            raise self.corrupt(f"its last storage's compressed records end at byte {self.position}, not at its end")
+        return storages
+
+    def _check_whole_file(self) -> None:
+        """With a manifest record to check against: hash the rest of the file and raise the checksum
+        mismatch when there is one."""
+        if self.expected is not None and self.hasher is not None:
+            while self.hashed < self.size:  # in pieces: the rest of a large file is not read into memory whole
+                self._hash_gap(min(self.hashed + _READ_PIECE, self.size))
+            check_digest(self.path, format_digest(self.hasher), self.expected)
+
+    def _take(self, view: memoryview) -> None:
+        """The file's next bytes into ``view``, hashed."""
+        if self.position + view.nbytes > self.size:
+            raise self.corrupt(f"its compressed records end beyond the file's {self.size} bytes")
+        self._read_into(view, self.position)
+        self._hash(view, self.position)
+        self.position += view.nbytes
 
     def _hash_gap(self, upto: int) -> None:
         """Hash the bytes not read into a storage (padding) from where hashing stands to ``upto``."""
