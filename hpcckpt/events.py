@@ -44,6 +44,7 @@ Kind = Literal[
     "cancel",  # hpcckpt cancel, Ctrl-C on a local chain
     "result",  # submitit: the training function's return value was stored
     "result-error",  # submitit: it could not be
+    "bad",  # the store: a restored checkpoint failed validation; marked bad, kept on disk
 ]
 START: Final = "start"
 STOP: Final = "stop"
@@ -59,6 +60,7 @@ SUBMIT: Final = "submit"
 CANCEL: Final = "cancel"
 RESULT: Final = "result"
 RESULT_ERROR: Final = "result-error"
+BAD: Final = "bad"
 
 Event = dict[str, Any]  # one line of the log, as read: ``event`` (the kind), ``time``, then its fields
 
@@ -156,6 +158,11 @@ def commit(summary: Mapping[str, Any]) -> Event:
 
 def delete(name: str, step: int, why: str = "retention") -> Event:
     return {"event": DELETE, "name": name, "step": step, "why": why}
+
+
+def marked_bad(name: str, step: int, seq: int | None, created: float, reason: str) -> Event:
+    """A restored checkpoint failed validation: marked bad (this instance of ``name``: ``seq``, ``created``)."""
+    return {"event": BAD, "name": name, "step": step, "seq": seq, "created": created, "reason": reason[:2000]}
 
 
 def task_begin(

@@ -32,10 +32,13 @@ from .asyncsave import BackgroundSave, SaveHandle, Staging
 from .export import EXPORT_FORMATS, write_safetensors
 from .fileio import SyncedWriter, fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
+from .journal import Instance
 from .manifest import Checkpoint, verify_file
+from .provenance import check_hparams, warn_other_torch
 from .registry import LockMode, Registry, lock_mode, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .transaction import JobIds, SaveRequest
+from .validation import Validate, check_validate, restore_validated
 
 _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -45,7 +48,8 @@ class CheckpointStore:
 
     ``keep_last`` newest checkpoints are kept (None: all); ``keep_best=(metric, "min"|"max", K)`` also
     keeps the K best by a metric. The newest, the best and tagged checkpoints are never deleted.
-    ``metadata`` (hyper-parameters, a git commit...) is written into every manifest. ``format`` names
+    ``metadata`` (any values) and ``hparams`` (the hyper-parameters, JSON values) are written into every
+    manifest, with the command line and the git commit of the working directory (:mod:`.provenance`). ``format`` names
     how checkpoints are written (``"tensors"``, the default: one file, raw tensor bytes and a JSON index, no
     pickle; ``"torch"``: one ``torch.save`` file; ``"dcp"``: sharded, saved by every rank together); a
     checkpoint is always read by the format its manifest names.
@@ -65,6 +69,7 @@ class CheckpointStore:
         keep_best: KeepBest | tuple[str, str, int] | None = None,
         *,
         metadata: Mapping[str, Any] | None = None,
+        hparams: Mapping[str, Any] | None = None,
         format: str = "tensors",
         lock: LockMode | None = None,
         lock_timeout: float = 300.0,
@@ -76,6 +81,7 @@ class CheckpointStore:
         self.keep_last = check_keep_last(keep_last)
         self.keep_best = KeepBest.parse(keep_best)
         self.metadata = dict(metadata or {})
+        self.hparams = check_hparams(hparams)
         # The constructor is a user's entry point: what the caller leaves out comes from the environment,
         # read here once (as before issue 12), never deeper in the store.
         self.job = read_slurm_env(os.environ) if job is None else job
@@ -89,6 +95,7 @@ class CheckpointStore:
         self.staging = Staging(_default_staging_bytes() if async_staging_bytes is None else async_staging_bytes)
         self._in_flight: SaveHandle | None = None
         self._warned_over_staging = False
+        self._rejected: set[Instance] = set()  # failed validation here, even where marking them bad failed
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.run_dir)!r}, keep_last={self.keep_last}, keep_best={self.keep_best})"
@@ -173,6 +180,7 @@ class CheckpointStore:
             tag=tag,
             metadata={**self.metadata, **(metadata or {})},
             job=self.job,
+            hparams=self.hparams,
         )
         self.format.check_save(state, tag, metadata)
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
@@ -235,9 +243,21 @@ class CheckpointStore:
         return to_delete(checkpoints, self.keep_last, self.keep_best)
 
     # -- finding ------------------------------------------------------------------------------------------
-    def list(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest first."""
-        return self.registry.checkpoints()
+    def list(self, *, include_bad: bool = False) -> list[Checkpoint]:
+        """Committed checkpoints, oldest first; those marked bad (failed validation) only with ``include_bad``."""
+        listed = self.registry.checkpoints(include_bad=include_bad)
+        if include_bad or not self._rejected:
+            return listed
+        return [c for c in listed if Instance.of(c) not in self._rejected]
+
+    def reject(self, checkpoint: Checkpoint, reason: str) -> None:
+        """Mark ``checkpoint`` bad (it failed validation, for ``reason``): never chosen again, kept on disk. Where
+        the run directory cannot record it (read-only), this store still never chooses it, with a warning."""
+        self._rejected.add(Instance.of(checkpoint))
+        try:
+            self.registry.mark_bad(checkpoint, reason)
+        except StoreError as error:
+            warn(f"{error}; other processes may still choose it")
 
     def latest(self) -> Checkpoint | None:
         """The newest committed checkpoint whose files are all present at their recorded sizes, or None.
@@ -275,6 +295,12 @@ class CheckpointStore:
             what = f"checkpoint named {ref!r}"
         if not matches:
             steps = ", ".join(str(c.step) for c in checkpoints[-10:]) or "none"
+            bad = [c for c in self.list(include_bad=True) if c.step == ref or c.name == ref]
+            if bad and not isinstance(ref, Checkpoint):
+                raise CheckpointNotFoundError(
+                    f"{what} in {self.run_dir} is marked bad (it failed validation: "
+                    f"{self.registry.bad_reason(bad[-1]) or 'in this process'}); latest valid steps: {steps}"
+                )
             raise CheckpointNotFoundError(f"no {what} in {self.run_dir}; latest steps available: {steps}")
         return matches[-1]
 
@@ -350,6 +376,7 @@ class CheckpointStore:
         self, checkpoint: Checkpoint, map_location: Any, unsafe_allow_pickle: bool, mmap: bool
     ) -> dict[str, Any]:
         reading = self.format_of(checkpoint)
+        warn_other_torch(checkpoint)
         if not reading.verifies_read(mmap=mmap):
             self.verify(checkpoint)
         try:
@@ -367,15 +394,30 @@ class CheckpointStore:
         ckpt: CheckpointRef = None,
         options: RestoreOptions | None = None,
         map_location: Any = "cpu",
+        *,
+        validate: Validate | None = None,
     ) -> Checkpoint | None:
         """Load a checkpoint into ``state``. With ``ckpt`` None on a run with nothing saved yet, returns
         None and leaves ``state`` as it is (a first run starts fresh, quietly). The state is copied, not
-        mapped: the objects restored into keep no checkpoint file in use."""
+        mapped: the objects restored into keep no checkpoint file in use.
+
+        ``validate(state)`` checks the restored state (a forward pass on a fixed batch...), failing by raising
+        or returning False: the checkpoint is then marked bad and the previous valid one restored, or, for a
+        named ``ckpt`` or when none is left, :class:`ValidationFailedError` raised (:mod:`.validation`)."""
         from ..distributed import world
 
         # The ranks of a process group restore together what rank 0 chose: the sharded format's restore.
-        restoring = self.format if world()[1] == 1 else FORMATS[DCP_FORMAT]
-        return restoring.restore(self, state, ckpt, options or RestoreOptions(), map_location)
+        ranks = world()[1]
+        restoring = self.format if ranks == 1 else FORMATS[DCP_FORMAT]
+        options = options or RestoreOptions()
+        check = check_validate(validate)
+        if check is None:
+            checkpoint = restoring.restore(self, state, ckpt, options, map_location)
+        else:
+            checkpoint = restore_validated(self, self, restoring, state, ckpt, options, map_location, check)
+        if checkpoint is not None and ranks > 1 and checkpoint.format == DCP_FORMAT:
+            warn_other_torch(checkpoint)  # one-file checkpoints were checked as they were read
+        return checkpoint
 
     def export(
         self,
