@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     listed = store.list(include_bad=True)
     chosen = pick(listed, step, store.run_dir)
     if args.json:
-        print(json.dumps(json.loads((chosen.path / "manifest.json").readhuman_bytes()), indent=1))
+        print(json.dumps(json.loads((chosen.path / "manifest.json").read_bytes()), indent=1))
         return 0
     checkpoint = read_manifest(chosen.path)
     print(describe(checkpoint, store.registry.bad_reason(chosen), time.time()))
