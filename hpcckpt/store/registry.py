@@ -307,9 +307,9 @@ class Registry:
             if os.path.islink(self.journal_path):
                 raise link_refused(self.journal_path)
             with self._mutex:
-                if not (self._load_snapshot(fresh=True) and self._view.generation is not None):
-                    self._reconciled()  # missing, unusable or of version 1: rebuilt or migrated first
-                self._read_journal()
+                # Reconciled first (a checkpoint adopted from its manifest gets its journal line), so that the
+                # next compaction, which keeps the marks of the checkpoints it lists, keeps this one.
+                self._reconciled()
                 try:
                     self._journal([record])
                     self._compact_if_due()
