@@ -407,15 +407,27 @@ class CheckpointStore:
         from ..distributed import world
 
         # The ranks of a process group restore together what rank 0 chose: the sharded format's restore.
-        ranks = world()[1]
-        restoring = self.format if ranks == 1 else FORMATS[DCP_FORMAT]
-        options = options or RestoreOptions()
+        restoring = self.format if world()[1] == 1 else FORMATS[DCP_FORMAT]
+        return self._restore_with(restoring, state, ckpt, options or RestoreOptions(), map_location, validate)
+
+    def _restore_with(
+        self,
+        restoring: CheckpointFormat,
+        state: TrainState,
+        ckpt: CheckpointRef,
+        options: RestoreOptions,
+        map_location: Any,
+        validate: Validate | None,
+    ) -> Checkpoint | None:
+        """``restoring``'s restore, validated when ``validate`` is given (:mod:`.validation`)."""
+        from ..distributed import world
+
         check = check_validate(validate)
         if check is None:
             checkpoint = restoring.restore(self, state, ckpt, options, map_location)
         else:
             checkpoint = restore_validated(self, self, restoring, state, ckpt, options, map_location, check)
-        if checkpoint is not None and ranks > 1 and checkpoint.format == DCP_FORMAT:
+        if checkpoint is not None and world()[1] > 1 and checkpoint.format == DCP_FORMAT:
             warn_other_torch(checkpoint)  # one-file checkpoints were checked as they were read
         return checkpoint
 
