@@ -45,6 +45,9 @@ Kind = Literal[
     "result",  # submitit: the training function's return value was stored
     "result-error",  # submitit: it could not be
     "bad",  # the store: a restored checkpoint failed validation; marked bad, kept on disk
+    "uploaded",  # the store's mirror: a checkpoint is complete on the mirror
+    "upload_failed",  # the store's mirror: an upload failed (retried at the next save)
+    "pulled",  # the store's mirror: a checkpoint was downloaded from the mirror and committed here
 ]
 START: Final = "start"
 STOP: Final = "stop"
@@ -61,6 +64,9 @@ CANCEL: Final = "cancel"
 RESULT: Final = "result"
 RESULT_ERROR: Final = "result-error"
 BAD: Final = "bad"
+UPLOADED: Final = "uploaded"
+UPLOAD_FAILED: Final = "upload_failed"
+PULLED: Final = "pulled"
 
 Event = dict[str, Any]  # one line of the log, as read: ``event`` (the kind), ``time``, then its fields
 
@@ -163,6 +169,21 @@ def delete(name: str, step: int, why: str = "retention") -> Event:
 def marked_bad(name: str, step: int, seq: int | None, created: float, reason: str) -> Event:
     """A restored checkpoint failed validation: marked bad (this instance of ``name``: ``seq``, ``created``)."""
     return {"event": BAD, "name": name, "step": step, "seq": seq, "created": created, "reason": reason[:2000]}
+
+
+def uploaded(name: str, step: int, url: str, size: int, seconds: float) -> Event:
+    """Checkpoint ``name`` is complete on the mirror at ``url`` (credential-free): files, then manifest."""
+    return {"event": UPLOADED, "name": name, "step": step, "url": url, "size": size, "seconds": round(seconds, 3)}
+
+
+def upload_failed(name: str, step: int, url: str, error: str) -> Event:
+    """Uploading checkpoint ``name`` to the mirror failed; it is retried at the next save or task."""
+    return {"event": UPLOAD_FAILED, "name": name, "step": step, "url": url, "error": error[:500]}
+
+
+def pulled(name: str, step: int, url: str) -> Event:
+    """Checkpoint ``name`` was downloaded from the mirror at ``url``, verified and committed here."""
+    return {"event": PULLED, "name": name, "step": step, "url": url}
 
 
 def task_begin(

@@ -15,6 +15,7 @@ point: a ``lock`` or ``job`` left out is read there, once, from ``HPCCKPT_LOCK``
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from .._version import __version__
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError, ValidationFailedError
 from ..rundir import CHECKPOINTS
 from ..slurm.env import read_slurm_env
 from ..state import RestoreOptions, TrainState
@@ -34,12 +35,16 @@ from .fileio import SyncedWriter, fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
 from .journal import Instance
 from .manifest import Checkpoint, verify_file
+from .mirror import DEFAULT_KEEP_LAST as DEFAULT_MIRROR_KEEP_LAST
+from .mirror import Mirror, describe_failure
 from .provenance import check_hparams, warn_other_torch
 from .registry import LockMode, Registry, lock_mode, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .transaction import JobIds, SaveRequest
+from .uploads import Uploads
 from .validation import Validate, check_validate, restore_validated
 
+log = logging.getLogger("hpcckpt")
 _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -60,6 +65,11 @@ class CheckpointStore:
     ``create`` makes the run directory when it does not exist. ``async_staging_bytes`` bounds the host
     memory an async save (``save(..., blocking=False)``) may stage a state in (default: a quarter of this
     machine's memory); a larger state is saved synchronously, with a warning the first time.
+    ``mirror`` is a second place every commit is copied to in the background (a path, ``file:///path``,
+    ``s3://bucket/prefix``, ``gs://...``; :mod:`hpcckpt.store.mirror`), with its own retention
+    (``mirror_keep_last``, default 3; ``mirror_keep_best``); ``uploads`` is then its upload thread (None
+    without a mirror), and :meth:`restore` takes the mirror's newest valid checkpoint when this run
+    directory has none.
     """
 
     def __init__(
@@ -76,6 +86,9 @@ class CheckpointStore:
         create: bool = True,
         job: JobIds | None = None,
         async_staging_bytes: int | None = None,
+        mirror: str | None = None,
+        mirror_keep_last: int | None = DEFAULT_MIRROR_KEEP_LAST,
+        mirror_keep_best: KeepBest | tuple[str, str, int] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.keep_last = check_keep_last(keep_last)
@@ -90,12 +103,17 @@ class CheckpointStore:
         if format not in FORMATS:
             raise UsageError(f"Invalid checkpoint format {format!r}: expected one of {sorted(FORMATS)}")
         self.format: CheckpointFormat = FORMATS[format]
+        # Checked before anything is written: a bad mirror URL is a usage error, not a half-made run.
+        self.mirror = None if not mirror else Mirror(mirror, keep_last=mirror_keep_last, keep_best=mirror_keep_best)
         _prepare_run_dir(self.run_dir, create=create)
         self.registry = Registry(self.run_dir, lock=lock, lock_timeout=lock_timeout)
         self.staging = Staging(_default_staging_bytes() if async_staging_bytes is None else async_staging_bytes)
         self._in_flight: SaveHandle | None = None
         self._warned_over_staging = False
         self._rejected: set[Instance] = set()  # failed validation here, even where marking them bad failed
+        self.uploads: Uploads | None = None
+        if self.mirror is not None:
+            self.uploads = Uploads(self.mirror, self.list, self.registry.append_event)
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.run_dir)!r}, keep_last={self.keep_last}, keep_best={self.keep_best})"
@@ -151,10 +169,23 @@ class CheckpointStore:
         request = self._request(state, step, epoch, metrics, tag, metadata)
         self._settle_in_flight()
         if blocking:
-            return self.format.save(request, state)
+            checkpoint = self.format.save(request, state)
+            self.upload_to_mirror(checkpoint)
+            return checkpoint
+        self.upload_to_mirror(None)  # failed uploads are retried at the next save
         handle = self._save_in_background(request, state)
         self._in_flight = handle
         return handle
+
+    def upload_to_mirror(self, committed: Checkpoint | None) -> None:
+        """Queue a commit (and what the mirror lacks: failed uploads, a previous task's) for the mirror's
+        upload thread; returns at once. Nothing without a mirror; only rank 0 uploads (the checkpoint
+        directory is on a shared filesystem)."""
+        if self.uploads is not None:
+            from ..distributed import world
+
+            if world()[0] == 0:
+                self.uploads.kick(committed)
 
     def _request(
         self,
@@ -213,11 +244,13 @@ class CheckpointStore:
                     "(raise the bound to save it in the background)"
                 )
             return BackgroundSave.finished(self.format.save(request, payload))
-        ready, save = self.staging.ready, self.format.save
+        ready, save, to_mirror = self.staging.ready, self.format.save, self.upload_to_mirror
 
         def persist() -> Checkpoint:
             ready()
-            return save(request, staged)
+            checkpoint = save(request, staged)
+            to_mirror(checkpoint)
+            return checkpoint
 
         return BackgroundSave.start(request.step, persist)
 
@@ -403,12 +436,62 @@ class CheckpointStore:
 
         ``validate(state)`` checks the restored state (a forward pass on a fixed batch...), failing by raising
         or returning False: the checkpoint is then marked bad and the previous valid one restored, or, for a
-        named ``ckpt`` or when none is left, :class:`ValidationFailedError` raised (:mod:`.validation`)."""
+        named ``ckpt`` or when none is left, :class:`ValidationFailedError` raised (:mod:`.validation`).
+
+        With a mirror, when this run directory has no usable checkpoint (purged, a new node, every one
+        corrupt or marked bad), the mirror's newest valid checkpoint is downloaded, verified, committed here
+        and restored (an older one when it does not verify; never one whose checksum is marked bad here). A
+        mirror that cannot be read is logged once; the run then starts fresh when nothing is here, and a
+        local corruption is raised as it is."""
         from ..distributed import world
 
         # The ranks of a process group restore together what rank 0 chose: the sharded format's restore.
         restoring = self.format if world()[1] == 1 else FORMATS[DCP_FORMAT]
-        return self._restore_with(restoring, state, ckpt, options or RestoreOptions(), map_location, validate)
+        options = options or RestoreOptions()
+        check_validate(validate)  # before anything is pulled
+        if ckpt is not None or self.mirror is None:
+            return self._restore_with(restoring, state, ckpt, options, map_location, validate)
+        if world()[1] > 1 or self.latest() is None:
+            self._pull_if_empty()  # nothing here (purged, a new node): the mirror's newest valid one
+        pulled_for_corruption = False
+        while True:  # a pulled checkpoint that fails validation is marked bad here, and skipped by the next pull
+            try:
+                return self._restore_with(restoring, state, None, options, map_location, validate)
+            except CorruptCheckpointError as error:
+                if pulled_for_corruption or world()[1] > 1:
+                    raise
+                pulled_for_corruption = True
+                if self._pull_from_mirror(f"every local checkpoint is corrupt ({error})") is None:
+                    raise
+            except ValidationFailedError:
+                if world()[1] > 1 or self._pull_from_mirror("every local checkpoint failed validation") is None:
+                    raise
+
+    def _pull_if_empty(self) -> None:
+        """Rank 0 pulls the mirror's newest valid checkpoint when this run directory has none usable; the
+        other ranks wait for it, then all restore."""
+        from ..distributed import broadcast_object, world
+
+        if world()[0] == 0 and self.latest() is None:
+            self._pull_from_mirror("the run directory has no checkpoint")
+        broadcast_object(None)  # a barrier: the pulled checkpoint is committed before any rank lists
+
+    def _pull_from_mirror(self, why: str) -> Checkpoint | None:
+        """Download the mirror's newest checkpoint that verifies (an older one when it does not) and commit
+        it here; None when the mirror has none."""
+        mirror = self.mirror
+        assert mirror is not None
+        try:
+            pulled = mirror.pull_newest(self, skip=self._bad_here())
+        except (OSError, ValueError, RuntimeError) as error:
+            # Said once (the uploads would say it again): what this task does without the mirror.
+            message = f"{describe_failure(mirror.url, error)}; {why}, so nothing could be restored from the mirror"
+            if self.uploads is not None:
+                self.uploads.warn_once(message)
+            return None
+        if pulled is not None:
+            log.warning("hpcckpt: %s: resuming from the mirror %s (%s)", why, mirror.url, pulled.name)
+        return pulled
 
     def _restore_with(
         self,
@@ -430,6 +513,14 @@ class CheckpointStore:
         if checkpoint is not None and world()[1] > 1 and checkpoint.format == DCP_FORMAT:
             warn_other_torch(checkpoint)  # one-file checkpoints were checked as they were read
         return checkpoint
+
+    def _bad_here(self) -> set[tuple[int, str]]:
+        """(step, combined checksum) of each checkpoint here that failed validation: never pulled again."""
+        return {
+            (c.step, c.checksum)
+            for c in self.list(include_bad=True)
+            if Instance.of(c) in self._rejected or self.registry.bad_reason(c) is not None
+        }
 
     def export(
         self,

@@ -71,6 +71,7 @@ def restore_validated(
         checkpoint = restoring.restore(source, state, ckpt, options, map_location)
         if checkpoint is None:
             if tried:
+                before.put_back(state)
                 raise ValidationFailedError(
                     f"every checkpoint in {source.run_dir} failed validation, newest first: {'; '.join(tried)}. "
                     "They are marked bad and kept on disk (hpcckpt ls shows them); training does not start from "
