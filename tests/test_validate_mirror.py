@@ -3,6 +3,7 @@ that is not known bad here is pulled and validated in turn; a pulled one that fa
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -46,3 +47,19 @@ def test_checkpoints_failing_validation_fall_back_to_the_mirror_and_are_never_pu
         )
     steps = sorted(c.step for c in CheckpointStore(run_dir, keep_last=None).list(include_bad=True))
     assert steps == [1, 2, 3]  # step 1 pulled once, steps 2 and 3 not again
+
+
+def test_the_mirror_keeps_the_manifest_s_hparams_command_and_git_and_a_pull_brings_them_back(tmp_path: Path) -> None:
+    run_dir, mirror = tmp_path / "run", tmp_path / "mirror"
+    store = CheckpointStore(run_dir, mirror=str(mirror), hparams={"lr": 0.001, "width": 64})
+    saved = store.save({"w": torch.ones(3)}, step=5)
+    assert store.uploads is not None and store.uploads.wait(120) == []
+    local = json.loads((saved.path / "manifest.json").read_text())
+    remote = json.loads((mirror / "checkpoints" / saved.name / "manifest.json").read_text())
+    assert remote["hparams"] == {"lr": 0.001, "width": 64}
+    assert (remote["command"], remote["git"]) == (local["command"], local["git"])
+    shutil.rmtree(run_dir)
+    chosen = CheckpointStore(run_dir, mirror=str(mirror)).restore(TrainState())  # pulls it
+    assert chosen is not None and chosen.step == 5
+    again = json.loads((run_dir / "checkpoints" / saved.name / "manifest.json").read_text())
+    assert again["hparams"] == {"lr": 0.001, "width": 64} and again["command"] == local["command"]

@@ -15,6 +15,7 @@ repeat): a checkpoint listed by the registry has them empty; :func:`read_manifes
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import mmap
@@ -257,6 +258,18 @@ def read_manifest(directory: Path) -> Checkpoint:
     if combined_checksum(checkpoint.files) != checkpoint.checksum:
         raise CorruptCheckpointError(f"{path}: its file list does not match its checksum {checkpoint.checksum}")
     return checkpoint
+
+
+def documented(checkpoint: Checkpoint) -> Checkpoint:
+    """``checkpoint`` (as the registry lists it) with the self-documenting fields of its manifest on disk:
+    hparams, command, git. As it is when that manifest cannot be read or describes other files."""
+    try:
+        on_disk = read_manifest(checkpoint.path)
+    except CorruptCheckpointError:
+        return checkpoint
+    if on_disk.checksum != checkpoint.checksum:
+        return checkpoint
+    return dataclasses.replace(checkpoint, hparams=on_disk.hparams, command=on_disk.command, git=on_disk.git)
 
 
 def file_digest(path: Path) -> str:
