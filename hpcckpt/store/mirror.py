@@ -46,11 +46,11 @@ from .manifest import (
     documented,
     verify_file,
 )
-from .registry import Registry, warn
+from .registry import CHECKPOINTS, Registry, warn
 from .retention import KeepBest, check_keep_last, to_delete
 from .transaction import JobIds, Owner, SaveRequest, SaveTransaction
 
-PREFIX = "checkpoints"
+PREFIX = CHECKPOINTS  # the remote layout is the run directory's: <url>/checkpoints/<name>/
 DEFAULT_KEEP_LAST = 3
 
 
