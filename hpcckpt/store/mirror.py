@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from .. import events as event_log
 from ..errors import CorruptCheckpointError
+from ..rundir import CHECKPOINTS
 from .fileio import SyncedWriter, format_digest, new_digest
 from .locations import CHUNK, Advance, Location, open_location, scrub
 from .manifest import (
@@ -46,11 +47,11 @@ from .manifest import (
     documented,
     verify_file,
 )
-from .registry import CHECKPOINTS, Registry, warn
+from .registry import Registry, warn
 from .retention import KeepBest, check_keep_last, to_delete
 from .transaction import JobIds, Owner, SaveRequest, SaveTransaction
 
-PREFIX = CHECKPOINTS  # the remote layout is the run directory's: <url>/checkpoints/<name>/
+PREFIX = CHECKPOINTS  # the remote layout is the run directory's
 DEFAULT_KEEP_LAST = 3
 
 
