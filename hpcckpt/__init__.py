@@ -15,6 +15,7 @@ from .errors import HpcckptError as HpcckptError
 from .errors import StateMismatchError as StateMismatchError
 from .errors import StoreError as StoreError
 from .errors import UsageError as UsageError
+from .errors import ValidationFailedError as ValidationFailedError
 from .integrations.submitit import Chain as Chain
 from .integrations.submitit import Resumable as Resumable
 from .integrations.submitit import Unfinished as Unfinished
@@ -60,6 +61,7 @@ __all__ = [
     "TrainState",
     "Unfinished",
     "UsageError",
+    "ValidationFailedError",
     "__version__",
     "init_process_group",
     "read_slurm_env",

@@ -128,6 +128,18 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value``, by rank, on every rank (``[value]`` without a process group; collective)."""
+    _, size = world()
+    if size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Slurm's compressed host list: ``gpu[01-03,07],cpu1`` -> gpu01 gpu02 gpu03 gpu07 cpu1.
 

@@ -47,3 +47,8 @@ class CorruptCheckpointError(StoreError):
 
 class StateMismatchError(HpcckptError):
     """A checkpoint's state does not fit the objects it is loaded into (missing or unexpected keys)."""
+
+
+class ValidationFailedError(StoreError):
+    """A restored checkpoint failed the user's ``validate`` check: a named one, or every one there was (each is
+    marked bad and kept on disk). Never answered by a fresh start."""

@@ -44,6 +44,7 @@ Kind = Literal[
     "cancel",  # hpcckpt cancel, Ctrl-C on a local chain
     "result",  # submitit: the training function's return value was stored
     "result-error",  # submitit: it could not be
+    "bad",  # the store: a restored checkpoint failed validation; marked bad, kept on disk
     "uploaded",  # the store's mirror: a checkpoint is complete on the mirror
     "upload_failed",  # the store's mirror: an upload failed (retried at the next save)
     "pulled",  # the store's mirror: a checkpoint was downloaded from the mirror and committed here
@@ -62,6 +63,7 @@ SUBMIT: Final = "submit"
 CANCEL: Final = "cancel"
 RESULT: Final = "result"
 RESULT_ERROR: Final = "result-error"
+BAD: Final = "bad"
 UPLOADED: Final = "uploaded"
 UPLOAD_FAILED: Final = "upload_failed"
 PULLED: Final = "pulled"
@@ -162,6 +164,11 @@ def commit(summary: Mapping[str, Any]) -> Event:
 
 def delete(name: str, step: int, why: str = "retention") -> Event:
     return {"event": DELETE, "name": name, "step": step, "why": why}
+
+
+def marked_bad(name: str, step: int, seq: int | None, created: float, reason: str) -> Event:
+    """A restored checkpoint failed validation: marked bad (this instance of ``name``: ``seq``, ``created``)."""
+    return {"event": BAD, "name": name, "step": step, "seq": seq, "created": created, "reason": reason[:2000]}
 
 
 def uploaded(name: str, step: int, url: str, size: int, seconds: float) -> Event:

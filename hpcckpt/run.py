@@ -91,6 +91,7 @@ from .store.mirror import DEFAULT_KEEP_LAST as DEFAULT_MIRROR_KEEP_LAST
 from .store.registry import lock_mode
 from .store.retention import KeepBest
 from .store.store import CheckpointStore
+from .store.validation import check_validate
 from .timespec import Interval
 from .workers import child_exits_deferred, shield, stop_signals
 
@@ -127,6 +128,11 @@ class Run:
     - ``restore``: what to restore from the latest checkpoint (:class:`~hpcckpt.RestoreOptions`; default
       everything, strictly).
     - ``metadata``: values written into every checkpoint's manifest (a learning rate, a git commit).
+    - ``hparams``: the hyper-parameters, JSON values, recorded in every manifest beside the command line and
+      the git commit of the working directory (``hpcckpt show`` prints them).
+    - ``validate``: ``fn(state)``, run after the restore (a forward pass on a fixed batch, a finite-loss check);
+      failing by raising or returning False, the checkpoint is marked bad (kept, never chosen again) and the
+      previous valid one restored; none left: :class:`~hpcckpt.ValidationFailedError`, never a fresh start.
     - ``clock``: returns Unix time (default :func:`time.time`); tests pass their own to move time.
     - ``environ``: the environment read for ``HPCCKPT_*`` and ``SLURM_*`` values (default ``os.environ``).
       ``Run`` is an entry point: it reads the environment here, once, and hands values to the library.
@@ -165,6 +171,8 @@ class Run:
         margin_floor: float | None = None,
         restore: RestoreOptions | None = None,
         metadata: Mapping[str, Any] | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        validate: Callable[[TrainState], Any] | None = None,
         clock: Callable[[], float] = time.time,
         environ: Mapping[str, str] | None = None,
         deadline: Deadline | None = None,
@@ -198,6 +206,7 @@ class Run:
         # Under submitit the time limit's warning stays a stop: see _leave_to_budget.
         self._under_submitit = "SUBMITIT_EXECUTOR" in self.environ
         self.restore_options = restore or RestoreOptions()
+        self.validate = check_validate(validate)
         self.clock = clock
         self._deadline = deadline
         whole_number(agree_every, "agree_every", of="steps")
@@ -209,6 +218,7 @@ class Run:
             keep_last=keep_last,
             keep_best=keep_best,
             metadata=metadata,
+            hparams=hparams,
             format=DCP_FORMAT if self.world_size > 1 else TENSORS_FORMAT,
             lock=lock_mode(self.environ),
             job=read_slurm_env(self.environ),
@@ -260,7 +270,7 @@ class Run:
             self.state.step = int(status.get("step", self.state.step))
             log.info("hpcckpt: run %s is already complete at step %s; nothing to do", self.run_dir, self.state.step)
             return self
-        self.resumed_from = self.store.restore(self.state, options=self.restore_options)
+        self.resumed_from = self.store.restore(self.state, options=self.restore_options, validate=self.validate)
         self.last_checkpoint = self.resumed_from
         self.store.upload_to_mirror(None)  # what a previous task left un-uploaded, in the background
         # The state as resumed (or freshly built) needs no save of its own: nothing was trained yet.

@@ -182,6 +182,9 @@ def run_status(args: argparse.Namespace) -> int:
     status = summarize(store.run_dir, events, store.list(), queue, time.time())
     if note:
         status.warnings.append(note)
+    for bad in store.list(include_bad=True):  # failed validation after a restore: never restored again
+        if (reason := store.registry.bad_reason(bad)) is not None:
+            status.warnings.append(f"checkpoint {bad.name} (step {bad.step}) is BAD: {reason}")
     if args.json:
         print(json.dumps(status.to_json(), indent=1))
     else:

@@ -25,7 +25,9 @@ from ..bench import main as bench
 from ..environment import check_environment
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, HpcckptError, UsageError
 from ..progress import Progress
-from . import chain
+from . import chain, show
+from .show import human_age as _age
+from .show import human_bytes as _bytes
 
 if TYPE_CHECKING:
     from ..store.manifest import Checkpoint
@@ -64,9 +66,11 @@ def _configure_ls(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_ls(args: argparse.Namespace) -> int:
-    checkpoints = chain.open_run(args.run_dir).list()
+    store = chain.open_run(args.run_dir)
+    checkpoints = store.list(include_bad=True)  # bad ones (failed validation) too, marked BAD
+    bad = {c.name: reason for c in checkpoints if (reason := store.registry.bad_reason(c)) is not None}
     if args.json:
-        print(json.dumps([c.summary() for c in checkpoints], indent=1))
+        print(json.dumps([{**c.summary(), "bad": bad.get(c.name)} for c in checkpoints], indent=1))
         return 0
     if not checkpoints:
         print(f"no checkpoints in {args.run_dir}")
@@ -75,6 +79,8 @@ def _run_ls(args: argparse.Namespace) -> int:
     rows = [("NAME", "STEP", "EPOCH", "SIZE", "AGE", "SAVE", "TAG", "METRICS")]
     for c in checkpoints:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(c.metrics.items()))
+        if c.name in bad:
+            metrics = f"BAD ({bad[c.name]}) {metrics}".rstrip()
         save = "-" if c.save_seconds is None else f"{c.save_seconds:.2f}s"
         rows.append(
             (
@@ -163,24 +169,6 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
 _COMMANDS: tuple[_Command, ...] = (
     _Command(
         "submit",
@@ -214,6 +202,9 @@ _COMMANDS: tuple[_Command, ...] = (
         chain.run_task_end,
     ),
     _Command("ls", "list the committed checkpoints of a run", _configure_ls, _run_ls),
+    _Command(
+        "show", "print one checkpoint's manifest: hparams, command, git, versions, files", show.configure, show.run
+    ),
     _Command("verify", "check every checkpoint of a run against its checksums", _configure_verify, _run_verify),
     _Command(
         "export",

@@ -14,8 +14,11 @@ Snapshot (``registry.json``): ``{"hpcckpt_registry": 2, "generation": "<hex>", "
 "reserved": <seq>, "checkpoints": [<entry>, ...]}``; version 1 (hpcckpt 0.1, no generation) is read as it is.
 Journal: a header line ``{"hpcckpt_journal": 1, "generation": "<hex>"}``, then one record a line: ``{"op":
 "commit", "checkpoint": <entry>}``, ``{"op": "delete", "name": "<name>", "seq": <n or null>, "created": <time>}``
-or ``{"op": "reserve", "seq": <n>}`` (a commit sequence number handed to a writer, which writes its manifest with
-it before it commits; the snapshot keeps the highest as ``reserved``). An entry is :meth:`Checkpoint.summary`.
+``{"op": "reserve", "seq": <n>}`` (a commit sequence number handed to a writer, which writes its manifest with
+it before it commits; the snapshot keeps the highest as ``reserved``) or ``{"op": "bad", "name": "<name>", "seq":
+<n or null>, "created": <time>, "reason": "<text>"}`` (a checkpoint that failed validation after it was restored:
+kept on disk, never chosen again; the snapshot keeps the marks of the checkpoints it lists as ``bad``). An entry
+is :meth:`Checkpoint.summary`. An hpcckpt that predates a record kind skips its lines.
 
 A delete names the instance it deleted (its ``seq`` and ``created``, as its manifest has them), not only its
 name: the same name may be committed again later (a re-save of a step after a rewind), and when that commit's
@@ -30,8 +33,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,6 +60,7 @@ class Snapshot:
     generation: str | None
     entries: list[bytes]
     reserved: int = 0  # the highest commit sequence number handed out when it was written
+    bad: dict[str, BadMark] = field(default_factory=dict)  # checkpoints marked bad, by name
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,17 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class BadMark:
+    """A checkpoint marked bad (it failed validation after a restore): which instance of its name, and why."""
+
+    instance: Instance
+    reason: str
+
+    def fields(self, name: str) -> dict[str, Any]:
+        return {"name": name, "seq": self.instance.seq, "created": self.instance.created, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Record:
     """One journal line: a commit (with its entry, and the entry's JSON text), a delete (by name, and the
     instance deleted: None in a record written before deletes named it) or a reserved sequence number."""
@@ -89,6 +104,7 @@ class Record:
     seq: int = 0
     text: bytes = b""
     instance: Instance | None = None
+    reason: str = ""  # a bad mark's
 
 
 def new_generation() -> str:
@@ -120,18 +136,32 @@ def parse_snapshot(raw: bytes) -> Snapshot:
     reserved = data.get("reserved", 0)
     if version != INDEX_VERSION or not isinstance(generation, str) or not _whole(reserved):
         raise BadSnapshotError(f"index version {version!r}; expected 1 or {INDEX_VERSION}")
-    return Snapshot(generation, texts, reserved)
+    return Snapshot(generation, texts, reserved, _bad_marks(data.get("bad")))
+
+
+def _bad_marks(listed: object) -> dict[str, BadMark]:
+    """The snapshot's ``bad`` list; a mark not of the form written is skipped (the checkpoint is chosen
+    again: never worse than an hpcckpt without marks)."""
+    marks = {}
+    for item in listed if isinstance(listed, list) else []:
+        record = bad_record_of(item) if isinstance(item, dict) else None
+        if record is not None and record.instance is not None:
+            marks[record.name] = BadMark(record.instance, record.reason)
+    return marks
 
 
 def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def encode_snapshot(generation: str, reserved: int, encoded_entries: Iterable[str]) -> bytes:
-    """The snapshot text for entries already encoded as JSON objects."""
+def encode_snapshot(
+    generation: str, reserved: int, encoded_entries: Iterable[str], bad: Mapping[str, BadMark] | None = None
+) -> bytes:
+    """The snapshot text for entries already encoded as JSON objects, and the bad marks of those entries."""
+    marks = json.dumps([mark.fields(name) for name, mark in sorted((bad or {}).items())], separators=(",", ":"))
     header = (
         f'"hpcckpt_registry":{INDEX_VERSION},"generation":{json.dumps(generation)},"updated":{time.time()},'
-        f'"reserved":{int(reserved)}'
+        f'"reserved":{int(reserved)},"bad":{marks}'
     )
     body = ",\n".join(encoded_entries)
     return f'{{{header},"checkpoints":[\n{body}\n]}}'.encode()
@@ -152,6 +182,11 @@ def delete_record(checkpoint: Checkpoint) -> Record:
     return Record("delete", checkpoint.name, instance=Instance.of(checkpoint))
 
 
+def bad_record(checkpoint: Checkpoint, reason: str) -> Record:
+    """The journal record marking ``checkpoint`` (this instance of its name) bad, for ``reason``."""
+    return Record("bad", checkpoint.name, instance=Instance.of(checkpoint), reason=str(reason)[:2000])
+
+
 def encode_records(records: Iterable[Record]) -> bytes:
     lines = []
     for record in records:
@@ -159,6 +194,9 @@ def encode_records(records: Iterable[Record]) -> bytes:
             lines.append(_COMMIT_OPEN + record.text + b"}")
         elif record.op == "reserve":
             lines.append(json.dumps({"op": "reserve", "seq": record.seq}, separators=(",", ":")).encode())
+        elif record.op == "bad" and record.instance is not None:
+            mark = {"op": "bad", **BadMark(record.instance, record.reason).fields(record.name)}
+            lines.append(json.dumps(mark, separators=(",", ":")).encode())
         else:
             fields: dict[str, Any] = {"op": "delete", "name": record.name}
             if record.instance is not None:
@@ -204,6 +242,17 @@ def parse_records(lines: Iterable[bytes]) -> Iterator[Record]:
             yield Record("delete", name, instance=_instance(data))
         elif data.get("op") == "reserve" and _whole(seq := data.get("seq")):
             yield Record("reserve", seq=seq)  # type: ignore[arg-type]
+        elif data.get("op") == "bad" and (record := bad_record_of(data)) is not None:
+            yield record
+
+
+def bad_record_of(data: dict[str, Any]) -> Record | None:
+    """A bad mark's record from its fields (a journal line's, a snapshot's, a ``bad`` event's); None unless
+    they name a checkpoint, its instance and a reason."""
+    name, reason, instance = data.get("name"), data.get("reason"), _instance(data)
+    if not isinstance(name, str) or not isinstance(reason, str) or instance is None:
+        return None
+    return Record("bad", name, instance=instance, reason=reason)
 
 
 def _instance(data: dict[str, Any]) -> Instance | None:

@@ -4,10 +4,18 @@ A checkpoint is a directory ``checkpoints/<name>/`` holding its data files and `
 manifest is written before the directory gets its final name, so a directory with a final name and a
 readable manifest is committed; anything else is not a checkpoint. A file is the one its manifest
 describes when its size and xxh3-64 checksum match (:func:`verify_file`), whatever format wrote it.
+
+A manifest also documents its checkpoint (issue 14): the user's ``hparams``, the ``command`` line the process
+ran (``sys.argv`` as given: it may hold a token passed as an argument, so pass secrets through the
+environment, which is never recorded), the ``git`` commit of the working directory and whether tracked files
+were modified (absent outside a repository), the versions and the Slurm ids. These fields are in the manifest
+only, not in the registry's listing (:meth:`Checkpoint.summary`, which the index, the journal and the event log
+repeat): a checkpoint listed by the registry has them empty; :func:`read_manifest` gives them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import mmap
@@ -66,6 +74,11 @@ class Checkpoint:
     seq: int | None = None
     # How its files are compressed (issue 14): {"codec": "zstd", "level": 3}, or None for plain files.
     compression: Mapping[str, Any] | None = None
+    # Self-documentation, in the manifest only (see the module docstring): empty when listed by the registry.
+    # Not compared: the record the registry lists equals the one the save returned.
+    hparams: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    command: tuple[str, ...] | None = field(default=None, compare=False)
+    git: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __hash__(self) -> int:
         return hash(self.path)
@@ -97,7 +110,14 @@ class Checkpoint:
         return summary
 
     def manifest(self) -> dict[str, Any]:
-        return {"hpcckpt_manifest": MANIFEST_VERSION, **self.summary()}
+        """The whole manifest: the summary plus the self-documenting fields."""
+        return {
+            "hpcckpt_manifest": MANIFEST_VERSION,
+            **self.summary(),
+            "hparams": dict(self.hparams),
+            "command": None if self.command is None else list(self.command),
+            "git": None if self.git is None else dict(self.git),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: Path, *, source: str | None = None) -> Checkpoint:
@@ -139,6 +159,9 @@ class Checkpoint:
                 metadata=dict(data.get("metadata") or {}),
                 seq=seq,
                 compression=None if data.get("compression") is None else dict(data["compression"]),
+                hparams=dict(data.get("hparams") or {}),
+                command=None if data.get("command") is None else tuple(data["command"]),
+                git=None if data.get("git") is None else dict(data["git"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise CorruptCheckpointError(f"{path / MANIFEST}: malformed entry ({error!r})") from None
@@ -167,6 +190,9 @@ _FIELDS: dict[str, tuple[str, bool]] = {  # field: (expected, may be null or abs
     "versions": (_OBJECT, True),
     "metadata": (_OBJECT, True),
     "compression": (_OBJECT, True),
+    "hparams": (_OBJECT, True),
+    "command": ("a list of strings", True),
+    "git": (_OBJECT, True),
 }
 
 
@@ -180,6 +206,8 @@ def field_ok(expected: str, value: Any) -> bool:
         return isinstance(value, str)
     if expected == _OBJECT:
         return isinstance(value, dict)
+    if expected == "a list of strings":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if expected == "an object of numbers":
         return isinstance(value, dict) and all(type(v) in (int, float) for v in value.values())
     return isinstance(value, list) and all(
@@ -237,6 +265,18 @@ def read_manifest(directory: Path) -> Checkpoint:
     if combined_checksum(checkpoint.files) != checkpoint.checksum:
         raise CorruptCheckpointError(f"{path}: its file list does not match its checksum {checkpoint.checksum}")
     return checkpoint
+
+
+def documented(checkpoint: Checkpoint) -> Checkpoint:
+    """``checkpoint`` (as the registry lists it) with the self-documenting fields of its manifest on disk:
+    hparams, command, git. As it is when that manifest cannot be read or describes other files."""
+    try:
+        on_disk = read_manifest(checkpoint.path)
+    except CorruptCheckpointError:
+        return checkpoint
+    if on_disk.checksum != checkpoint.checksum:
+        return checkpoint
+    return dataclasses.replace(checkpoint, hparams=on_disk.hparams, command=on_disk.command, git=on_disk.git)
 
 
 def file_digest(path: Path) -> str:

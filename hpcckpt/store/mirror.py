@@ -37,7 +37,16 @@ from ..errors import CorruptCheckpointError
 from ..rundir import CHECKPOINTS
 from .fileio import SyncedWriter, format_digest, new_digest
 from .locations import CHUNK, Advance, Location, open_location, scrub
-from .manifest import MANIFEST, MANIFEST_VERSION, PLAIN_NAME, Checkpoint, FileRecord, combined_checksum, verify_file
+from .manifest import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    PLAIN_NAME,
+    Checkpoint,
+    FileRecord,
+    combined_checksum,
+    documented,
+    verify_file,
+)
 from .registry import Registry, warn
 from .retention import KeepBest, check_keep_last, to_delete
 from .transaction import JobIds, Owner, SaveRequest, SaveTransaction
@@ -139,7 +148,8 @@ class Mirror:
             stored = self.location.put_file(local, f"{directory}/{record.name}", progress)
             if stored != record.size:
                 raise OSError(f"{self.url}/{directory}/{record.name}: stored {stored} bytes of {record.size}")
-        published = dataclasses.replace(checkpoint, name=name, seq=seq, path=self.location.root / directory)
+        # The manifest as written locally: the registry's listing lacks the hparams, command and git state.
+        published = dataclasses.replace(documented(checkpoint), name=name, seq=seq, path=self.location.root / directory)
         self.location.put_bytes(f"{directory}/{MANIFEST}", _manifest_bytes(published))
         return published, True
 

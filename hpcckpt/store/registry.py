@@ -26,6 +26,12 @@ its old checkpoint). Not guaranteed: that the latest is the last renamed. Two wr
 commit in the other order than they reserved; the latest is then the one that reserved last. Checkpoints
 written before hpcckpt numbered commits have no ``seq``: they come first, by step, then time saved.
 
+A checkpoint that failed validation after a restore is marked bad (:meth:`Registry.mark_bad`): a journal
+record naming the instance, kept in the snapshot while the checkpoint is listed. A bad checkpoint stays on disk
+for inspection; :meth:`Registry.checkpoints` leaves it out (so latest, best and restore never choose it again),
+retention neither counts nor deletes it, and ``checkpoints(include_bad=True)`` lists it (``hpcckpt ls``,
+``status``, ``show``). A checkpoint committed again under its name is another instance: not bad.
+
 A journal delete names the instance it deleted (its ``seq`` and time saved), so a checkpoint committed again
 under a deleted name is never hidden or deleted for it, even when its own journal line never landed.
 
@@ -62,9 +68,12 @@ from ..rundir import SOFT_LOCK as SOFT_LOCK
 from .fileio import fsync_dir, link_refused, open_nofollow, read_nofollow, write_atomic
 from .journal import (
     COMPACT_FRACTION,
+    BadMark,
     BadSnapshotError,
     Instance,
     Record,
+    bad_record,
+    bad_record_of,
     commit_record,
     complete_lines,
     delete_record,
@@ -126,6 +135,8 @@ class _View:
         self.generation: str | None = None  # None: a version-1 index (its journal, if any, is not ours)
         self.base: dict[str, Checkpoint] = {}
         self.base_reserved = 0
+        self.base_bad: dict[str, BadMark] = {}
+        self.bad: dict[str, BadMark] = {}  # the snapshot's bad marks plus the journal's
         self.reserved = 0  # the highest commit sequence number handed out
         self.logged: dict[str, Checkpoint] = {}  # the snapshot plus the journal's records
         # Deleted by a journal record, and which instance of the name (maybe still on disk for a moment; a
@@ -144,6 +155,7 @@ class _View:
 
     def restart_journal(self, ino: int | None) -> None:
         self.logged, self.deleted, self.reserved = dict(self.base), {}, self.base_reserved
+        self.bad = dict(self.base_bad)
         self.rescan = True
         self.journal_ino, self.journal_offset, self.journal_ours = ino, 0, False
 
@@ -222,9 +234,27 @@ class Registry:
             self._lock.release()
 
     # -- reading ------------------------------------------------------------------------------------------
-    def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest first (by commit sequence number). Without the lock, from what this
-        registry parsed before plus what was appended since; the directory listing wins."""
+    def checkpoints(self, *, include_bad: bool = False) -> list[Checkpoint]:
+        """Committed checkpoints, oldest first (by commit sequence number), without those marked bad unless
+        ``include_bad``. Without the lock, from what this registry parsed before plus what was appended
+        since; the directory listing wins."""
+        listed = self._all_checkpoints()
+        if include_bad:
+            return listed
+        with self._mutex:
+            return [c for c in listed if self._mark(c) is None]
+
+    def bad_reason(self, checkpoint: Checkpoint) -> str | None:
+        """Why ``checkpoint`` was marked bad, as of the last listing; None when it is not."""
+        with self._mutex:
+            mark = self._mark(checkpoint)
+        return None if mark is None else mark.reason
+
+    def _mark(self, checkpoint: Checkpoint) -> BadMark | None:
+        mark = self._view.bad.get(checkpoint.name)
+        return mark if mark is not None and mark.instance.matches(checkpoint) else None
+
+    def _all_checkpoints(self) -> list[Checkpoint]:
         with self._mutex:
             scan = self._scan()  # before the journal: a checkpoint deleted since is then already recorded
             if self._load_snapshot():
@@ -268,6 +298,35 @@ class Registry:
         return event_log.last_status(self.events())
 
     # -- writing ------------------------------------------------------------------------------------------
+    def mark_bad(self, checkpoint: Checkpoint, reason: str) -> None:
+        """Record durably that ``checkpoint`` failed validation after it was restored, and why: a journal
+        record and a ``bad`` event. It stays on disk; no listing without ``include_bad`` shows it again, in
+        any process. Raises :class:`StoreError` when the run directory cannot be written."""
+        record = bad_record(checkpoint, reason)
+        with self.locked():
+            if os.path.islink(self.journal_path):
+                raise link_refused(self.journal_path)
+            with self._mutex:
+                # Reconciled first (a checkpoint adopted from its manifest gets its journal line), so that the
+                # next compaction, which keeps the marks of the checkpoints it lists, keeps this one.
+                self._reconciled()
+                try:
+                    self._journal([record])
+                    self._compact_if_due()
+                except OSError as error:
+                    raise StoreError(
+                        f"could not mark checkpoint {checkpoint.name} bad in {self.journal_path}: "
+                        f"{error.strerror or error}"
+                    ) from None
+            self._append(
+                [
+                    event_log.marked_bad(
+                        checkpoint.name, checkpoint.step, checkpoint.seq, checkpoint.created, record.reason
+                    )
+                ],
+                durable=True,
+            )
+
     def reserve(self) -> int:
         """A commit sequence number for a checkpoint about to be committed, recorded so that no other writer
         gets it: the writer writes its manifest with it (durably) before it takes the lock to commit, so
@@ -322,6 +381,8 @@ class Registry:
             trashed: list[Path] = []
             try:
                 entries = _ordered([*(c for c in before if c.name != checkpoint.name), checkpoint])
+                with self._mutex:  # a bad checkpoint is neither counted by retention nor deleted by it
+                    entries = [c for c in entries if self._mark(c) is None]
                 doomed = [c for c in select_deletions(entries) if c.name != checkpoint.name]
                 # The journal records the deletions first; a crash before they are moved away leaves them on
                 # disk, where the next writer finishes the deletion: nothing is listed that is not there.
@@ -542,6 +603,7 @@ class Registry:
             return False
         view.snapshot_sig, view.snapshot_size = signature, len(raw)
         view.generation, view.base, view.base_reserved = snapshot.generation, base, snapshot.reserved
+        view.base_bad = dict(snapshot.bad)
         self._parsed = parsed
         view.restart_journal(None)
         view.listed_key = None
@@ -588,6 +650,9 @@ class Registry:
             view.reserved = max(view.reserved, record.seq)
         elif record.op == "delete":
             view.delete(record.name, record.instance)
+        elif record.op == "bad":
+            if record.instance is not None:
+                view.bad[record.name] = BadMark(record.instance, record.reason)
         else:
             view.commit(record.name, self._journaled(record))
 
@@ -723,12 +788,26 @@ class Registry:
             warn(f"registry index {self.index_path} is missing or corrupt; rebuilding it from the manifests")
         found = [c for name, inode in scan.items() if (c := self._adopted(name, inode)) is not None]
         entries = _ordered(found)
+        self._view.bad.update(self._marks_from_events())  # the marks, as the event log keeps them too
         if write:
             try:
                 self._compact(entries)
             except OSError as error:
                 warn(f"could not rewrite {self.index_path} ({error.strerror or error}); using the files as they are")
         return entries
+
+    def _marks_from_events(self) -> dict[str, BadMark]:
+        """The bad marks the event log recorded (``bad`` events), for a snapshot rebuilt from the manifests."""
+        try:
+            text = read_nofollow(self.events_path).decode(errors="replace")
+        except (OSError, StoreError):
+            return {}
+        marks = {}
+        for event in event_log.of_kind(event_log.parse(text, str(self.events_path))[0], event_log.BAD):
+            record = bad_record_of(event)
+            if record is not None and record.instance is not None:
+                marks[record.name] = BadMark(record.instance, record.reason)
+        return marks
 
     def _journal(self, records: Sequence[Record]) -> None:
         """Under the lock: append ``records`` to the journal (one write, continued when the system writes less),
@@ -778,10 +857,11 @@ class Registry:
         generation = new_generation()
         view = self._view
         reserved = max(view.reserved, max((c.seq for c in entries if c.seq is not None), default=0))
-        text = encode_snapshot(generation, reserved, self._encode(entries))
+        bad = {c.name: mark for c in entries if (mark := self._mark(c)) is not None}  # of listed ones only
+        text = encode_snapshot(generation, reserved, self._encode(entries), bad)
         write_atomic(self.index_path, text, durable=False)
         view.snapshot_sig, view.snapshot_size, view.generation = _signature(self.index_path), len(text), generation
-        view.base, view.base_reserved = {c.name: c for c in entries}, reserved
+        view.base, view.base_reserved, view.base_bad = {c.name: c for c in entries}, reserved, bad
         view.restart_journal(None)
         view.listed_key = None
         header = journal_header(generation)

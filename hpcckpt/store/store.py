@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from .._version import __version__
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError, ValidationFailedError
 from ..rundir import CHECKPOINTS
 from ..slurm.env import read_slurm_env
 from ..state import RestoreOptions, TrainState
@@ -33,13 +33,16 @@ from .asyncsave import BackgroundSave, SaveHandle, Staging
 from .export import EXPORT_FORMATS, write_export
 from .fileio import fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef, writing_format
+from .journal import Instance
 from .manifest import Checkpoint, verify_file
 from .mirror import DEFAULT_KEEP_LAST as DEFAULT_MIRROR_KEEP_LAST
 from .mirror import Mirror, describe_failure
+from .provenance import check_hparams, warn_other_torch
 from .registry import LockMode, Registry, lock_mode, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .transaction import JobIds, SaveRequest
 from .uploads import Uploads
+from .validation import Validate, check_validate, restore_validated
 
 log = logging.getLogger("hpcckpt")
 _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -50,7 +53,8 @@ class CheckpointStore:
 
     ``keep_last`` newest checkpoints are kept (None: all); ``keep_best=(metric, "min"|"max", K)`` also
     keeps the K best by a metric. The newest, the best and tagged checkpoints are never deleted.
-    ``metadata`` (hyper-parameters, a git commit...) is written into every manifest. ``format`` names
+    ``metadata`` (any values) and ``hparams`` (the hyper-parameters, JSON values) are written into every
+    manifest, with the command line and the git commit of the working directory (:mod:`.provenance`). ``format`` names
     how checkpoints are written (``"tensors"``, the default: one file, raw tensor bytes and a JSON index, no
     pickle; ``"torch"``: one ``torch.save`` file; ``"dcp"``: sharded, saved by every rank together); a
     checkpoint is always read by the format its manifest names.
@@ -77,6 +81,7 @@ class CheckpointStore:
         keep_best: KeepBest | tuple[str, str, int] | None = None,
         *,
         metadata: Mapping[str, Any] | None = None,
+        hparams: Mapping[str, Any] | None = None,
         format: str = "tensors",
         lock: LockMode | None = None,
         lock_timeout: float = 300.0,
@@ -93,6 +98,7 @@ class CheckpointStore:
         self.keep_last = check_keep_last(keep_last)
         self.keep_best = KeepBest.parse(keep_best)
         self.metadata = dict(metadata or {})
+        self.hparams = check_hparams(hparams)
         # The constructor is a user's entry point: what the caller leaves out comes from the environment,
         # read here once (as before issue 12), never deeper in the store.
         self.job = read_slurm_env(os.environ) if job is None else job
@@ -106,6 +112,7 @@ class CheckpointStore:
         self.staging = Staging(_default_staging_bytes() if async_staging_bytes is None else async_staging_bytes)
         self._in_flight: SaveHandle | None = None
         self._warned_over_staging = False
+        self._rejected: set[Instance] = set()  # failed validation here, even where marking them bad failed
         self.uploads: Uploads | None = None
         if self.mirror is not None:
             self.uploads = Uploads(self.mirror, self.list, self.registry.append_event)
@@ -206,6 +213,7 @@ class CheckpointStore:
             tag=tag,
             metadata={**self.metadata, **(metadata or {})},
             job=self.job,
+            hparams=self.hparams,
         )
         self.format.check_save(state, tag, metadata)
         if tag is not None and (not tag or not set(tag) <= _TAG_CHARS):
@@ -270,9 +278,21 @@ class CheckpointStore:
         return to_delete(checkpoints, self.keep_last, self.keep_best)
 
     # -- finding ------------------------------------------------------------------------------------------
-    def list(self) -> list[Checkpoint]:
-        """Committed checkpoints, oldest first."""
-        return self.registry.checkpoints()
+    def list(self, *, include_bad: bool = False) -> list[Checkpoint]:
+        """Committed checkpoints, oldest first; those marked bad (failed validation) only with ``include_bad``."""
+        listed = self.registry.checkpoints(include_bad=include_bad)
+        if include_bad or not self._rejected:
+            return listed
+        return [c for c in listed if Instance.of(c) not in self._rejected]
+
+    def reject(self, checkpoint: Checkpoint, reason: str) -> None:
+        """Mark ``checkpoint`` bad (it failed validation, for ``reason``): never chosen again, kept on disk. Where
+        the run directory cannot record it (read-only), this store still never chooses it, with a warning."""
+        self._rejected.add(Instance.of(checkpoint))
+        try:
+            self.registry.mark_bad(checkpoint, reason)
+        except StoreError as error:
+            warn(f"{error}; other processes may still choose it")
 
     def latest(self) -> Checkpoint | None:
         """The newest committed checkpoint whose files are all present at their recorded sizes, or None.
@@ -310,6 +330,12 @@ class CheckpointStore:
             what = f"checkpoint named {ref!r}"
         if not matches:
             steps = ", ".join(str(c.step) for c in checkpoints[-10:]) or "none"
+            bad = [c for c in self.list(include_bad=True) if c.step == ref or c.name == ref]
+            if bad and not isinstance(ref, Checkpoint):
+                raise CheckpointNotFoundError(
+                    f"{what} in {self.run_dir} is marked bad (it failed validation: "
+                    f"{self.registry.bad_reason(bad[-1]) or 'in this process'}); latest valid steps: {steps}"
+                )
             raise CheckpointNotFoundError(f"no {what} in {self.run_dir}; latest steps available: {steps}")
         return matches[-1]
 
@@ -386,6 +412,7 @@ class CheckpointStore:
         self, checkpoint: Checkpoint, map_location: Any, unsafe_allow_pickle: bool, mmap: bool
     ) -> dict[str, Any]:
         reading = self.format_of(checkpoint)
+        warn_other_torch(checkpoint)
         if not reading.verifies_read(mmap=mmap):
             self.verify(checkpoint)
         try:
@@ -403,30 +430,45 @@ class CheckpointStore:
         ckpt: CheckpointRef = None,
         options: RestoreOptions | None = None,
         map_location: Any = "cpu",
+        *,
+        validate: Validate | None = None,
     ) -> Checkpoint | None:
         """Load a checkpoint into ``state``. With ``ckpt`` None on a run with nothing saved yet, returns
         None and leaves ``state`` as it is (a first run starts fresh, quietly). The state is copied, not
         mapped: the objects restored into keep no checkpoint file in use.
 
+        ``validate(state)`` checks the restored state (a forward pass on a fixed batch...), failing by raising
+        or returning False: the checkpoint is then marked bad and the previous valid one restored, or, for a
+        named ``ckpt`` or when none is left, :class:`ValidationFailedError` raised (:mod:`.validation`).
+
         With a mirror, when this run directory has no usable checkpoint (purged, a new node, every one
-        corrupt), the mirror's newest valid checkpoint is downloaded, verified, committed here and restored
-        (an older one when it does not verify). A mirror that cannot be read is logged once; the run then
-        starts fresh when nothing is here, and a local corruption is raised as it is."""
+        corrupt or marked bad), the mirror's newest valid checkpoint is downloaded, verified, committed here
+        and restored (an older one when it does not verify; never one whose checksum is marked bad here). A
+        mirror that cannot be read is logged once; the run then starts fresh when nothing is here, and a
+        local corruption is raised as it is."""
         from ..distributed import world
 
         # The ranks of a process group restore together what rank 0 chose: the sharded format's restore.
         restoring = self.format if world()[1] == 1 else FORMATS[DCP_FORMAT]
         options = options or RestoreOptions()
+        check_validate(validate)  # before anything is pulled
         if ckpt is not None or self.mirror is None:
-            return restoring.restore(self, state, ckpt, options, map_location)
+            return self._restore_with(restoring, state, ckpt, options, map_location, validate)
         if world()[1] > 1 or self.latest() is None:
             self._pull_if_empty()  # nothing here (purged, a new node): the mirror's newest valid one
-        try:
-            return restoring.restore(self, state, None, options, map_location)
-        except CorruptCheckpointError as error:
-            if world()[1] > 1 or self._pull_from_mirror(f"every local checkpoint is corrupt ({error})") is None:
-                raise
-        return restoring.restore(self, state, None, options, map_location)
+        pulled_for_corruption = False
+        while True:  # a pulled checkpoint that fails validation is marked bad here, and skipped by the next pull
+            try:
+                return self._restore_with(restoring, state, None, options, map_location, validate)
+            except CorruptCheckpointError as error:
+                if pulled_for_corruption or world()[1] > 1:
+                    raise
+                pulled_for_corruption = True
+                if self._pull_from_mirror(f"every local checkpoint is corrupt ({error})") is None:
+                    raise
+            except ValidationFailedError:
+                if world()[1] > 1 or self._pull_from_mirror("every local checkpoint failed validation") is None:
+                    raise
 
     def _pull_if_empty(self) -> None:
         """Rank 0 pulls the mirror's newest valid checkpoint when this run directory has none usable; the
@@ -443,7 +485,7 @@ class CheckpointStore:
         mirror = self.mirror
         assert mirror is not None
         try:
-            pulled = mirror.pull_newest(self)
+            pulled = mirror.pull_newest(self, skip=self._bad_here())
         except (OSError, ValueError, RuntimeError) as error:
             # Said once (the uploads would say it again): what this task does without the mirror.
             message = f"{describe_failure(mirror.url, error)}; {why}, so nothing could be restored from the mirror"
@@ -453,6 +495,35 @@ class CheckpointStore:
         if pulled is not None:
             log.warning("hpcckpt: %s: resuming from the mirror %s (%s)", why, mirror.url, pulled.name)
         return pulled
+
+    def _restore_with(
+        self,
+        restoring: CheckpointFormat,
+        state: TrainState,
+        ckpt: CheckpointRef,
+        options: RestoreOptions,
+        map_location: Any,
+        validate: Validate | None,
+    ) -> Checkpoint | None:
+        """``restoring``'s restore, validated when ``validate`` is given (:mod:`.validation`)."""
+        from ..distributed import world
+
+        check = check_validate(validate)
+        if check is None:
+            checkpoint = restoring.restore(self, state, ckpt, options, map_location)
+        else:
+            checkpoint = restore_validated(self, self, restoring, state, ckpt, options, map_location, check)
+        if checkpoint is not None and world()[1] > 1 and checkpoint.format == DCP_FORMAT:
+            warn_other_torch(checkpoint)  # one-file checkpoints were checked as they were read
+        return checkpoint
+
+    def _bad_here(self) -> set[tuple[int, str]]:
+        """(step, combined checksum) of each checkpoint here that failed validation: never pulled again."""
+        return {
+            (c.step, c.checksum)
+            for c in self.list(include_bad=True)
+            if Instance.of(c) in self._rejected or self.registry.bad_reason(c) is not None
+        }
 
     def export(
         self,

@@ -10,8 +10,8 @@ one):
    or by every rank of a collective save;
 3. :meth:`SaveTransaction.commit` reserves the next commit sequence number from the registry, writes
    ``manifest.json`` (files, sizes, checksums, step, epoch, metrics, versions, the job's ids, metadata, that
-   number) durably, then, under the registry lock, renames the directory to ``step_<step>`` (the commit
-   point);
+   number, and the provenance: hparams, command line, git state, :mod:`.provenance`) durably, then, under
+   the registry lock, renames the directory to ``step_<step>`` (the commit point);
 4. still under the lock, the registry records it, then retention applies; ``checkpoints/`` is fsynced
    (under the lock only when retention deletes something, before it does; else after the lock is released:
    no fsync of this save holds up the other writers, issue 13).
@@ -45,6 +45,7 @@ from ..errors import StoreError
 from ..state import TrainState
 from .fileio import fsync_dir, open_nofollow, write_atomic
 from .manifest import MANIFEST, Checkpoint, FileRecord, combined_checksum, file_digest
+from .provenance import command_line, git_state
 from .registry import CLAIM_PREFIX, OWNER, Registry, warn
 
 
@@ -77,6 +78,7 @@ class SaveRequest:
     tag: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     job: JobIds | None = None
+    hparams: Mapping[str, Any] = field(default_factory=dict)  # checked by the store (provenance.check_hparams)
 
     def payload(self, state: TrainState | Mapping[str, Any]) -> Mapping[str, Any]:
         """What a format writes for ``state``: a :class:`TrainState`'s state dict with this request's step
@@ -206,6 +208,9 @@ class SaveTransaction:
             versions=_versions(),
             metadata=request.metadata,
             compression=compression,
+            hparams=dict(request.hparams),
+            command=command_line(),
+            git=git_state(),
         )
 
     def _rename_into_place(self, checkpoint: Checkpoint, seq: int) -> Checkpoint:
