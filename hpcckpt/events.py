@@ -44,6 +44,9 @@ Kind = Literal[
     "cancel",  # hpcckpt cancel, Ctrl-C on a local chain
     "result",  # submitit: the training function's return value was stored
     "result-error",  # submitit: it could not be
+    "uploaded",  # the store's mirror: a checkpoint is complete on the mirror
+    "upload_failed",  # the store's mirror: an upload failed (retried at the next save)
+    "pulled",  # the store's mirror: a checkpoint was downloaded from the mirror and committed here
 ]
 START: Final = "start"
 STOP: Final = "stop"
@@ -59,6 +62,9 @@ SUBMIT: Final = "submit"
 CANCEL: Final = "cancel"
 RESULT: Final = "result"
 RESULT_ERROR: Final = "result-error"
+UPLOADED: Final = "uploaded"
+UPLOAD_FAILED: Final = "upload_failed"
+PULLED: Final = "pulled"
 
 Event = dict[str, Any]  # one line of the log, as read: ``event`` (the kind), ``time``, then its fields
 
@@ -156,6 +162,21 @@ def commit(summary: Mapping[str, Any]) -> Event:
 
 def delete(name: str, step: int, why: str = "retention") -> Event:
     return {"event": DELETE, "name": name, "step": step, "why": why}
+
+
+def uploaded(name: str, step: int, url: str, size: int, seconds: float) -> Event:
+    """Checkpoint ``name`` is complete on the mirror at ``url`` (credential-free): files, then manifest."""
+    return {"event": UPLOADED, "name": name, "step": step, "url": url, "size": size, "seconds": round(seconds, 3)}
+
+
+def upload_failed(name: str, step: int, url: str, error: str) -> Event:
+    """Uploading checkpoint ``name`` to the mirror failed; it is retried at the next save or task."""
+    return {"event": UPLOAD_FAILED, "name": name, "step": step, "url": url, "error": error[:500]}
+
+
+def pulled(name: str, step: int, url: str) -> Event:
+    """Checkpoint ``name`` was downloaded from the mirror at ``url``, verified and committed here."""
+    return {"event": PULLED, "name": name, "step": step, "url": url}
 
 
 def task_begin(

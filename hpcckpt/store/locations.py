@@ -1,0 +1,325 @@
+"""Where a mirror keeps its copies: a second POSIX filesystem or an object store, behind one small interface.
+
+:func:`open_location` turns a URL into a :class:`Location`: ``s3://bucket/prefix``, ``gs://bucket/prefix`` or
+any other fsspec protocol (:class:`FsspecLocation`), ``file:///abs/path`` or a plain path (:class:`PosixLocation`).
+
+What every location promises (issue 14; Composer PR #3376 uploaded a "latest" link before its files, and
+pytorch #183878 lost data that was written without a flush):
+
+- :meth:`Location.put_file` returns only once the whole file is stored: on POSIX it is written under a
+  temporary name, fsynced, renamed and its directory fsynced; on an object store the client's upload has
+  completed (``put_file`` raises on a failed part or a failed completion) and the stored object's size has
+  been read back. So a caller that writes a manifest after its files never publishes a manifest whose files
+  are missing;
+- :meth:`Location.put_bytes` replaces an object whole (one PUT; an atomic rename on POSIX): readers see the
+  old content, the new one, or nothing;
+- nothing that names a location carries a secret: credentials come from the backend's own environment and
+  configuration only; a URL with credentials in it (``user:secret@``, ``?secret=...``) is refused with a
+  :class:`~hpcckpt.errors.UsageError` that shows it redacted, and backend errors are passed through
+  :func:`scrub` before they are shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from ..errors import UsageError
+from .fileio import SyncedWriter, fsync_dir
+
+# Query parameters that carry credentials in the URLs of fsspec backends and cloud consoles.
+_SECRET_PARAMS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "access_key",
+        "secret_key",
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "credentials",
+        "sig",
+        "signature",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+    }
+)
+# The extra that brings each protocol's fsspec backend.
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# Environment variables whose values are secrets, hidden from every message shown (see scrub).
+_SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
+CHUNK = 8 << 20
+
+
+class Advance(Protocol):
+    """A progress bar as transfers drive it (:class:`hpcckpt.progress.Progress` is one)."""
+
+    def update(self, n: int) -> object: ...
+
+
+class Location(Protocol):
+    """A root directory of files addressed by ``/``-separated relative names.
+
+    ``url`` is the location as shown everywhere (credential-free); ``root`` is its path, as a
+    :class:`~pathlib.Path` for the records that hold one (``bucket/prefix`` for an object store).
+    """
+
+    url: str
+    root: Path
+
+    def put_file(self, local: Path, name: str, progress: Advance | None = None) -> int:
+        """Store the local file under ``name``, completely, before returning its stored size."""
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        """Store ``data`` under ``name`` whole, replacing what was there."""
+
+    def get_bytes(self, name: str) -> bytes:
+        """The content of ``name``; ``FileNotFoundError`` when absent."""
+
+    def open_read(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """``name`` opened for reading, as a context manager; ``FileNotFoundError`` when absent."""
+
+    def children(self, name: str) -> list[str]:
+        """The names directly under directory ``name`` (no path), sorted; [] when it does not exist."""
+
+    def remove(self, name: str) -> None:
+        """Remove the file ``name``; nothing when it is already gone."""
+
+    def remove_tree(self, name: str) -> None:
+        """Remove directory ``name`` and everything under it; nothing when it is already gone."""
+
+
+def open_location(url: str | os.PathLike[str]) -> Location:
+    """The location ``url`` names; :class:`UsageError` for a URL with credentials, an unknown protocol or a
+    backend that is not installed (naming the extra to install)."""
+    text = os.fspath(url)
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"Invalid mirror {text!r}: expected a path, file:///path, s3://bucket/prefix or gs://...")
+    check_credential_free(text)
+    parts = urlsplit(text)
+    if "://" not in text or parts.scheme in ("", "file"):
+        path = parts.path if parts.scheme == "file" else text
+        if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
+            raise UsageError(f"Invalid mirror {text!r}: a file URL names no host; expected file:///absolute/path")
+        return PosixLocation(Path(path).expanduser().absolute())
+    return FsspecLocation.open(text, parts.scheme)
+
+
+def check_credential_free(url: str) -> None:
+    """Raise :class:`UsageError`, showing ``url`` redacted, when it carries credentials."""
+    parts = urlsplit(url)
+    has_userinfo = "://" in url and "@" in parts.netloc
+    has_secret_param = any(key.lower() in _SECRET_PARAMS for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+    if has_userinfo or has_secret_param:
+        raise UsageError(
+            f"Invalid mirror {redact(url)!r}: credentials do not belong in the URL (they would end up in scripts, "
+            "logs and manifests); expected e.g. s3://bucket/prefix, with credentials from the backend's own "
+            "environment or configuration (AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for s3, "
+            "GOOGLE_APPLICATION_CREDENTIALS for gs)"
+        )
+
+
+def redact(url: str) -> str:
+    """``url`` with its user information and every query value hidden: safe to show."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def scrub(text: str) -> str:
+    """``text`` (a backend's error message) with the value of every secret-looking environment variable
+    (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``...) replaced by ``***``: botocore does not echo secrets, but
+    other backends and proxies might, and the message goes into logs and the event log."""
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_ENV.search(name) and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+class PosixLocation:
+    """A directory on a (second) POSIX filesystem, written durably with hpcckpt's own file I/O."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = str(root)
+
+    def __repr__(self) -> str:
+        return f"PosixLocation({self.url!r})"
+
+    def put_file(self, local: Path, name: str, progress: Advance | None = None) -> int:
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        writer = SyncedWriter(tmp, checksum=False)
+        try:
+            with open(local, "rb") as source:
+                while chunk := source.read(CHUNK):
+                    writer.write(chunk)
+                    if progress is not None:
+                        progress.update(len(chunk))
+            writer.close()
+            os.replace(tmp, target)
+        except BaseException:
+            writer.abort()
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(target.parent)
+        return target.stat().st_size
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        from .fileio import write_atomic
+
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, data)
+
+    def get_bytes(self, name: str) -> bytes:
+        return self._path(name).read_bytes()
+
+    def open_read(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return open(self._path(name), "rb")
+
+    def children(self, name: str) -> list[str]:
+        try:
+            return sorted(entry.name for entry in self._path(name).iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def remove(self, name: str) -> None:
+        target = self._path(name)
+        target.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(target.parent)
+
+    def remove_tree(self, name: str) -> None:
+        target = self._path(name)
+        shutil.rmtree(target, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            fsync_dir(target.parent)
+
+    def _path(self, name: str) -> Path:
+        return self.root / name
+
+
+class FsspecLocation:
+    """A prefix in an object store (or any fsspec filesystem), through the backend's real client.
+
+    The filesystem is built once per location, never from fsspec's instance cache (credentials are read
+    from the environment when it is built: a cached client would keep old ones), with the backend's
+    default credential chain.
+    """
+
+    def __init__(self, url: str, fs: Any, root: str) -> None:
+        self.url = url
+        self.fs = fs
+        self._root = root.rstrip("/")
+        self.root = Path(self._root)
+
+    def __repr__(self) -> str:
+        return f"FsspecLocation({self.url!r})"
+
+    @classmethod
+    def open(cls, url: str, protocol: str) -> FsspecLocation:
+        extra = _EXTRAS.get(protocol)
+        hint = f"pip install 'hpcckpt[{extra}]'" if extra else "install the fsspec backend for it"
+        try:
+            import fsspec
+        except ImportError:
+            raise UsageError(f"Mirror {redact(url)!r} needs fsspec and its {protocol} backend: {hint}") from None
+        try:
+            filesystem = fsspec.get_filesystem_class(protocol)
+        except ImportError:
+            raise UsageError(f"Mirror {redact(url)!r} needs the {protocol} backend of fsspec: {hint}") from None
+        except ValueError:
+            raise UsageError(
+                f"Invalid mirror {redact(url)!r}: protocol {protocol!r} is unknown to fsspec; expected a path, "
+                "file:///path, s3://bucket/prefix, gs://bucket/prefix or another fsspec protocol"
+            ) from None
+        root = filesystem._strip_protocol(url)
+        if not root.strip("/"):
+            raise UsageError(f"Invalid mirror {redact(url)!r}: expected a bucket (and a prefix), e.g. s3://bucket/run")
+        return cls(url.rstrip("/"), filesystem(skip_instance_cache=True), root)
+
+    def put_file(self, local: Path, name: str, progress: Advance | None = None) -> int:
+        target = self._path(name)
+        callback = None if progress is None else _relay(progress)
+        kwargs = {} if callback is None else {"callback": callback}
+        # put_file raises when a part or the completion of a multipart upload fails; the size read back
+        # afterwards (not from the listing cache) makes the completion certain before a manifest may follow.
+        self.fs.put_file(str(local), target, **kwargs)
+        self.fs.invalidate_cache(target)
+        size = int(self.fs.info(target)["size"])
+        if callback is not None:
+            callback.value = size
+            callback.call()
+        return size
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        target = self._path(name)
+        self.fs.pipe_file(target, data)
+        self.fs.invalidate_cache(target)
+
+    def get_bytes(self, name: str) -> bytes:
+        return bytes(self.fs.cat_file(self._path(name)))
+
+    def open_read(self, name: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        return self._opened(self._path(name))
+
+    @contextlib.contextmanager
+    def _opened(self, path: str) -> Iterator[IO[bytes]]:
+        with self.fs.open(path, "rb", block_size=CHUNK, cache_type="none") as handle:
+            yield handle
+
+    def children(self, name: str) -> list[str]:
+        directory = self._path(name)
+        self.fs.invalidate_cache(directory)
+        try:
+            entries = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({str(entry).rstrip("/").rpartition("/")[2] for entry in entries} - {""})
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(name))
+
+    def remove_tree(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(name), recursive=True)
+        self.fs.invalidate_cache(self._path(name))
+
+    def _path(self, name: str) -> str:
+        return f"{self._root}/{name}"
+
+
+def _relay(progress: Advance) -> Any:
+    """An fsspec transfer callback that drives ``progress`` by the bytes sent."""
+    from fsspec.callbacks import Callback
+
+    class Relay(Callback):  # type: ignore[misc]
+        sent = 0
+
+        def call(self, *args: Any, **kwargs: Any) -> None:
+            value = int(self.value)
+            if value > self.sent:
+                progress.update(value - self.sent)
+                self.sent = value
+
+    return Relay()

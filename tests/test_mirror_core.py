@@ -1,0 +1,185 @@
+"""The mirror's core on both kinds of location (a second POSIX directory and S3 through the real client):
+files before the manifest, never overwriting a complete remote checkpoint, verification, download through the
+registry, retention, and URLs refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from s3lab import S3Lab
+
+from hpcckpt.errors import CorruptCheckpointError, UsageError
+from hpcckpt.store.locations import open_location, redact
+from hpcckpt.store.mirror import Mirror
+from hpcckpt.store.store import CheckpointStore
+
+
+@pytest.fixture(params=["posix", "s3"])
+def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "posix":
+        yield str(tmp_path / "second-fs" / "run")
+    else:
+        lab: S3Lab = request.getfixturevalue("s3_env")
+        yield f"s3://{lab.new_bucket()}/prefix/run"
+
+
+def _remote_names(mirror: Mirror) -> list[str]:
+    return [c.name for c in mirror.list()]
+
+
+def test_upload_then_download_into_an_empty_run_directory_gives_the_same_tensors(
+    tmp_path: Path, mirror_url: str
+) -> None:
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    saved = store.save({"w": torch.arange(1000.0)}, step=7, metrics={"loss": 0.5})
+    mirror = Mirror(mirror_url)
+    remote = mirror.upload(saved)
+    assert (remote.name, remote.step, remote.checksum) == ("step_000000007", 7, saved.checksum)
+    assert _remote_names(mirror) == ["step_000000007"]
+    assert mirror.verify(remote) is remote
+    fresh = CheckpointStore(tmp_path / "elsewhere")
+    local = mirror.download(remote, fresh)
+    assert local.name == "step_000000007" and local.metrics == {"loss": 0.5}
+    assert torch.equal(fresh.load()["w"], torch.arange(1000.0))
+    pulled = [e for e in fresh.registry.events() if e["event"] == "pulled"]
+    assert [(e["name"], e["step"], e["url"]) for e in pulled] == [
+        ("step_000000007", 7, f"{mirror.url}/checkpoints/step_000000007")
+    ]
+
+
+def test_a_second_upload_of_the_same_checkpoint_stores_nothing_new(tmp_path: Path, mirror_url: str) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    saved = store.save({"w": torch.ones(10)}, step=1)
+    mirror = Mirror(mirror_url)
+    first = mirror.upload(saved)
+    assert mirror.upload(saved) == first
+    assert _remote_names(mirror) == ["step_000000001"]
+
+
+def test_a_different_checkpoint_of_a_taken_name_is_stored_beside_it_never_over_it(
+    tmp_path: Path, mirror_url: str
+) -> None:
+    mirror = Mirror(mirror_url, keep_last=None)
+    before = CheckpointStore(tmp_path / "run-a").save({"w": torch.zeros(10)}, step=3)
+    after = CheckpointStore(tmp_path / "run-b").save({"w": torch.ones(10)}, step=3)  # same step, other data
+    mirror.upload(before)
+    second = mirror.upload(after)
+    assert second.name == "step_000000003.1"
+    assert [(c.name, c.checksum) for c in mirror.list()] == [
+        ("step_000000003", before.checksum),
+        ("step_000000003.1", after.checksum),
+    ]
+    # The newest upload is the newest on the mirror: downloading it gives the second state.
+    fresh = CheckpointStore(tmp_path / "fresh")
+    assert mirror.pull_newest(fresh) is not None
+    assert torch.equal(fresh.load()["w"], torch.ones(10))
+
+
+def test_a_remote_file_that_changed_is_named_by_verify_and_never_committed(tmp_path: Path) -> None:
+    mirror = Mirror(str(tmp_path / "mirror"), keep_last=None)
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    good = mirror.upload(store.save({"w": torch.zeros(100)}, step=1))
+    bad = mirror.upload(store.save({"w": torch.ones(100)}, step=2))
+    data = tmp_path / "mirror" / "checkpoints" / bad.name / "state.tensors"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match=r"step_000000002/state.tensors: checksum"):
+        mirror.verify(bad)
+    fresh = CheckpointStore(tmp_path / "fresh")
+    with pytest.raises(CorruptCheckpointError, match=r"step_000000002/state.tensors: checksum"):
+        mirror.download(bad, fresh)
+    assert fresh.list() == []
+    assert not [p for p in (tmp_path / "fresh" / "checkpoints").iterdir()]  # no temporary left behind
+    # The newest valid one is the older: the restore path falls back to it.
+    with pytest.warns(UserWarning, match="does not verify, trying an older one"):
+        local = mirror.pull_newest(fresh)
+    assert local is not None and local.step == 1 and good.step == 1
+    with pytest.warns(UserWarning, match="is unusable, trying an older one"):
+        newest = mirror.newest_valid()
+    assert newest is not None and newest.step == 1
+
+
+def test_a_remote_directory_without_manifest_is_invisible_and_swept_by_retention(
+    tmp_path: Path, mirror_url: str
+) -> None:
+    mirror = Mirror(mirror_url, keep_last=2)
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    saved = [store.save({"w": torch.full((10,), float(step))}, step=step) for step in (1, 2, 3, 4)]
+    for checkpoint in saved:
+        mirror.upload(checkpoint)
+    # An upload cut short: its data file is there, its manifest never came.
+    mirror.location.put_bytes("checkpoints/step_000000009/state.tensors", b"partial")
+    assert _remote_names(mirror) == [c.name for c in saved]
+    removed = mirror.retain()
+    assert sorted(removed) == ["step_000000001", "step_000000002", "step_000000009"]
+    assert _remote_names(mirror) == ["step_000000003", "step_000000004"]
+    assert mirror.location.children("checkpoints") == ["step_000000003", "step_000000004"]
+
+
+def test_retention_never_deletes_the_newest_complete_remote_checkpoint(tmp_path: Path) -> None:
+    mirror = Mirror(str(tmp_path / "mirror"), keep_last=None, keep_best=("loss", "min", 1))
+    store = CheckpointStore(tmp_path / "run", keep_last=None)
+    for step, loss in ((1, 0.1), (2, 0.5), (3, 0.9)):
+        mirror.upload(store.save({"w": torch.zeros(3)}, step=step, metrics={"loss": loss}))
+    mirror.retain()
+    assert _remote_names(mirror) == ["step_000000001", "step_000000003"]  # the best and the newest
+
+
+def test_a_deletion_removes_the_manifest_first(tmp_path: Path) -> None:
+    mirror = Mirror(str(tmp_path / "mirror"))
+    remote = mirror.upload(CheckpointStore(tmp_path / "run").save({"w": torch.zeros(3)}, step=1))
+    removed: list[str] = []
+    original = mirror.location.remove
+
+    def watching(name: str) -> None:
+        removed.append(name)
+        assert (tmp_path / "mirror" / "checkpoints" / remote.name / "state.tensors").exists()
+        original(name)
+
+    mirror.location.remove = watching  # type: ignore[method-assign]
+    mirror.delete(remote)
+    assert removed == ["checkpoints/step_000000001/manifest.json"]
+    assert not (tmp_path / "mirror" / "checkpoints" / remote.name).exists()
+
+
+def test_the_remote_manifest_is_the_local_one_with_the_mirror_upload_order(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    saved = store.save({"w": torch.zeros(3)}, step=5, metadata={"lr": 0.1})
+    Mirror(str(tmp_path / "mirror")).upload(saved)
+    local = json.loads((saved.path / "manifest.json").read_bytes())
+    remote = json.loads((tmp_path / "mirror" / "checkpoints" / saved.name / "manifest.json").read_bytes())
+    assert remote == {**local, "seq": 1}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://AKIAEXAMPLE:wJalrXUtnFEMIsecret@bucket/run",
+        "s3://bucket/run?secret=wJalrXUtnFEMIsecret",
+        "gs://bucket/run?token=wJalrXUtnFEMIsecret&x=1",
+    ],
+)
+def test_a_url_with_credentials_is_refused_showing_it_redacted(url: str) -> None:
+    with pytest.raises(UsageError, match="credentials do not belong in the URL") as caught:
+        Mirror(url)
+    assert "wJalrXUtnFEMIsecret" not in str(caught.value)
+    assert "***" in str(caught.value)
+
+
+def test_redaction_keeps_what_locates_the_data() -> None:
+    assert redact("s3://user:pw@bucket/run?key=k") == "s3://***@bucket/run?key=***"
+    assert redact("/scratch/run") == "/scratch/run"
+
+
+def test_an_unknown_protocol_is_a_usage_error_naming_it() -> None:
+    with pytest.raises(UsageError, match="protocol 'nosuchfs' is unknown to fsspec"):
+        open_location("nosuchfs://bucket/run")
+
+
+def test_a_file_url_and_a_plain_path_are_the_same_posix_location(tmp_path: Path) -> None:
+    assert open_location(f"file://{tmp_path}/m").url == open_location(str(tmp_path / "m")).url == str(tmp_path / "m")
