@@ -15,7 +15,7 @@ import s3fs
 from harness import clean_env, events, train_command
 from s3lab import S3Lab
 
-from hpcckpt import CheckpointStore
+from hpcckpt import CheckpointStore, HpcckptWarning
 from hpcckpt.cli.main import main
 
 
@@ -72,10 +72,14 @@ def test_push_then_ls_verify_and_pull_into_an_empty_run_directory(
     assert [c.name for c in fresh.list()] == [names[-1]]
     assert fresh.load()["w"] == [30] * 100
     assert main(["pull", url, str(tmp_path / "new")]) == 0  # already there: left as it is
-    assert "already in" in capsys.readouterr().out
+    assert "is already in" in capsys.readouterr().out
+    assert [c.name for c in fresh.list()] == [names[-1]]
 
+    # An older step pulled is the newest commit: the run resumes from it (a roll-back), and says so.
     assert main(["pull", url, str(tmp_path / "new"), "--step", "10"]) == 0
-    assert [c.step for c in fresh.list()] == [10, 30]
+    assert "a resume of this run starts from it" in capsys.readouterr().out
+    assert [c.step for c in fresh.list()] == [30, 10]
+    assert fresh.load()["w"] == [10] * 100
 
 
 def test_pull_of_a_step_the_mirror_lacks_names_the_steps_it_has(s3_env: S3Lab, tmp_path: Path) -> None:
@@ -96,7 +100,7 @@ def test_verify_names_the_corrupt_file_and_pull_skips_to_the_newest_valid(
     newest = store.list()[-1]
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     (data,) = [f for f in newest.files if f.name != "manifest.json"][:1]
-    key = f"{bucket}/runs/c/{newest.name}/{data.name}"
+    key = f"{bucket}/runs/c/checkpoints/{newest.name}/{data.name}"
     body = fs.cat(key)
     fs.pipe(key, bytes([body[0] ^ 0xFF]) + body[1:])  # a bit flipped at rest
     capsys.readouterr()
@@ -104,7 +108,8 @@ def test_verify_names_the_corrupt_file_and_pull_skips_to_the_newest_valid(
     out = capsys.readouterr().out
     assert f"CORRUPT  {newest.name}" in out and data.name in out
     assert out.splitlines()[-1] == f"1 ok, 1 corrupt at {url}"
-    assert main(["pull", url, str(tmp_path / "new")]) == 0
+    with pytest.warns(HpcckptWarning, match=f"{newest.name} does not verify, trying an older one"):
+        assert main(["pull", url, str(tmp_path / "new")]) == 0
     assert [c.step for c in CheckpointStore(tmp_path / "new", create=False).list()] == [1]
 
 
@@ -117,8 +122,10 @@ def test_a_run_directory_is_told_from_a_url_by_its_scheme(
     capsys.readouterr()
     assert main(["ls", f"file://{mirror_dir}", "--json"]) == 0
     assert [c["step"] for c in json.loads(capsys.readouterr().out)] == [3]
-    assert main(["ls", str(mirror_dir)]) == 2  # without a scheme: a run directory, which it is not
-    assert "it is not a run directory" in capsys.readouterr().err
+    for command in ("ls", "verify", "status"):  # without a scheme: a run directory, which it is not
+        assert main([command, str(mirror_dir)]) == 2
+        assert f"a mirror is named by its URL (file://{mirror_dir})" in capsys.readouterr().err
+    assert sorted(p.name for p in mirror_dir.iterdir()) == ["checkpoints"]  # nothing written there
 
 
 def test_errors_are_one_line_naming_the_location_without_the_secret(s3_lab: S3Lab, tmp_path: Path) -> None:
@@ -129,11 +136,11 @@ def test_errors_are_one_line_naming_the_location_without_the_secret(s3_lab: S3La
     err = _one_line_error(_cli("ls", "gs://bucket/x", env=good), 2, secret)
     assert "pip install 'hpcckpt[gcs]'" in err  # gcsfs is not installed here
     err = _one_line_error(_cli("ls", "s3://no-such-bucket-here/x", env=good), 1, secret)
-    assert err.startswith("hpcckpt ls: error: s3://no-such-bucket-here/x: ")
+    assert err.startswith("hpcckpt ls: error: mirror s3://no-such-bucket-here/x: ")
     bucket = s3_lab.new_bucket()
     wrong = clean_env(**s3_lab.wrong_env())
     err = _one_line_error(_cli("ls", f"s3://{bucket}/x", env=wrong), 1, secret)
-    assert err.startswith(f"hpcckpt ls: error: s3://{bucket}/x: ")
+    assert err.startswith(f"hpcckpt ls: error: mirror s3://{bucket}/x: access denied")
     assert "not-the-secret" not in err
     err = _one_line_error(_cli("verify", f"s3://k:{secret}@{bucket}/x", env=good), 2, secret)
     assert f"s3://***@{bucket}/x" in err
@@ -168,15 +175,15 @@ def test_submit_refuses_a_mirror_it_cannot_write_and_submits_nothing(s3_lab: S3L
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
 
 
-def test_submit_dry_run_probes_the_mirror_and_leaves_nothing_there(s3_lab: S3Lab, tmp_path: Path) -> None:
+def test_submit_dry_run_probes_the_mirror_and_leaves_nothing_there(s3_env: S3Lab, tmp_path: Path) -> None:
+    s3_lab = s3_env
     bucket = s3_lab.new_bucket()
     env = clean_env(**s3_lab.env())
     result = _submit(tmp_path, f"s3://{bucket}/r", env, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert f"export HPCCKPT_MIRROR=s3://{bucket}/r\n" in result.stdout
     assert s3_lab.secret_key not in result.stdout + result.stderr
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, key=s3_lab.access_key, secret=s3_lab.secret_key)
-    assert fs.find(bucket) == []  # the probe object was removed
+    assert s3fs.S3FileSystem(skip_instance_cache=True).find(bucket) == []  # the probe object was removed
 
 
 @pytest.mark.timeout(600, func_only=True)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, HpcckptError, UsageError
-from ..slurm.spec import has_scheme, redact_url
+from ..slurm.spec import check_mirror, has_scheme, redact_url
 from .rundirs import open_run
 
 T = TypeVar("T")
@@ -37,41 +36,35 @@ class RemoteError(HpcckptError):
     """The location failed: the message names its URL and the reason, without credentials."""
 
     def __init__(self, url: str, reason: str) -> None:
-        super().__init__(f"{url}: {reason}")
+        super().__init__(f"mirror {url}: {reason}")
         self.args = (url, reason)  # pickles through HpcckptError.__reduce__
         self.url = url
         self.reason = reason
 
 
-def reason(error: BaseException) -> str:
-    """One line for what went wrong with a location: the exception's class and first line, with any
-    URL in it redacted. botocore's refusals say what the server said (InvalidAccessKeyId,
-    SignatureDoesNotMatch, NoSuchBucket), which is what a user acts on."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    words = [redact_url(w) if has_scheme(w) else w for w in text.split(" ")]
-    return f"{type(error).__name__}: {' '.join(words)}" if text else type(error).__name__
-
-
 @contextlib.contextmanager
 def remote(url: str) -> Iterator[None]:
-    """Turn the backend's own exceptions into a :class:`RemoteError` naming ``url``; hpcckpt's own errors
-    (corrupt, not found, bad usage) pass as they are."""
+    """Turn the backend's own exceptions into a :class:`RemoteError` naming ``url``, in the mirror's words
+    (access denied, unreachable, refused), secrets scrubbed; hpcckpt's own errors (corrupt, not found, bad
+    usage) pass as they are."""
+    from ..store.mirror import describe_failure
+
     try:
         yield
     except HpcckptError:
         raise
-    except KeyboardInterrupt:
-        raise
     except Exception as error:  # s3fs, botocore, aiohttp, gcsfs: each backend has its own classes
-        raise RemoteError(url, reason(error)) from None
+        reason = describe_failure(url, error).removeprefix(f"mirror {url}: ").removeprefix("the upload failed: ")
+        raise RemoteError(url, " ".join(reason.split())) from None  # one line, whatever the backend said
 
 
 def open_mirror(url: str) -> Any:
     """The :class:`~hpcckpt.store.mirror.Mirror` at ``url``, without retention: these commands never delete."""
     from ..store.mirror import Mirror
 
+    check_mirror(url)  # credentials in it are refused before any backend sees (or echoes) the URL
     with remote(redact_url(url)):
-        return Mirror(url)
+        return Mirror(url, keep_last=None)
 
 
 def _call(mirror: Any, fn: Callable[[], T]) -> T:
@@ -81,14 +74,30 @@ def _call(mirror: Any, fn: Callable[[], T]) -> T:
 
 # -- ls URL, verify URL -----------------------------------------------------------------------------------
 def list_remote(url: str) -> list[Any]:
+    """The complete checkpoints at ``url``, oldest first. An empty answer from a bucket or directory
+    that does not exist is an error: the backends list nothing there rather than fail."""
     mirror = open_mirror(url)
-    return list(_call(mirror, mirror.list))
+    listed = list(_call(mirror, mirror.list))
+    if not listed:
+        _call(mirror, functools.partial(_check_exists, mirror))
+    return listed
+
+
+def _check_exists(mirror: Any) -> None:
+    location = mirror.location
+    filesystem = getattr(location, "fs", None)  # an fsspec location: its bucket must exist
+    if filesystem is not None:
+        bucket = location.root.parts[0] if location.root.parts else ""
+        if bucket and not filesystem.exists(bucket):
+            raise RemoteError(mirror.url, f"no such bucket: {bucket}")
+    elif not location.root.is_dir():
+        raise RemoteError(mirror.url, f"no such directory: {location.root}")
 
 
 def verify_remote(url: str, line: Callable[[str], None], size: Callable[[int], str]) -> int:
     """``hpcckpt verify URL``: every complete remote checkpoint against its manifest's digests."""
     mirror = open_mirror(url)
-    checkpoints = _call(mirror, mirror.list)
+    checkpoints = list_remote(url)
     corrupt = 0
     for checkpoint in checkpoints:
         try:
@@ -114,24 +123,38 @@ def configure_pull(parser: argparse.ArgumentParser) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    """Copy the newest valid remote checkpoint (or ``--step``'s) into RUN_DIR, verified, committed
-    through its registry; a checkpoint already there is left as it is."""
+    """Copy the newest valid remote checkpoint (or ``--step``'s) into RUN_DIR, verified while written,
+    committed through its registry; a checkpoint already there (same step and checksum) is left as it is."""
     from ..store.store import CheckpointStore
 
     mirror = open_mirror(args.url)
+    listed = _call(mirror, mirror.list)
     if args.step is None:
-        chosen = _call(mirror, mirror.newest_valid)
-        if chosen is None:
-            raise CheckpointNotFoundError(f"no valid checkpoint at {mirror.url}")
+        if not listed:
+            raise CheckpointNotFoundError(f"no complete checkpoint at {mirror.url}")
+        wanted = listed[-1]
     else:
-        chosen = _at_step(mirror, args.step)
+        wanted = _at_step(mirror, listed, args.step)
     store = CheckpointStore(args.run_dir, keep_last=None)
-    if any(c.name == chosen.name for c in store.list()):
-        print(f"{chosen.name} (step {chosen.step}) is already in {store.run_dir}: nothing to pull")
+    here = next((c for c in store.list() if (c.step, c.checksum) == (wanted.step, wanted.checksum)), None)
+    if here is not None:
+        print(f"{wanted.name} (step {wanted.step}) is already in {store.run_dir} as {here.name}: nothing to pull")
         return 0
-    local = _call(mirror, lambda: mirror.download(chosen, store, progress=_progress()))
+    with _progress(wanted, "pull") as bar:
+        if args.step is None:  # the newest that verifies: an older one when the newest does not
+            local = _call(mirror, functools.partial(mirror.pull_newest, store, bar))
+        else:
+            local = _call(mirror, functools.partial(mirror.download, wanted, store, bar))
+    if local is None:
+        raise CheckpointNotFoundError(f"no checkpoint at {mirror.url} verifies against its checksums")
     print(f"pulled {local.name} (step {local.step}, {local.size} bytes, verified) from {mirror.url}")
     print(f"  into {store.run_dir}")
+    newer = [c for c in store.list() if c.step > local.step]
+    if newer:
+        print(
+            f"  it is the run's newest commit, so a resume of this run starts from it (step {local.step}), "
+            f"not from {newer[-1].name}"
+        )
     return 0
 
 
@@ -153,32 +176,34 @@ def run_push(args: argparse.Namespace) -> int:
         if not local:
             raise CheckpointNotFoundError(f"no committed checkpoint at step {args.step} in {store.run_dir}")
     mirror = open_mirror(args.url)
-    there = {c.name for c in _call(mirror, mirror.list)}
-    todo = [c for c in local if c.name not in there]
+    remote_now = _call(mirror, mirror.list)
+    pushed = 0
     for checkpoint in local:
-        if checkpoint.name in there:
-            print(f"complete {checkpoint.name} (already at {mirror.url})")
-    for checkpoint in todo:
-        uploaded = _call(mirror, functools.partial(mirror.upload, checkpoint, progress=_progress()))
-        print(f"pushed   {uploaded.name}  step {uploaded.step}  {uploaded.size} bytes")
-    print(f"{len(todo)} pushed, {len(local) - len(todo)} already there, to {mirror.url}")
+        there = mirror.find(checkpoint, remote_now)
+        if there is not None:
+            print(f"there    {checkpoint.name} (complete at {mirror.where(there)})")
+            continue
+        with _progress(checkpoint, "push") as bar:
+            uploaded = _call(mirror, functools.partial(mirror.upload, checkpoint, bar))
+        pushed += 1
+        print(f"pushed   {checkpoint.name}  step {uploaded.step}  {uploaded.size} bytes  to {mirror.where(uploaded)}")
+    print(f"{pushed} pushed, {len(local) - pushed} already there, to {mirror.url}")
     return 0
 
 
-def _at_step(mirror: Any, step: int) -> Any:
-    checkpoints = _call(mirror, mirror.list)
-    found = [c for c in checkpoints if c.step == step]
+def _at_step(mirror: Any, listed: list[Any], step: int) -> Any:
+    found = [c for c in listed if c.step == step]
     if not found:
-        steps = ", ".join(str(c.step) for c in checkpoints) or "none"
+        steps = ", ".join(str(c.step) for c in listed) or "none"
         raise CheckpointNotFoundError(f"no checkpoint at step {step} at {mirror.url}; its steps: {steps}")
-    return _call(mirror, lambda: mirror.verify(found[-1]))
+    return found[-1]
 
 
-def _progress() -> Any:
-    """What the transfers report their bytes to: a bar on a terminal, a line per 10 % in a batch log."""
+def _progress(checkpoint: Any, verb: str) -> Any:
+    """A bar on a terminal, a line per 10 % in a batch log, for one checkpoint's transfer."""
     from ..progress import Progress
 
-    return Progress
+    return Progress(checkpoint.size, f"{verb} {checkpoint.name}")
 
 
 # -- submit --mirror --------------------------------------------------------------------------------------
@@ -189,14 +214,15 @@ def check_writable(url: str) -> None:
     from ..store.locations import open_location
 
     shown = redact_url(url)
+    check_mirror(url)
     location = open_location(url)  # UsageError: unknown scheme, missing extra, credentials in the URL
     name = f".hpcckpt-probe-{uuid.uuid4().hex}"
     payload = b"hpcckpt probe\n"
     try:
         with remote(shown):
-            location.write_bytes(name, payload)
+            location.put_bytes(name, payload)
             try:
-                back = location.read_bytes(name)
+                back = location.get_bytes(name)
             finally:
                 location.remove(name)
     except RemoteError as error:
@@ -206,7 +232,3 @@ def check_writable(url: str) -> None:
         ) from None
     if back != payload:
         raise UsageError(f"Invalid --mirror {shown!r}: a probe written there read back different bytes")
-
-
-def dumps(checkpoints: list[Any]) -> str:
-    return json.dumps([c.summary() for c in checkpoints], indent=1)

@@ -194,7 +194,7 @@ def _venv(given: Any) -> Path | None:
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Query parameters that would carry a secret into the script: fsspec passes them to the backend as
 # options (s3fs's key/secret/token).
-_SECRET_PARAMS = re.compile(r"(key|secret|token|password|passwd|credential|signature)", re.IGNORECASE)
+_SECRET_PARAMS = re.compile(r"(key|secret|token|password|passwd|credential|^sig$|signature)", re.IGNORECASE)
 _MIRROR_FORMS = "s3://bucket/prefix, gs://bucket/prefix, file:///abs/path or a path"
 
 
@@ -203,15 +203,26 @@ def has_scheme(text: str) -> bool:
     return _SCHEME.match(text) is not None
 
 
+def _userinfo(text: str) -> tuple[str, str] | None:
+    """A URL's ``user:secret@`` part and the rest after it, or None. Not ``urlsplit``'s netloc: a secret
+    with a ``/`` in it (AWS secret keys have them) ends the netloc early, hiding the ``@``. Bucket names
+    never hold ``@``, so one before the query means credentials."""
+    _, sep, rest = text.partition("://")
+    before_query = rest.split("?", 1)[0]
+    if not sep or "@" not in before_query:
+        return None
+    return before_query.rpartition("@")[0], rest[len(before_query.rpartition("@")[0]) + 1 :]
+
+
 def redact_url(text: str) -> str:
     """``text`` with a user:secret@ part and the values of secret-looking query parameters masked."""
+    found = _userinfo(text)
+    if found is not None:
+        text = f"{text.partition('://')[0]}://***@{found[1]}"
     parts = urllib.parse.urlsplit(text)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     masked = "&".join(f"{k}={'***' if _SECRET_PARAMS.search(k) else v}" for k, v in query)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=masked))
+    return urllib.parse.urlunsplit(parts._replace(query=masked))
 
 
 def check_mirror(given: Any) -> str | None:
@@ -231,8 +242,9 @@ def check_mirror(given: Any) -> str | None:
         return str(Path(text).expanduser().absolute())
     parts = urllib.parse.urlsplit(text)
     names = [k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if _SECRET_PARAMS.search(k)]
-    if "@" in parts.netloc or names:
-        where = "a user:secret@ part" if "@" in parts.netloc else f"the parameter(s) {', '.join(names)}"
+    userinfo = _userinfo(text) is not None
+    if userinfo or names:
+        where = "a user:secret@ part" if userinfo else f"the parameter(s) {', '.join(names)}"
         raise UsageError(
             f"Invalid --mirror {redact_url(text)!r}: it carries credentials ({where}), which would be written "
             f"into the chain script; expected {_MIRROR_FORMS} without them, the credentials in the backend's "

@@ -225,7 +225,7 @@ def summarize_mirror(
     if listed:
         top = max(top or 0, listed[-1].step)
     pending = [c.name for c in checkpoints if c.name not in remote_names and (top is None or c.step > top)]
-    failures = []
+    failures: list[dict[str, Any]] = []
     for event in events:
         if event.get("event") == _UPLOADED and event.get("url") == url:
             failures = []
