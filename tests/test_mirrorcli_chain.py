@@ -176,7 +176,7 @@ def test_status_from_the_events_shows_newest_upload_pending_and_last_failure(tmp
     store = _store_with(tmp_path, [10, 20, 30])
     names = [c.name for c in store.list()]
     log = [
-        _event("uploaded", 100.0, name=names[0], step=10, url=URL, size=5, seconds=0.1),
+        _event("uploaded", 100.0, name=names[0], step=10, url=f"{URL}/checkpoints/{names[0]}", size=5, seconds=0.1),
         _event("upload_failed", 110.0, name=names[1], step=20, url=URL, error="EndpointConnectionError: down"),
         _event("upload_failed", 120.0, name=names[2], step=30, url=URL, error="EndpointConnectionError: down"),
     ]

@@ -127,7 +127,8 @@ def run_submit(args: argparse.Namespace) -> int:
 
     # Creates the run directory, or says why not.
     store = CheckpointStore(spec.run_dir, keep_last=None)
-    spec.log_dir.mkdir(parents=True, exist_ok=True)
+    # Slurm's log directory (the local backend keeps its logs in RUN_DIR/logs and makes it itself).
+    (spec.log_dir if backend == "slurm" else spec.run_dir / LOGS).mkdir(parents=True, exist_ok=True)
     from ..store.fileio import write_atomic
 
     script = spec.run_dir / SCRIPT

@@ -76,7 +76,10 @@ def _call(mirror: Any, fn: Callable[[], T]) -> T:
 def list_remote(url: str) -> list[Any]:
     """The complete checkpoints at ``url``, oldest first. An empty answer from a bucket or directory
     that does not exist is an error: the backends list nothing there rather than fail."""
-    mirror = open_mirror(url)
+    return _listing(open_mirror(url))
+
+
+def _listing(mirror: Any) -> list[Any]:
     listed = list(_call(mirror, mirror.list))
     if not listed:
         _call(mirror, functools.partial(_check_exists, mirror))
@@ -97,20 +100,31 @@ def _check_exists(mirror: Any) -> None:
 def verify_remote(url: str, line: Callable[[str], None], size: Callable[[int], str]) -> int:
     """``hpcckpt verify URL``: every complete remote checkpoint against its manifest's digests."""
     mirror = open_mirror(url)
-    checkpoints = list_remote(url)
-    corrupt = 0
+    checkpoints = _listing(mirror)
+    corrupt = gone = 0
     for checkpoint in checkpoints:
         try:
-            _call(mirror, functools.partial(mirror.verify, checkpoint))
-        except CheckpointNotFoundError:
-            line(f"gone     {checkpoint.name} (deleted while verifying)")
+            present = _call(mirror, functools.partial(_verified, mirror, checkpoint))
         except CorruptCheckpointError as error:
             corrupt += 1
             line(f"CORRUPT  {checkpoint.name}: {error}")
         else:
-            line(f"ok       {checkpoint.name}  step {checkpoint.step}  {size(checkpoint.size)}")
-    line(f"{len(checkpoints) - corrupt} ok, {corrupt} corrupt at {mirror.url}")
+            if present:
+                line(f"ok       {checkpoint.name}  step {checkpoint.step}  {size(checkpoint.size)}")
+            else:
+                gone += 1
+                line(f"gone     {checkpoint.name} (deleted while verifying: the mirror's retention)")
+    line(f"{len(checkpoints) - corrupt - gone} ok, {corrupt} corrupt at {mirror.url}")
     return 1 if corrupt else 0
+
+
+def _verified(mirror: Any, checkpoint: Any) -> bool:
+    """Whether ``checkpoint`` is still there and verifies; :class:`CorruptCheckpointError` when it does not."""
+    try:
+        mirror.verify(checkpoint)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # -- pull, push -------------------------------------------------------------------------------------------
@@ -128,7 +142,7 @@ def run_pull(args: argparse.Namespace) -> int:
     from ..store.store import CheckpointStore
 
     mirror = open_mirror(args.url)
-    listed = _call(mirror, mirror.list)
+    listed = _listing(mirror)
     if args.step is None:
         if not listed:
             raise CheckpointNotFoundError(f"no complete checkpoint at {mirror.url}")

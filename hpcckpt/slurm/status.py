@@ -186,15 +186,25 @@ def summarize(
     )
 
 
-# The mirror's event kinds (hpcckpt.events, issue 14), by name: this module reads their recorded fields.
-_UPLOADED, _UPLOAD_FAILED, _PULLED = "uploaded", "upload_failed", "pulled"
+_UPLOADED, _UPLOAD_FAILED, _PULLED = event_log.UPLOADED, event_log.UPLOAD_FAILED, event_log.PULLED
+_REMOTE_DIR = "/checkpoints/"  # a mirror's layout (hpcckpt.store.mirror): <url>/checkpoints/<name>
+
+
+def _base(url: str) -> str:
+    """The mirror's URL from an event's: that of the mirror, or of one checkpoint in it."""
+    head, sep, name = url.rpartition(_REMOTE_DIR)
+    return head if sep and name and "/" not in name else url
+
+
+def _of(event: dict[str, Any], url: str) -> bool:
+    return bool(event.get("url")) and _base(str(event["url"])) == url
 
 
 def mirror_url(events: Sequence[dict[str, Any]]) -> str | None:
     """The mirror the run's newest upload, failed upload or pull named; None when the events name none."""
     for event in reversed(events):
         if event.get("event") in (_UPLOADED, _UPLOAD_FAILED, _PULLED) and event.get("url"):
-            return str(event["url"])
+            return _base(str(event["url"]))
     return None
 
 
@@ -208,7 +218,7 @@ def summarize_mirror(
 ) -> MirrorStatus:
     """The mirror's part of the status. ``listed``: the complete remote checkpoints when the mirror was
     listed (oldest first), else None and ``why_not_listed`` says why; the events answer then."""
-    done = [e for e in events if e.get("event") in (_UPLOADED, _PULLED) and e.get("url") == url]
+    done = [e for e in events if e.get("event") in (_UPLOADED, _PULLED) and _of(e, url)]
     newest: dict[str, Any] | None = None
     if listed is not None:
         source = "listed at the mirror"
@@ -227,9 +237,9 @@ def summarize_mirror(
     pending = [c.name for c in checkpoints if c.name not in remote_names and (top is None or c.step > top)]
     failures: list[dict[str, Any]] = []
     for event in events:
-        if event.get("event") == _UPLOADED and event.get("url") == url:
+        if event.get("event") == _UPLOADED and _of(event, url):
             failures = []
-        elif event.get("event") == _UPLOAD_FAILED and event.get("url") == url:
+        elif event.get("event") == _UPLOAD_FAILED and _of(event, url):
             failures.append(event)
     failed = None
     if failures:
