@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import UsageError
 from .signals import parse_signal
+from .store.locations import check_credential_free, redact
 from .store.registry import LOCK_MODES
 
 log = logging.getLogger("hpcckpt")
@@ -30,6 +31,7 @@ class Variable:
     accepted: str  # the accepted form, for the error message
     parse: Callable[[str], Any]  # raises ValueError (or UsageError) on a bad value
     meaning: str
+    shown: Callable[[str], str] = str  # the value as an error may show it (a URL: redacted)
 
 
 def _seconds(text: str) -> float:
@@ -66,8 +68,20 @@ def _path(text: str) -> str:
     return text
 
 
+def _mirror(text: str) -> str:
+    check_credential_free(text)
+    return text
+
+
 VARIABLES: tuple[Variable, ...] = (
     Variable("HPCCKPT_RUN_DIR", "a directory path", _path, "the run directory (Run, task-begin, task-end)"),
+    Variable(
+        "HPCCKPT_MIRROR",
+        "a path, file:///path, s3://bucket/prefix or gs://bucket/prefix, without credentials",
+        _mirror,
+        "where Run mirrors its checkpoints (--mirror)",
+        redact,
+    ),
     Variable(
         "HPCCKPT_SIGNAL",
         "a signal name such as USR1, USR2, SIGUSR1, TERM, INT or HUP",
@@ -120,9 +134,9 @@ def check_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             values[name] = variable.parse(raw)
         except ValueError:
-            raise UsageError(f"Invalid {name}={raw!r}: expected {variable.accepted}") from None
+            raise UsageError(f"Invalid {name}={variable.shown(raw)!r}: expected {variable.accepted}") from None
         except UsageError as error:  # the parser's own message names the form
-            raise UsageError(f"Invalid {name}={raw!r} in the environment: {error}") from None
+            raise UsageError(f"Invalid {name}={variable.shown(raw)!r} in the environment: {error}") from None
     if unknown:
         log.warning(
             "hpcckpt: ignoring unknown environment variable(s) %s; hpcckpt reads %s",

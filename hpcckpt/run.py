@@ -87,6 +87,7 @@ from .state import RestoreOptions, TrainState, batch_done, epoch_batches, state_
 from .store.asyncsave import SaveHandle
 from .store.formats import DCP_FORMAT, TENSORS_FORMAT
 from .store.manifest import Checkpoint
+from .store.mirror import DEFAULT_KEEP_LAST as DEFAULT_MIRROR_KEEP_LAST
 from .store.registry import lock_mode
 from .store.retention import KeepBest
 from .store.store import CheckpointStore
@@ -137,6 +138,12 @@ class Run:
       docstring for the rule); stops still save before leaving.
     - ``async_staging_bytes``: the most host memory a snapshot may take (default: a quarter of the
       machine's); a larger state is saved synchronously, with a warning.
+    - ``mirror``: a second place every checkpoint is uploaded to in the background (a path,
+      ``s3://bucket/prefix``, ``gs://...``; see docs/locations.md); default ``HPCCKPT_MIRROR`` (the
+      template's ``--mirror``); ``""``: none. A run directory without a checkpoint resumes from it; a stop
+      waits for uploads as long as the budget allows and leaves the rest to the next task.
+    - ``mirror_keep_last``: how many of the newest checkpoints the mirror keeps (default 3; ``None``: all);
+      the newest complete one is never deleted.
     """
 
     def __init__(
@@ -159,6 +166,8 @@ class Run:
         agree_every: int = 1,
         async_save: bool = False,
         async_staging_bytes: int | None = None,
+        mirror: str | None = None,
+        mirror_keep_last: int | None = DEFAULT_MIRROR_KEEP_LAST,
     ) -> None:
         self.environ = os.environ if environ is None else environ
         values = check_environment(self.environ)  # a bad HPCCKPT_* value fails now, not when a signal comes (item 10)
@@ -197,6 +206,8 @@ class Run:
             lock=lock_mode(self.environ),
             job=read_slurm_env(self.environ),
             async_staging_bytes=async_staging_bytes,
+            mirror=values.get("HPCCKPT_MIRROR") if mirror is None else mirror,
+            mirror_keep_last=mirror_keep_last,
         )
         if not isinstance(async_save, bool):
             raise UsageError(f"Invalid async_save={async_save!r}: expected True or False")
@@ -242,6 +253,7 @@ class Run:
             return self
         self.resumed_from = self.store.restore(self.state, options=self.restore_options)
         self.last_checkpoint = self.resumed_from
+        self.store.upload_to_mirror(None)  # what a previous task left un-uploaded, in the background
         # The state as resumed (or freshly built) needs no save of its own: nothing was trained yet.
         self._saved_at = self.state.step
         # Rank 0's deadline and save estimate for every rank: they stop at the same step anyway, but
@@ -294,7 +306,10 @@ class Run:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         leave_recording(self._signals)  # a signal after the loop must not kill the process (item 11)
-        self._leave_in_flight(crashed=kind is not None)
+        try:
+            self._leave_in_flight(crashed=kind is not None)
+        finally:
+            self._leave_uploads()
         if kind is not None and self.stop_reason is None:
             # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
             self._record(
@@ -604,6 +619,26 @@ class Run:
             if not crashed:
                 raise
             log.error("hpcckpt: %s", error)
+
+    def _leave_uploads(self) -> None:
+        """At ``__exit__``: wait for the mirror's uploads as long as the budget allows (less its margin),
+        then say what is left for the next task, which retries it at its start."""
+        uploads, mirror = self.store.uploads, self.store.mirror
+        if uploads is None or mirror is None or self.rank != 0:
+            return
+        left = self.budget.remaining()
+        timeout = None if left is None else max(0.0, left - self.budget.margin)
+        behind = uploads.wait(timeout)
+        if behind:
+            failed = uploads.failed()
+            log.warning(
+                "hpcckpt: mirror %s: %s not uploaded (%s); left for the next task",
+                mirror.url,
+                ", ".join(behind),
+                f"{len(failed)} failed: the first failure's reason was logged, each is an upload_failed event"
+                if failed
+                else "no time left in the budget",
+            )
 
     def _drop_in_flight(self, in_flight: _InFlight) -> None:
         """Leave the save in flight to itself: the process may exit without it (see the module's docstring)."""

@@ -118,12 +118,19 @@ class Mirror:
         mirror already holds this checkpoint). :class:`CorruptCheckpointError` when a local file does not
         match its manifest (nothing is published); backend errors (``OSError``, ``PermissionError``...)
         propagate, with nothing published."""
-        remote = self.list()
-        existing = self.find(checkpoint, remote)
+        return self.push(checkpoint, progress)[0]
+
+    def push(
+        self, checkpoint: Checkpoint, progress: Advance | None = None, remote: Sequence[Checkpoint] | None = None
+    ) -> tuple[Checkpoint, bool]:
+        """:meth:`upload`, also saying whether anything was sent (False: the mirror already held it).
+        ``remote`` is the mirror's listing when the caller has one."""
+        listed = self.list() if remote is None else list(remote)
+        existing = self.find(checkpoint, listed)
         if existing is not None:
-            return existing
-        name = _free_name(checkpoint.name, {c.name for c in remote})
-        seq = 1 + max((c.seq or 0 for c in remote), default=0)
+            return existing, False
+        name = _free_name(checkpoint.name, {c.name for c in listed})
+        seq = 1 + max((c.seq or 0 for c in listed), default=0)
         directory = f"{PREFIX}/{name}"
         for record in checkpoint.files:
             local = checkpoint.path / record.name
@@ -133,7 +140,7 @@ class Mirror:
                 raise OSError(f"{self.url}/{directory}/{record.name}: stored {stored} bytes of {record.size}")
         published = dataclasses.replace(checkpoint, name=name, seq=seq, path=self.location.root / directory)
         self.location.put_bytes(f"{directory}/{MANIFEST}", _manifest_bytes(published))
-        return published
+        return published, True
 
     # -- downloading --------------------------------------------------------------------------------------
     def download(

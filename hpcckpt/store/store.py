@@ -15,6 +15,7 @@ point: a ``lock`` or ``job`` left out is read there, once, from ``HPCCKPT_LOCK``
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 import os
@@ -33,10 +34,14 @@ from .export import EXPORT_FORMATS, write_safetensors
 from .fileio import SyncedWriter, fsync_dir, open_nofollow
 from .formats import DCP_FORMAT, FORMATS, CheckpointFormat, CheckpointRef
 from .manifest import Checkpoint, verify_file
+from .mirror import DEFAULT_KEEP_LAST as DEFAULT_MIRROR_KEEP_LAST
+from .mirror import Mirror, describe_failure
 from .registry import LockMode, Registry, lock_mode, warn
 from .retention import KeepBest, Mode, check_keep_last, ranked, to_delete
 from .transaction import JobIds, SaveRequest
+from .uploads import Uploads
 
+log = logging.getLogger("hpcckpt")
 _TAG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -56,6 +61,11 @@ class CheckpointStore:
     ``create`` makes the run directory when it does not exist. ``async_staging_bytes`` bounds the host
     memory an async save (``save(..., blocking=False)``) may stage a state in (default: a quarter of this
     machine's memory); a larger state is saved synchronously, with a warning the first time.
+    ``mirror`` is a second place every commit is copied to in the background (a path, ``file:///path``,
+    ``s3://bucket/prefix``, ``gs://...``; :mod:`hpcckpt.store.mirror`), with its own retention
+    (``mirror_keep_last``, default 3; ``mirror_keep_best``); ``uploads`` is then its upload thread (None
+    without a mirror), and :meth:`restore` takes the mirror's newest valid checkpoint when this run
+    directory has none.
     """
 
     def __init__(
@@ -71,6 +81,9 @@ class CheckpointStore:
         create: bool = True,
         job: JobIds | None = None,
         async_staging_bytes: int | None = None,
+        mirror: str | None = None,
+        mirror_keep_last: int | None = DEFAULT_MIRROR_KEEP_LAST,
+        mirror_keep_best: KeepBest | tuple[str, str, int] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.keep_last = check_keep_last(keep_last)
@@ -89,6 +102,11 @@ class CheckpointStore:
         self.staging = Staging(_default_staging_bytes() if async_staging_bytes is None else async_staging_bytes)
         self._in_flight: SaveHandle | None = None
         self._warned_over_staging = False
+        self.mirror: Mirror | None = None
+        self.uploads: Uploads | None = None
+        if mirror:
+            self.mirror = Mirror(mirror, keep_last=mirror_keep_last, keep_best=mirror_keep_best)
+            self.uploads = Uploads(self.mirror, self.list, self.registry.append_event)
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.run_dir)!r}, keep_last={self.keep_last}, keep_best={self.keep_best})"
@@ -144,10 +162,23 @@ class CheckpointStore:
         request = self._request(state, step, epoch, metrics, tag, metadata)
         self._settle_in_flight()
         if blocking:
-            return self.format.save(request, state)
+            checkpoint = self.format.save(request, state)
+            self.upload_to_mirror(checkpoint)
+            return checkpoint
+        self.upload_to_mirror(None)  # failed uploads are retried at the next save
         handle = self._save_in_background(request, state)
         self._in_flight = handle
         return handle
+
+    def upload_to_mirror(self, committed: Checkpoint | None) -> None:
+        """Queue a commit (and what the mirror lacks: failed uploads, a previous task's) for the mirror's
+        upload thread; returns at once. Nothing without a mirror; only rank 0 uploads (the checkpoint
+        directory is on a shared filesystem)."""
+        if self.uploads is not None:
+            from ..distributed import world
+
+            if world()[0] == 0:
+                self.uploads.kick(committed)
 
     def _request(
         self,
@@ -205,11 +236,13 @@ class CheckpointStore:
                     "(raise the bound to save it in the background)"
                 )
             return BackgroundSave.finished(self.format.save(request, payload))
-        ready, save = self.staging.ready, self.format.save
+        ready, save, to_mirror = self.staging.ready, self.format.save, self.upload_to_mirror
 
         def persist() -> Checkpoint:
             ready()
-            return save(request, staged)
+            checkpoint = save(request, staged)
+            to_mirror(checkpoint)
+            return checkpoint
 
         return BackgroundSave.start(request.step, persist)
 
@@ -370,12 +403,53 @@ class CheckpointStore:
     ) -> Checkpoint | None:
         """Load a checkpoint into ``state``. With ``ckpt`` None on a run with nothing saved yet, returns
         None and leaves ``state`` as it is (a first run starts fresh, quietly). The state is copied, not
-        mapped: the objects restored into keep no checkpoint file in use."""
+        mapped: the objects restored into keep no checkpoint file in use.
+
+        With a mirror, when this run directory has no usable checkpoint (purged, a new node, every one
+        corrupt), the mirror's newest valid checkpoint is downloaded, verified, committed here and restored
+        (an older one when it does not verify). A mirror that cannot be read is logged once; the run then
+        starts fresh when nothing is here, and a local corruption is raised as it is."""
         from ..distributed import world
 
         # The ranks of a process group restore together what rank 0 chose: the sharded format's restore.
         restoring = self.format if world()[1] == 1 else FORMATS[DCP_FORMAT]
-        return restoring.restore(self, state, ckpt, options or RestoreOptions(), map_location)
+        options = options or RestoreOptions()
+        if ckpt is not None or self.mirror is None:
+            return restoring.restore(self, state, ckpt, options, map_location)
+        if world()[1] > 1 or self.latest() is None:
+            self._pull_if_empty()  # nothing here (purged, a new node): the mirror's newest valid one
+        try:
+            return restoring.restore(self, state, None, options, map_location)
+        except CorruptCheckpointError as error:
+            if world()[1] > 1 or self._pull_from_mirror(f"every local checkpoint is corrupt ({error})") is None:
+                raise
+        return restoring.restore(self, state, None, options, map_location)
+
+    def _pull_if_empty(self) -> None:
+        """Rank 0 pulls the mirror's newest valid checkpoint when this run directory has none usable; the
+        other ranks wait for it, then all restore."""
+        from ..distributed import broadcast_object, world
+
+        if world()[0] == 0 and self.latest() is None:
+            self._pull_from_mirror("the run directory has no checkpoint")
+        broadcast_object(None)  # a barrier: the pulled checkpoint is committed before any rank lists
+
+    def _pull_from_mirror(self, why: str) -> Checkpoint | None:
+        """Download the mirror's newest checkpoint that verifies (an older one when it does not) and commit
+        it here; None when the mirror has none."""
+        mirror = self.mirror
+        assert mirror is not None
+        try:
+            pulled = mirror.pull_newest(self)
+        except (OSError, ValueError, RuntimeError) as error:
+            # Said once (the uploads would say it again): what this task does without the mirror.
+            message = f"{describe_failure(mirror.url, error)}; {why}, so nothing could be restored from the mirror"
+            if self.uploads is not None:
+                self.uploads.warn_once(message)
+            return None
+        if pulled is not None:
+            log.warning("hpcckpt: %s: resuming from the mirror %s (%s)", why, mirror.url, pulled.name)
+        return pulled
 
     def export(
         self,
