@@ -235,3 +235,18 @@ def test_resumable_passes_the_mirror_to_run_and_refuses_credentials(tmp_path: Pa
     with pytest.raises(RuntimeError, match=r"^mirror=s3://bucket/r$"):
         resumable()
     assert "HPCCKPT_MIRROR" not in os.environ  # set for the job's function only
+
+
+def test_a_secret_with_a_slash_is_refused_and_hidden_wherever_a_mirror_url_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hpcckpt.environment import check_environment
+    from hpcckpt.store.locations import open_location
+
+    url = f"s3://AKIDEXAMPLE:{SECRET[:9]}/{SECRET[9:]}@bucket/run"
+    with pytest.raises(UsageError) as raised:
+        open_location(url)
+    assert "s3://***@bucket/run" in str(raised.value) and SECRET[9:] not in str(raised.value)
+    with pytest.raises(UsageError) as raised:
+        check_environment({"HPCCKPT_MIRROR": url})  # Run reads it from there
+    assert SECRET[:9] not in str(raised.value) and SECRET[9:] not in str(raised.value)
