@@ -29,6 +29,7 @@ from .state import Stateful as Stateful
 from .state import TrainState as TrainState
 from .store.asyncsave import SaveHandle as SaveHandle
 from .store.manifest import Checkpoint as Checkpoint
+from .store.mirror import Mirror as Mirror
 from .store.registry import HpcckptWarning as HpcckptWarning
 from .store.retention import KeepBest as KeepBest
 from .store.store import CheckpointStore as CheckpointStore
@@ -47,6 +48,7 @@ __all__ = [
     "HpcckptWarning",
     "Interval",
     "KeepBest",
+    "Mirror",
     "RestoreOptions",
     "Resumable",
     "Run",

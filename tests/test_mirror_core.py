@@ -12,7 +12,9 @@ import pytest
 import torch
 from s3lab import S3Lab
 
+from hpcckpt import TrainState
 from hpcckpt.errors import CorruptCheckpointError, UsageError
+from hpcckpt.run import Run
 from hpcckpt.store.locations import open_location, redact
 from hpcckpt.store.mirror import Mirror
 from hpcckpt.store.store import CheckpointStore
@@ -169,6 +171,20 @@ def test_a_url_with_credentials_is_refused_showing_it_redacted(url: str) -> None
         Mirror(url)
     assert "wJalrXUtnFEMIsecret" not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("s3://AKIAEXAMPLE:wJalrXUtnFEMIsecret@bucket/run", "credentials do not belong in the URL"),
+        ("nosuchfs://bucket/run", "protocol 'nosuchfs' is unknown to fsspec"),
+    ],
+)
+def test_run_refuses_a_bad_hpcckpt_mirror_before_writing_anything(tmp_path: Path, value: str, said: str) -> None:
+    with pytest.raises(UsageError, match=said) as caught:
+        Run(tmp_path / "run", TrainState(), environ={"HPCCKPT_MIRROR": value})
+    assert "wJalrXUtnFEMIsecret" not in str(caught.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_redaction_keeps_what_locates_the_data() -> None:

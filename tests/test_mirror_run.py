@@ -36,6 +36,7 @@ def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"s3://{lab.new_bucket()}/runs/a"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_deleted_run_directory_resumes_from_the_mirror_and_ends_bitwise_identical(
     tmp_path: Path, mirror_url: str

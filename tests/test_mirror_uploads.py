@@ -97,6 +97,7 @@ def test_an_empty_run_directory_restores_the_mirror_newest_and_a_mirror_without_
     assert restored is not None and state.step == 9
 
 
+@pytest.mark.timeout(900)
 def test_server_cut_before_the_manifest_leaves_nothing_visible_and_the_next_save_completes_the_mirror(
     tmp_path: Path, s3_env: S3Lab, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -146,6 +147,8 @@ def test_server_cut_before_the_manifest_leaves_nothing_visible_and_the_next_save
     assert kinds.count("upload_failed") >= 2 and kinds.count("uploaded") == 3
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_server_killed_in_the_middle_of_a_large_upload_leaves_no_partial_checkpoint(
     tmp_path: Path, s3_env: S3Lab
 ) -> None:
@@ -169,11 +172,15 @@ def test_server_killed_in_the_middle_of_a_large_upload_leaves_no_partial_checkpo
         return send(local, name, CutAfterFirstPart())
 
     location.put_file = cut_while_sending  # type: ignore[method-assign]
-    store.save({"w": torch.arange(16 << 20, dtype=torch.float32)}, step=1)  # 64 MiB
+    # 104 MiB: s3fs sends a file of twice its 50 MiB part size or more as a multipart upload, part by part.
+    store.save({"w": torch.arange(26 << 20, dtype=torch.float32)}, step=1)
     assert store.uploads.wait(WAIT) == ["step_000000001"]
     location.put_file = send  # type: ignore[method-assign]
     s3_env.resume()
     assert started == ["checkpoints/step_000000001/state.tensors"]
+    # Cut in the middle: the multipart upload never completed, so not even the data file exists remotely.
+    direct = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert not direct.exists(f"{bucket}/run/checkpoints/step_000000001/state.tensors")
     assert _names(store.mirror) == []
     store.save(_weights(2), step=2)
     assert store.uploads.wait(WAIT) == []
@@ -182,6 +189,7 @@ def test_server_killed_in_the_middle_of_a_large_upload_leaves_no_partial_checkpo
         store.mirror.verify(remote)
 
 
+@pytest.mark.timeout(900)
 def test_wrong_credentials_are_said_once_and_never_shown(
     tmp_path: Path, s3_lab: S3Lab, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -206,3 +214,19 @@ def test_wrong_credentials_are_said_once_and_never_shown(
         for path in (tmp_path / "run").rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.timeout(900)
+def test_what_a_task_left_unuploaded_is_uploaded_at_the_next_task_start(tmp_path: Path, s3_env: S3Lab) -> None:
+    url = f"s3://{s3_env.new_bucket()}/run"
+    first_task = CheckpointStore(tmp_path / "run", mirror=url)
+    assert first_task.uploads is not None
+    s3_env.cut()
+    saved = first_task.save(_weights(1), step=1)
+    assert first_task.uploads.wait(WAIT) == [saved.name]  # the server is away until this task ends
+    s3_env.resume()
+    next_task = CheckpointStore(tmp_path / "run", mirror=url)
+    assert next_task.uploads is not None and next_task.mirror is not None
+    next_task.upload_to_mirror(None)  # what Run does right after it resumes
+    assert next_task.uploads.wait(WAIT) == []
+    assert [(c.name, c.checksum) for c in next_task.mirror.list()] == [(saved.name, saved.checksum)]

@@ -143,7 +143,7 @@ def test_stop_signals_are_sigterm_and_the_given_warning_once_each() -> None:
 def test_every_run_parameter_is_documented_in_its_docstring() -> None:
     documented = set(re.findall(r"^\s*- ``(\w+)``:", Run.__doc__ or "", re.MULTILINE))
     parameters = [name for name in inspect.signature(Run).parameters if name != "self"]
-    assert len(parameters) == 17  # issue 13: async_save, async_staging_bytes
+    assert len(parameters) == 19  # issue 13: async_save, async_staging_bytes; issue 14: mirror, mirror_keep_last
     assert documented == set(parameters)
 
 

@@ -28,7 +28,7 @@ import builtins
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -177,10 +177,15 @@ class Mirror:
         registry.append_event(event_log.pulled(name=local.name, step=local.step, url=self.where(checkpoint)))
         return local
 
-    def pull_newest(self, store: Any, progress: Advance | None = None) -> Checkpoint | None:
+    def pull_newest(
+        self, store: Any, progress: Advance | None = None, skip: Collection[tuple[int, str]] = ()
+    ) -> Checkpoint | None:
         """Download the newest remote checkpoint whose files verify into ``store`` (an older one when the
-        newest does not verify); None when the mirror has none that does."""
+        newest does not verify); None when the mirror has none that does. Remote checkpoints whose (step,
+        combined checksum) is in ``skip`` (found bad here) are passed over."""
         for checkpoint in reversed(self.list()):
+            if (checkpoint.step, checkpoint.checksum) in skip:
+                continue
             try:
                 return self.download(checkpoint, store, progress)
             except CorruptCheckpointError as error:

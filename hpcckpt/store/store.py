@@ -97,15 +97,15 @@ class CheckpointStore:
         if format not in FORMATS:
             raise UsageError(f"Invalid checkpoint format {format!r}: expected one of {sorted(FORMATS)}")
         self.format: CheckpointFormat = FORMATS[format]
+        # Checked before anything is written: a bad mirror URL is a usage error, not a half-made run.
+        self.mirror = None if not mirror else Mirror(mirror, keep_last=mirror_keep_last, keep_best=mirror_keep_best)
         _prepare_run_dir(self.run_dir, create=create)
         self.registry = Registry(self.run_dir, lock=lock, lock_timeout=lock_timeout)
         self.staging = Staging(_default_staging_bytes() if async_staging_bytes is None else async_staging_bytes)
         self._in_flight: SaveHandle | None = None
         self._warned_over_staging = False
-        self.mirror: Mirror | None = None
         self.uploads: Uploads | None = None
-        if mirror:
-            self.mirror = Mirror(mirror, keep_last=mirror_keep_last, keep_best=mirror_keep_best)
+        if self.mirror is not None:
             self.uploads = Uploads(self.mirror, self.list, self.registry.append_event)
 
     def __repr__(self) -> str:
