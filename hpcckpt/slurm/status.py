@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import events as event_log
+from ..rundir import CHECKPOINTS
 from ..store.manifest import Checkpoint
 from .commands import QueueEntry
 
@@ -187,7 +188,7 @@ def summarize(
 
 
 _UPLOADED, _UPLOAD_FAILED, _PULLED = event_log.UPLOADED, event_log.UPLOAD_FAILED, event_log.PULLED
-_REMOTE_DIR = "/checkpoints/"  # a mirror's layout (hpcckpt.store.mirror): <url>/checkpoints/<name>
+_REMOTE_DIR = f"/{CHECKPOINTS}/"  # a mirror's layout (hpcckpt.store.mirror): <url>/checkpoints/<name>
 
 
 def _base(url: str) -> str:
