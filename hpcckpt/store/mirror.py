@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from .. import events as event_log
 from ..errors import CorruptCheckpointError
+from ..rundir import CHECKPOINTS
 from .fileio import SyncedWriter, format_digest, new_digest
 from .locations import CHUNK, Advance, Location, open_location, scrub
 from .manifest import MANIFEST, MANIFEST_VERSION, PLAIN_NAME, Checkpoint, FileRecord, combined_checksum, verify_file
@@ -41,7 +42,7 @@ from .registry import Registry, warn
 from .retention import KeepBest, check_keep_last, to_delete
 from .transaction import JobIds, Owner, SaveRequest, SaveTransaction
 
-PREFIX = "checkpoints"
+PREFIX = CHECKPOINTS  # the remote layout is the run directory's
 DEFAULT_KEEP_LAST = 3
 
 
