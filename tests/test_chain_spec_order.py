@@ -149,7 +149,7 @@ def test_help_order_stays_the_declaration_order() -> None:
         "--run-dir", "--tasks", "--time", "--signal", "--partition", "--account", "--qos", "--nodes",
         "--ntasks-per-node", "--gpus", "--gres", "--cpus-per-task", "--mem", "--constraint", "--job-name",
         "--srun", "--no-requeue", "--sbatch-arg", "--template", "--setup", "--conda", "--venv",
-        "--max-failures", "--auto-extend", "command",
+        "--max-failures", "--auto-extend", "--mirror", "command",
     ]  # fmt: skip
 
 

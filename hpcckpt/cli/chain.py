@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -19,8 +20,9 @@ from typing import Any
 from .. import events as event_log
 from ..checks import whole_number, whole_number_arg
 from ..errors import HpcckptError, UsageError
-from ..rundir import CHECKPOINTS, EVENTS, INDEX, LOGS, SCRIPT
+from ..rundir import LOGS, SCRIPT
 from ..slurm.spec import DEFAULT_MAX_FAILURES, ChainSpec, Option, chain_spec, options
+from .rundirs import open_run as open_run
 
 DEFAULT_MAX_TASKS_FACTOR = 4  # --max-tasks default: 4 x --tasks (item 28)
 
@@ -108,6 +110,10 @@ def run_submit(args: argparse.Namespace) -> int:
     if not args.skip_command_check:  # after the template's own checks: a bad --template is named first
         _check_script(spec)
         _check_venv(spec)
+    if spec.mirror is not None:
+        from .mirror import check_writable
+
+        check_writable(spec.mirror)  # before anything is written or submitted (issue 14)
     if args.dry_run:
         _check_writable(spec.run_dir)
         print(script_text, end="")
@@ -121,7 +127,8 @@ def run_submit(args: argparse.Namespace) -> int:
 
     # Creates the run directory, or says why not.
     store = CheckpointStore(spec.run_dir, keep_last=None)
-    (spec.run_dir / LOGS).mkdir(exist_ok=True)
+    # Slurm's log directory (the local backend keeps its logs in RUN_DIR/logs and makes it itself).
+    (spec.log_dir if backend == "slurm" else spec.run_dir / LOGS).mkdir(parents=True, exist_ok=True)
     from ..store.fileio import write_atomic
 
     script = spec.run_dir / SCRIPT
@@ -139,7 +146,9 @@ def run_submit(args: argparse.Namespace) -> int:
             f"{_extension_note(spec.tasks, max_tasks)}"
         )
         print(f"  follow it:  hpcckpt status {_q(spec.run_dir)}")
-        print(f"  its logs:   {spec.run_dir / LOGS}/{job}_<task>.out and .err")
+        print(f"  its logs:   {spec.log_dir}/{job}_<task>.out and .err")
+        if spec.mirror is not None:
+            print(f"  mirror:     {spec.mirror}")
         print(f"  stop it:    hpcckpt cancel {_q(spec.run_dir)}")
         return 0
     from ..slurm.local import run_local_chain
@@ -168,18 +177,41 @@ def run_submit(args: argparse.Namespace) -> int:
     return 1 if status is not None and status["event"] == event_log.FAILED else 0
 
 
+MIRROR_LIST_TIMEOUT = 5.0  # seconds `hpcckpt status` waits for the mirror's listing before it answers from the events
+
+
 def configure_status(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    parser.add_argument(
+        "--mirror",
+        metavar="URL",
+        default=None,
+        help="the run's mirror (default: the one its events or chain script name)",
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help=f"do not list the mirror (by default it is listed, for at most {MIRROR_LIST_TIMEOUT:g} s)",
+    )
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from ..slurm.status import format_status, summarize
+    from ..slurm.status import format_status, mirror_url, summarize, summarize_mirror
 
-    store = open_run(args.run_dir)
+    store = _open_status_run(args.run_dir)
     events = store.registry.events()
     queue, note = _queue(event_log.chain_jobs(events), events, store.run_dir)
-    status = summarize(store.run_dir, events, store.list(), queue, time.time())
+    checkpoints = store.list()
+    now = time.time()
+    status = summarize(store.run_dir, events, checkpoints, queue, now)
+    url = args.mirror or mirror_url(events) or _script_mirror(store.run_dir)
+    if url is not None:
+        from ..slurm.spec import check_mirror, redact_url
+
+        url = redact_url(str(check_mirror(url)))
+        listed, why = (None, "--offline") if args.offline else _list_quickly(url, MIRROR_LIST_TIMEOUT)
+        status = dataclasses.replace(status, mirror=summarize_mirror(url, events, checkpoints, listed, why, now))
     if note:
         status.warnings.append(note)
     for bad in store.list(include_bad=True):  # failed validation after a restore: never restored again
@@ -285,6 +317,11 @@ def configure_task(parser: argparse.ArgumentParser, *, end: bool) -> None:
     parser.add_argument("--run-dir", default=None, help="default: HPCCKPT_RUN_DIR")
     failures = whole_number_arg("--max-failures", minimum=1, of="tasks")
     parser.add_argument("--max-failures", type=failures, default=DEFAULT_MAX_FAILURES)
+    parser.add_argument("--log-dir", type=Path, default=None, help="where the chain's tasks log (default RUN_DIR/logs)")
+    if not end:
+        parser.add_argument(
+            "--script", type=Path, default=None, help="the chain script this task runs, put back when the run lost it"
+        )
     if end:
         parser.add_argument("--status", type=int, required=True, help="the training command's exit status")
         parser.add_argument("--auto-extend", type=whole_number_arg("--auto-extend"), default=0)
@@ -302,14 +339,23 @@ def run_task_begin(args: argparse.Namespace) -> int:
     from ..slurm.script import TASK_GO_ON, TASK_LEAVE
     from ..slurm.tasks import task_begin
 
-    return TASK_GO_ON if task_begin(_task_run_dir(args), os.environ, args.max_failures) else TASK_LEAVE
+    go_on = task_begin(
+        _task_run_dir(args), os.environ, args.max_failures, script=args.script, log_dir=_task_log_dir(args)
+    )
+    return TASK_GO_ON if go_on else TASK_LEAVE
 
 
 def run_task_end(args: argparse.Namespace) -> int:
     from ..slurm.tasks import task_end
 
     task_end(
-        _task_run_dir(args), os.environ, args.status, args.max_failures, args.auto_extend, exited_at=args.exited_at
+        _task_run_dir(args),
+        os.environ,
+        args.status,
+        args.max_failures,
+        args.auto_extend,
+        exited_at=args.exited_at,
+        log_dir=_task_log_dir(args),
     )
     return 0
 
@@ -335,21 +381,58 @@ def _spec(args: argparse.Namespace) -> ChainSpec:
     return chain_spec(**given)
 
 
-def open_run(text: str) -> Any:
-    """The store of an existing run directory, for commands that read it (and ``cancel``, which records
-    in it). A directory that holds none of a run's files is refused before anything is written there:
-    ``cancel`` used to leave a lock and an event log in whatever directory it was given (issue 11)."""
-    from ..store.store import CheckpointStore
-
-    if not text.strip():
-        raise UsageError(f"Invalid run directory {text!r}: expected the --run-dir of a chain or a Run")
+def _open_status_run(text: str) -> Any:
+    """``open_run`` for ``status``, which also explains a mirrored chain's run directory that is gone."""
     run_dir = Path(text).expanduser()
-    if run_dir.is_dir() and not any((run_dir / name).exists() for name in (CHECKPOINTS, INDEX, EVENTS)):
-        raise UsageError(
-            f"Invalid run directory {text!r}: it is not a run directory (no {CHECKPOINTS}/, {INDEX} or "
-            f"{EVENTS} in it); expected the --run-dir of a chain or a Run"
-        )
-    return CheckpointStore(run_dir, keep_last=None, create=False)
+    if text.strip() and not run_dir.exists():
+        from ..slurm.spec import log_dir
+
+        logs = log_dir(run_dir.absolute(), "mirrored")
+        if logs.is_dir():
+            raise HpcckptError(
+                f"run directory {run_dir} does not exist (deleted or purged?), but its mirrored chain's logs "
+                f"are in {logs}: the chain's next task makes it again and resumes from the mirror; "
+                "`hpcckpt ls URL` lists what the mirror holds"
+            )
+    return open_run(text)
+
+
+def _script_mirror(run_dir: Path) -> str | None:
+    """The mirror the chain script exports (``export HPCCKPT_MIRROR=...``, as our template writes it)."""
+    try:
+        text = (run_dir / SCRIPT).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("export HPCCKPT_MIRROR="):
+            words = shlex.split(line.removeprefix("export HPCCKPT_MIRROR="))
+            return words[0] if words else None
+    return None
+
+
+def _list_quickly(url: str, timeout: float) -> tuple[list[Any] | None, str | None]:
+    """The mirror's complete checkpoints if it answers within ``timeout`` seconds, else (None, why).
+    A daemon thread: a mirror that hangs must not hold the command (it exits without waiting for it)."""
+    import threading
+
+    from .mirror import list_remote
+
+    answer: list[Any] = []
+
+    def work() -> None:
+        try:
+            answer.append(list_remote(url))
+        except Exception as error:  # reported as the reason the events answer instead
+            answer.append(error)
+
+    thread = threading.Thread(target=work, name="hpcckpt-status-mirror", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not answer:
+        return None, f"no answer within {timeout:g} s"
+    if isinstance(answer[0], BaseException):
+        return None, str(answer[0])
+    return list(answer[0]), None
 
 
 def _max_tasks(args: argparse.Namespace, tasks: int) -> int:
@@ -536,6 +619,11 @@ def _task_run_dir(args: argparse.Namespace) -> Path:
     if not run_dir:
         raise UsageError("task-begin/task-end need --run-dir or HPCCKPT_RUN_DIR (the chain script exports it)")
     return Path(run_dir)
+
+
+def _task_log_dir(args: argparse.Namespace) -> Path | None:
+    """The chain script's --log-dir, for Slurm's tasks; the local backend writes its logs in RUN_DIR/logs."""
+    return None if os.environ.get("HPCCKPT_BACKEND") == "local" else args.log_dir
 
 
 def _q(path: Path) -> str:

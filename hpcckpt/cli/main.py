@@ -25,7 +25,7 @@ from ..bench import main as bench
 from ..environment import check_environment
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, HpcckptError, UsageError
 from ..progress import Progress
-from . import chain, show
+from . import chain, mirror, show
 from .show import human_age as _age
 from .show import human_bytes as _bytes
 
@@ -60,15 +60,22 @@ def _run_templates(args: argparse.Namespace) -> int:
     return 0
 
 
+_WHERE = "a run directory, or a location URL with its scheme (s3://bucket/prefix, gs://..., file:///abs/path)"
+
+
 def _configure_ls(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("run_dir", metavar="RUN_DIR|URL", help=_WHERE)
     parser.add_argument("--json", action="store_true", help="print the checkpoints as a JSON list")
 
 
 def _run_ls(args: argparse.Namespace) -> int:
-    store = chain.open_run(args.run_dir)
-    checkpoints = store.list(include_bad=True)  # bad ones (failed validation) too, marked BAD
-    bad = {c.name: reason for c in checkpoints if (reason := store.registry.bad_reason(c)) is not None}
+    bad: dict[str, str] = {}
+    if mirror.is_location(args.run_dir):
+        checkpoints = mirror.list_remote(args.run_dir)
+    else:
+        store = chain.open_run(args.run_dir)
+        checkpoints = store.list(include_bad=True)  # bad ones (failed validation) too, marked BAD
+        bad = {c.name: reason for c in checkpoints if (reason := store.registry.bad_reason(c)) is not None}
     if args.json:
         print(json.dumps([{**c.summary(), "bad": bad.get(c.name)} for c in checkpoints], indent=1))
         return 0
@@ -101,10 +108,12 @@ def _run_ls(args: argparse.Namespace) -> int:
 
 
 def _configure_verify(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("run_dir", metavar="RUN_DIR|URL", help=_WHERE)
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    if mirror.is_location(args.run_dir):
+        return mirror.verify_remote(args.run_dir, print, _bytes)
     store = chain.open_run(args.run_dir)
     checkpoints = store.list()
     corrupt = gone = 0
@@ -201,11 +210,30 @@ _COMMANDS: tuple[_Command, ...] = (
         partial(chain.configure_task, end=True),
         chain.run_task_end,
     ),
-    _Command("ls", "list the committed checkpoints of a run", _configure_ls, _run_ls),
+    _Command(
+        "ls", "list the committed checkpoints of a run, or the complete ones at a location", _configure_ls, _run_ls
+    ),
+    _Command(
+        "verify",
+        "check every checkpoint of a run, or at a location, against its checksums",
+        _configure_verify,
+        _run_verify,
+    ),
     _Command(
         "show", "print one checkpoint's manifest: hparams, command, git, versions, files", show.configure, show.run
     ),
-    _Command("verify", "check every checkpoint of a run against its checksums", _configure_verify, _run_verify),
+    _Command(
+        "pull",
+        "copy the newest valid checkpoint at a location (or --step's) into a run directory, verified",
+        mirror.configure_pull,
+        mirror.run_pull,
+    ),
+    _Command(
+        "push",
+        "upload a run's committed checkpoints that a location lacks (manifest last, nothing deleted)",
+        mirror.configure_push,
+        mirror.run_push,
+    ),
     _Command(
         "export",
         "write a checkpoint as one plain torch.load-able file or .safetensors weights",

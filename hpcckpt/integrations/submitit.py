@@ -47,7 +47,7 @@ from .. import rundir
 from ..checks import whole_number
 from ..errors import HpcckptError, StoreError, UsageError
 from ..signals import SignalRecorder, parse_signal
-from ..slurm.spec import DEFAULT_MAX_FAILURES
+from ..slurm.spec import DEFAULT_MAX_FAILURES, check_mirror
 from ..slurm.tasks import task_begin, task_end
 from ..store.fileio import write_atomic
 from ..store.registry import Registry, lock_mode
@@ -82,6 +82,7 @@ class Resumable:
         run_dir: str | os.PathLike[str],
         *,
         max_failures: int = DEFAULT_MAX_FAILURES,
+        mirror: str | None = None,
     ) -> None:
         if not callable(fn):
             raise UsageError(f"Resumable() needs a function to run, got {fn!r}")
@@ -92,6 +93,9 @@ class Resumable:
         # Absolute: the job may start in another working directory than the submitting process.
         self.run_dir = Path(run_dir).expanduser().absolute()
         self.max_failures = max_failures
+        # Run reads it from HPCCKPT_MIRROR in the job, as in a chain; credentials stay in the backend's
+        # environment (issue 14): a URL carrying them is refused here, before anything is pickled.
+        self.mirror = check_mirror(mirror)
         self.chain_task = False
 
     def __repr__(self) -> str:
@@ -108,6 +112,8 @@ class Resumable:
         warning = _submitit_signal()
         requeue = _submitit_requeue(warning)
         updates = {"HPCCKPT_RUN_DIR": str(self.run_dir), "HPCCKPT_SIGNAL": warning.name}
+        if self.mirror is not None:
+            updates["HPCCKPT_MIRROR"] = self.mirror
         updates.update(_local_executor_limits(os.environ))
         with _environ(updates), SignalRecorder((warning, signal_module.SIGTERM)):
             if _global_rank() != 0:

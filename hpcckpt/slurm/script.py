@@ -43,6 +43,7 @@ def template_variables(spec: ChainSpec) -> dict[str, Any]:
         signal_directive=spec.signal_directive,
         signal_name=spec.signal_name or "USR1",
         venv=None if spec.venv is None else str(spec.venv),
+        log_dir=str(spec.log_dir),
         logs=LOGS,
         task_go_on=TASK_GO_ON,
         task_leave=TASK_LEAVE,

@@ -18,6 +18,7 @@ import dataclasses
 import re
 import signal as signal_module
 import sys
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,69 @@ def _venv(given: Any) -> Path | None:
     return Path(given).expanduser().absolute()
 
 
+# A URL's scheme (RFC 3986): what tells a location (s3://, gs://, file://) from a plain path.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Query parameters that would carry a secret into the script: fsspec passes them to the backend as
+# options (s3fs's key/secret/token).
+_SECRET_PARAMS = re.compile(r"(key|secret|token|password|passwd|credential|^sig$|signature)", re.IGNORECASE)
+_MIRROR_FORMS = "s3://bucket/prefix, gs://bucket/prefix, file:///abs/path or a path"
+
+
+def has_scheme(text: str) -> bool:
+    """Whether ``text`` is a URL with a scheme (``s3://``, ``file://``), not a plain path."""
+    return _SCHEME.match(text) is not None
+
+
+def _userinfo(text: str) -> tuple[str, str] | None:
+    """A URL's ``user:secret@`` part and the rest after it, or None. Not ``urlsplit``'s netloc: a secret
+    with a ``/`` in it (AWS secret keys have them) ends the netloc early, hiding the ``@``. Bucket names
+    never hold ``@``, so one before the query means credentials."""
+    _, sep, rest = text.partition("://")
+    before_query = rest.split("?", 1)[0]
+    if not sep or "@" not in before_query:
+        return None
+    return before_query.rpartition("@")[0], rest[len(before_query.rpartition("@")[0]) + 1 :]
+
+
+def redact_url(text: str) -> str:
+    """``text`` with a user:secret@ part and the values of secret-looking query parameters masked."""
+    found = _userinfo(text)
+    if found is not None:
+        text = f"{text.partition('://')[0]}://***@{found[1]}"
+    parts = urllib.parse.urlsplit(text)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    masked = "&".join(f"{k}={'***' if _SECRET_PARAMS.search(k) else v}" for k, v in query)
+    return urllib.parse.urlunsplit(parts._replace(query=masked))
+
+
+def check_mirror(given: Any) -> str | None:
+    """``--mirror``: a URL with a scheme, passed on as given, or a path, made absolute (the chain's tasks
+    open it). Refused when it carries credentials: the rendered script, the events and the logs would show
+    them, so the backend's own environment or config must hold them (issue 14). Pure: whether the
+    backend is installed and the location reachable is checked by ``hpcckpt submit``."""
+    if given is None:
+        return None
+    text = str(given)
+    if not text.strip() or any(c in text for c in "\n\r\0"):
+        raise UsageError(f"Invalid --mirror {text!r}: expected one URL or path on one line ({_MIRROR_FORMS})")
+    if not _SCHEME.match(text):
+        if "://" in text:
+            shown = redact_url(text)
+            raise UsageError(f"Invalid --mirror {shown!r}: its scheme is malformed; expected {_MIRROR_FORMS}")
+        return str(Path(text).expanduser().absolute())
+    parts = urllib.parse.urlsplit(text)
+    names = [k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if _SECRET_PARAMS.search(k)]
+    userinfo = _userinfo(text) is not None
+    if userinfo or names:
+        where = "a user:secret@ part" if userinfo else f"the parameter(s) {', '.join(names)}"
+        raise UsageError(
+            f"Invalid --mirror {redact_url(text)!r}: it carries credentials ({where}), which would be written "
+            f"into the chain script; expected {_MIRROR_FORMS} without them, the credentials in the backend's "
+            "own environment or config (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws/credentials...)"
+        )
+    return text
+
+
 def _command(given: Sequence[str]) -> tuple[str, ...]:
     if not given or not given[0]:
         raise UsageError("Missing command: expected the training command after --, e.g. -- python train.py")
@@ -294,6 +358,13 @@ class ChainSpec:
         default=0,
         help="submit the chain again, at most this many times, when it ends unfinished",
     )
+    mirror: str | None = option(
+        "--mirror",
+        metavar="URL",
+        check=check_mirror,
+        help="mirror every checkpoint to this location (s3://bucket/prefix, gs://..., a path) and resume from "
+        "it when the run directory has lost its checkpoints; checked before submitting",
+    )
     python: str = option(None, spec_default=sys.executable, check=lambda given: given or sys.executable)
     command: tuple[str, ...] = option(
         "command",
@@ -302,6 +373,11 @@ class ChainSpec:
         check=_command,
         help="-- the training command and its arguments",
     )
+
+    @property
+    def log_dir(self) -> Path:
+        """Where Slurm writes the tasks' logs: RUN_DIR/logs, or beside the run directory with --mirror."""
+        return log_dir(self.run_dir, self.mirror)
 
     @property
     def signal_directive(self) -> str:
@@ -345,6 +421,7 @@ CHECK_ORDER = (
     "run_dir",
     "venv",
     "extra_directives",
+    "mirror",
     "python",
 )
 
@@ -400,6 +477,15 @@ def _derived(values: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     # rank dies, instead of leaving the others waiting in a collective until the time limit.
     values["launcher"] = "srun --kill-on-bad-exit=1 " if given.get("srun") or ranks > 1 else ""
     return values
+
+
+def log_dir(run_dir: Path, mirror: str | None) -> Path:
+    """Where a chain's tasks log: ``RUN_DIR/logs``; with a mirror, ``RUN_DIR.logs`` beside the run directory.
+    Slurm opens a task's output files before the script runs and does not create their directory: measured
+    on 22.05, a task whose log directory is gone fails at launch (JobLaunchFailure, exit 0:53), and so does
+    every later task of the array. A mirrored chain must outlive its run directory (a purge of scratch),
+    so its logs cannot live inside it."""
+    return run_dir / LOGS if mirror is None else run_dir.parent / f"{run_dir.name}.{LOGS}"
 
 
 def default_lead(time_seconds: int) -> int:

@@ -1,5 +1,9 @@
 """Where a run stands: ``hpcckpt status RUN_DIR``. A pure summary of the registry's events, the committed
-checkpoints and the Slurm queue, and its text form."""
+checkpoints and the Slurm queue, and its text form.
+
+A mirrored run's part (issue 14) comes from the run's events (``uploaded``, ``upload_failed``, ``pulled``)
+and, when the caller could list the mirror quickly, from that listing; it says which.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import events as event_log
+from ..rundir import CHECKPOINTS
 from ..store.manifest import Checkpoint
 from .commands import QueueEntry
 
@@ -37,6 +42,20 @@ class TaskRecord:
 
 
 @dataclass(frozen=True)
+class MirrorStatus:
+    """The mirror of a run: its credential-free URL, the newest complete remote checkpoint (``name``,
+    ``step``, ``age_seconds``; None when none is known), where that answer came from, the local commits
+    not uploaded yet, and the last failed upload since the last success (``name``, ``error``, ``failures``)."""
+
+    url: str
+    newest: dict[str, Any] | None
+    source: str
+    pending: list[str]
+    failed: dict[str, Any] | None
+    remote_count: int | None = None  # complete remote checkpoints, when listed
+
+
+@dataclass(frozen=True)
 class RunStatus:
     run_dir: str
     state: State
@@ -60,6 +79,7 @@ class RunStatus:
     tasks_needed: int | None = None
     max_tasks: int | None = None
     extension_left: int | None = None
+    mirror: MirrorStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +184,75 @@ def summarize(
         tasks_needed=needed,
         max_tasks=max_tasks,
         extension_left=extension_left,
+    )
+
+
+_UPLOADED, _UPLOAD_FAILED, _PULLED = event_log.UPLOADED, event_log.UPLOAD_FAILED, event_log.PULLED
+_REMOTE_DIR = f"/{CHECKPOINTS}/"  # a mirror's layout (hpcckpt.store.mirror): <url>/checkpoints/<name>
+
+
+def _base(url: str) -> str:
+    """The mirror's URL from an event's: that of the mirror, or of one checkpoint in it."""
+    head, sep, name = url.rpartition(_REMOTE_DIR)
+    return head if sep and name and "/" not in name else url
+
+
+def _of(event: dict[str, Any], url: str) -> bool:
+    return bool(event.get("url")) and _base(str(event["url"])) == url
+
+
+def mirror_url(events: Sequence[dict[str, Any]]) -> str | None:
+    """The mirror the run's newest upload, failed upload or pull named; None when the events name none."""
+    for event in reversed(events):
+        if event.get("event") in (_UPLOADED, _UPLOAD_FAILED, _PULLED) and event.get("url"):
+            return _base(str(event["url"]))
+    return None
+
+
+def summarize_mirror(
+    url: str,
+    events: Sequence[dict[str, Any]],
+    checkpoints: Sequence[Checkpoint],
+    listed: Sequence[Checkpoint] | None,
+    why_not_listed: str | None,
+    now: float,
+) -> MirrorStatus:
+    """The mirror's part of the status. ``listed``: the complete remote checkpoints when the mirror was
+    listed (oldest first), else None and ``why_not_listed`` says why; the events answer then."""
+    done = [e for e in events if e.get("event") in (_UPLOADED, _PULLED) and _of(e, url)]
+    newest: dict[str, Any] | None = None
+    if listed is not None:
+        source = "listed at the mirror"
+        if listed:
+            c = listed[-1]
+            newest = {"name": c.name, "step": c.step, "age_seconds": now - c.created}
+    else:
+        source = "from the run's events" + (f" (the mirror was not listed: {why_not_listed})" if why_not_listed else "")
+        if done:
+            e = max(done, key=lambda e: (int(e.get("step") or 0), float(e.get("time") or 0)))
+            newest = {"name": e.get("name"), "step": e.get("step"), "age_seconds": now - float(e.get("time") or now)}
+    remote_names = {str(e.get("name")) for e in done} | {c.name for c in listed or ()}
+    top = max((int(e.get("step") or 0) for e in done), default=None)
+    if listed:
+        top = max(top or 0, listed[-1].step)
+    pending = [c.name for c in checkpoints if c.name not in remote_names and (top is None or c.step > top)]
+    failures: list[dict[str, Any]] = []
+    for event in events:
+        if event.get("event") == _UPLOADED and _of(event, url):
+            failures = []
+        elif event.get("event") == _UPLOAD_FAILED and _of(event, url):
+            failures.append(event)
+    failed = None
+    if failures:
+        last_failure = failures[-1]
+        failed = {"name": last_failure.get("name"), "error": last_failure.get("error"), "failures": len(failures)}
+    return MirrorStatus(
+        url=url,
+        newest=newest,
+        source=source,
+        pending=pending,
+        failed=failed,
+        remote_count=None if listed is None else len(listed),
     )
 
 
@@ -293,9 +382,31 @@ def format_status(status: RunStatus) -> str:
                 f"  {t.job:<14} {t.host or '-':<10} from {t.resumed_step if t.resumed_step is not None else '-':>7} "
                 f"to {t.step if t.step is not None else '-':>7}  {how}{'; ' + ', '.join(extra) if extra else ''}"
             )
+    if status.mirror is not None:
+        lines.extend(_mirror_lines(status.mirror, duration))
     for warning in status.warnings:
         lines.append(f"WARNING  {warning}")
     if status.log_tail:
         lines.append("last task's error log (tail):")
         lines.extend(f"  | {line}" for line in status.log_tail.splitlines())
     return "\n".join(lines)
+
+
+def _mirror_lines(m: MirrorStatus, duration: Any) -> list[str]:
+    lines = [f"mirror   {m.url}"]
+    if m.newest is not None:
+        count = f"; {m.remote_count} complete there" if m.remote_count is not None else ""
+        lines.append(
+            f"         newest there: {m.newest['name']} (step {m.newest['step']}, "
+            f"{duration(m.newest['age_seconds'])} ago{count}; {m.source})"
+        )
+    else:
+        lines.append(f"         nothing complete there yet ({m.source})")
+    if m.pending:
+        lines.append(f"         uploads pending: {', '.join(m.pending)}")
+    if m.failed is not None:
+        lines.append(
+            f"         upload FAILED {m.failed['failures']} time(s) since the last success; last, "
+            f"{m.failed['name']}: {m.failed['error']} (retried at the next save)"
+        )
+    return lines

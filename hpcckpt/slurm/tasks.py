@@ -17,11 +17,19 @@ SIGTERM during the interpreter's exit gave ``exit 143`` for tasks that had saved
 
 On the local backend (``HPCCKPT_BACKEND=local``) nothing is cancelled or submitted: the local runner
 reads the same registry, stops launching tasks, and extends itself with :func:`extension_size`.
+
+A mirrored chain (issue 14) outlives its run directory: when a task finds the directory gone (a purge of
+scratch between two tasks), task-begin makes it again, puts the chain script back from the copy Slurm
+runs (``script``) and records the array it belongs to, so that ``hpcckpt status``, ``cancel`` and
+``extend`` know the chain again; Run then resumes from the mirror. What the lost event log held (the
+tasks before, the ``--max-tasks`` cap) is gone with it: the queued tasks of the array go on, and
+auto-extension, which needs that cap, stops.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -38,15 +46,29 @@ from .env import SlurmEnv, read_slurm_env
 
 
 def task_begin(
-    run_dir: Path, environ: Mapping[str, str], max_failures: int, *, pid: int | None = None, cancel: bool = True
+    run_dir: Path,
+    environ: Mapping[str, str],
+    max_failures: int,
+    *,
+    pid: int | None = None,
+    cancel: bool = True,
+    script: Path | None = None,
+    log_dir: Path | None = None,
 ) -> bool:
     """True to run the training command; False when this task must leave (status 0) at once.
 
     ``pid`` is the task's process: by default the caller's parent (the batch script that runs the command).
-    ``cancel=False``: the task is no chain's, so nothing is cancelled (its array may be a sweep of runs)."""
+    ``cancel=False``: the task is no chain's, so nothing is cancelled (its array may be a sweep of runs).
+    ``script``: the chain script this task runs, put back in the run directory when that has lost it;
+    ``log_dir``: where the chain's tasks log, made again when gone (a mirrored chain's)."""
+    recovered = not (run_dir / SCRIPT).exists() and script is not None
     store = CheckpointStore(run_dir, keep_last=None, lock=lock_mode(environ))
     registry = store.registry
     slurm = read_slurm_env(environ)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    if recovered and script is not None:
+        _recover_chain(store, slurm, script)
     status = registry.status()
     if status is not None:
         _cancel_rest(registry, slurm, environ, cancel)
@@ -90,6 +112,7 @@ def task_end(
     log: str | None = None,
     cancel: bool = True,
     exited_at: float | None = None,
+    log_dir: Path | None = None,
 ) -> None:
     """Record how the task ended; cancel, fail or extend the chain as the registry says. ``log`` is the
     task's error log, by default the chain script's ``logs/ARRAY_TASK.err``; ``exited_at`` is when the
@@ -110,7 +133,7 @@ def task_end(
             clean=exit_status == 0 or ended_by is not None,
             ended_by=ended_by,
             exited=exited_at,
-            log=log or _log_path(run_dir, slurm, "err"),
+            log=log or _log_path(run_dir, slurm, "err", log_dir),
         )
     )
     if ended_by is not None:
@@ -281,10 +304,33 @@ def _last_task_of_array(slurm: SlurmEnv) -> bool:
     return slurm.array_task_id is not None and slurm.array_task_id == slurm.array_task_max
 
 
-def _log_path(run_dir: Path, slurm: SlurmEnv, kind: str) -> str | None:
+def _log_path(run_dir: Path, slurm: SlurmEnv, kind: str, log_dir: Path | None = None) -> str | None:
     if slurm.array_job_id is None or slurm.array_task_id is None:
         return None
-    return str(task_log(run_dir, slurm.array_job_id, str(slurm.array_task_id), kind))
+    path = task_log(run_dir, slurm.array_job_id, str(slurm.array_task_id), kind)
+    return str(path if log_dir is None else log_dir / path.name)
+
+
+def _recover_chain(store: CheckpointStore, slurm: SlurmEnv, script: Path) -> None:
+    """The run directory lost its chain script (and with it, most likely, its event log): put the script
+    back from the copy this task runs, and record this task's array when the log knows no chain."""
+    run_dir = store.run_dir
+    try:
+        shutil.copyfile(script, run_dir / SCRIPT)
+    except OSError as error:
+        _say(f"could not put the chain script back in {run_dir}: {error}")
+    events = store.registry.events()
+    if event_log.of_kind(events, event_log.SUBMIT) or slurm.array_job_id is None:
+        return
+    store.registry.append_event(
+        event_log.submitted(
+            job=slurm.array_job_id, tasks=slurm.array_task_max, backend="slurm", script=str(run_dir / SCRIPT)
+        )
+    )
+    _say(
+        f"the run directory {run_dir} had lost its chain records (purged?): made it again, with array "
+        f"{slurm.array_job_id}; the run resumes from its mirror"
+    )
 
 
 def _say(message: str) -> None:

@@ -120,7 +120,8 @@ def open_location(url: str | os.PathLike[str]) -> Location:
 def check_credential_free(url: str) -> None:
     """Raise :class:`UsageError`, showing ``url`` redacted, when it carries credentials."""
     parts = urlsplit(url)
-    has_userinfo = "://" in url and "@" in parts.netloc
+    # Not parts.netloc alone: a secret with a "/" (AWS secret keys have them) ends the netloc before the "@".
+    has_userinfo = "://" in url and "@" in url.partition("://")[2].partition("?")[0]
     has_secret_param = any(key.lower() in _SECRET_PARAMS for key, _ in parse_qsl(parts.query, keep_blank_values=True))
     if has_userinfo or has_secret_param:
         raise UsageError(
@@ -135,6 +136,10 @@ def redact(url: str) -> str:
     """``url`` with its user information and every query value hidden: safe to show."""
     if "://" not in url:
         return url
+    scheme, _, rest = url.partition("://")
+    before_query = rest.partition("?")[0]
+    if "@" in before_query:  # user:secret@, whatever "/" the secret holds
+        url = f"{scheme}://***@{rest[len(before_query.rpartition('@')[0]) + 1 :]}"
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
