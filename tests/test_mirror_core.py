@@ -4,7 +4,9 @@ registry, retention, and URLs refused before anything is written."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,3 +201,42 @@ def test_an_unknown_protocol_is_a_usage_error_naming_it() -> None:
 
 def test_a_file_url_and_a_plain_path_are_the_same_posix_location(tmp_path: Path) -> None:
     assert open_location(f"file://{tmp_path}/m").url == open_location(str(tmp_path / "m")).url == str(tmp_path / "m")
+
+
+@pytest.mark.parametrize("refusal", [errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_path_mirror_copies_by_reads_and_writes_where_the_kernel_will_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
+) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    saved = store.save({"w": torch.arange(3_000_000.0)}, step=3)  # several copy chunks
+
+    def refuse(*_: object) -> int:
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)  # older kernels across filesystems, NFS, macOS
+    mirror = Mirror(str(tmp_path / "other-fs" / "run"))
+    remote = mirror.upload(saved)
+    assert mirror.verify(remote).checksum == saved.checksum
+    back = CheckpointStore(tmp_path / "back")
+    mirror.download(remote, back)
+    assert torch.equal(back.load()["w"], torch.arange(3_000_000.0))
+
+
+def test_a_path_mirror_whose_disk_fails_mid_copy_shows_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    saved = store.save({"w": torch.arange(3_000_000.0)}, step=3)
+    real = os.copy_file_range
+    copied: list[int] = []
+
+    def fill_up(source: int, target: int, count: int) -> int:
+        if copied:  # the second chunk finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        copied.append(real(source, target, count))
+        return copied[-1]
+
+    monkeypatch.setattr(os, "copy_file_range", fill_up)
+    mirror = Mirror(str(tmp_path / "other-fs" / "run"))
+    with pytest.raises(OSError, match="No space left"):
+        mirror.upload(saved)
+    assert mirror.list() == []
+    assert not [p for p in (tmp_path / "other-fs").rglob("*") if p.is_file()]  # no temporary left behind

@@ -73,12 +73,24 @@ def test_a_deleted_run_directory_resumes_from_the_mirror_and_ends_bitwise_identi
 
 
 @pytest.mark.timeout(600)
-def test_wrong_credentials_cost_one_clear_message_and_no_secret(tmp_path: Path, s3_lab: S3Lab) -> None:
+def test_credentials_gone_wrong_mid_run_cost_one_clear_message_and_no_secret(
+    tmp_path: Path, s3_lab: S3Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bucket = s3_lab.new_bucket()
     wrong = s3_lab.wrong_env()
     run_dir = tmp_path / "run"
-    env = clean_env(**wrong, HPCCKPT_MIRROR=f"s3://{bucket}/r")
-    job = TrainWorker(run_dir, "--epochs", "1", "--workers", "0", "--save-every", "4ba", env=env)
+    url = f"s3://{bucket}/r"
+    first = TrainWorker(run_dir, *ARGS, env=clean_env(**s3_lab.env(), HPCCKPT_MIRROR=url))
+    first.wait_started()
+    wait_for(lambda: events(run_dir, "commit"), 300, "the first interval save")
+    first.send(signal.SIGUSR1)
+    stopped = _end(first)
+    assert not stopped["completed"] and stopped["saved"] == stopped["step"]
+    for key, value in s3_lab.env().items():
+        monkeypatch.setenv(key, value)  # Mirror(url) below lists as the first task did
+    assert Mirror(url).list()[-1].step == stopped["step"]
+    # The next task's credentials have expired: it trains on locally, saying so once.
+    job = TrainWorker(run_dir, *ARGS, env=clean_env(**wrong, HPCCKPT_MIRROR=url))
     done = _end(job)
     assert done["completed"], job.stderr
     stderr = job.stderr
@@ -87,10 +99,27 @@ def test_wrong_credentials_cost_one_clear_message_and_no_secret(tmp_path: Path, 
     assert "training goes on" in said[0]
     assert f"mirror s3://{bucket}/r: access denied (check the credentials" in said[0]
     assert "left for the next task" in stderr  # the stop says what it did not upload
-    assert [c.step for c in CheckpointStore(run_dir, create=False).list()][-1] == 12
+    assert [c.step for c in CheckpointStore(run_dir, create=False).list()][-1] == STEPS
     assert events(run_dir, "upload_failed")
     for secret in (wrong["AWS_SECRET_ACCESS_KEY"], s3_lab.secret_key):
-        assert secret not in stderr
+        assert secret not in stderr + first.stderr
         for path in run_dir.rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.timeout(600)
+def test_a_run_directory_without_checkpoints_never_starts_from_scratch_past_an_unreadable_mirror(
+    tmp_path: Path, s3_lab: S3Lab
+) -> None:
+    url = f"s3://{s3_lab.new_bucket()}/r"
+    wrong = s3_lab.wrong_env()
+    run_dir = tmp_path / "run"
+    job = TrainWorker(run_dir, "--epochs", "1", "--workers", "0", env=clean_env(**wrong, HPCCKPT_MIRROR=url))
+    job.finish(300)
+    assert job.process.returncode != 0
+    assert f"mirror {url}: access denied (check the credentials" in job.stderr
+    assert "the run does not start from scratch" in job.stderr
+    assert not events(run_dir, "start")  # not one step trained
+    assert CheckpointStore(run_dir, create=False).list() == []
+    assert wrong["AWS_SECRET_ACCESS_KEY"] not in job.stderr and s3_lab.secret_key not in job.stderr

@@ -167,13 +167,32 @@ def _block(checkpoint: Any, remote: _Remote, repeats: int) -> dict[str, dict[str
     of a fresh copy of ``checkpoint``, and of as many steps with nothing in the background."""
     import torch
 
-    from ..store.mirror import Mirror
-
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(512, 512, generator=generator), torch.randn(512, 512, generator=generator)
+    # One intra-op thread in both arms: a step that spreads over every core measures the scheduler (an
+    # OpenMP team waits for its slowest thread, descheduled by the upload or a local server: 9x on 2 cores
+    # against moto), not whether the upload holds the training thread. A GPU step leaves the cores free.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _block_steps(_step_of(a, b), checkpoint, remote, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _step_of(a: Any, b: Any) -> Callable[[], None]:
+    import torch
 
     def step() -> None:
         torch.mm(a, b)
+
+    return step
+
+
+def _block_steps(
+    step: Callable[[], None], checkpoint: Any, remote: _Remote, repeats: int
+) -> dict[str, dict[str, float]]:
+    from ..store.mirror import Mirror
 
     _steps(step, lambda: False)  # warm up the kernels and the allocator
     samples: dict[str, list[float]] = {"during an upload": [], "without upload": []}

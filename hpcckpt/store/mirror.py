@@ -8,7 +8,7 @@ The remote layout mirrors the local one, so a POSIX mirror reads by eye::
 Invariants (issue 14; Composer PR #3376 published a "latest" link before the files it pointed to):
 
 - a remote checkpoint exists when its ``manifest.json`` does: :meth:`Mirror.upload` stores every data file
-  completely (each verified against the manifest's checksum before it is sent, its stored size read back
+  completely (each verified against the manifest's checksum while it is sent, its stored size read back
   after) and only then the manifest, in one whole-object write. A directory without a manifest is
   invisible to every reader, and swept by the next retention pass;
 - a complete remote checkpoint is never overwritten in place: a checkpoint whose name is taken on the
@@ -29,6 +29,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,8 +145,15 @@ class Mirror:
         directory = f"{PREFIX}/{name}"
         for record in checkpoint.files:
             local = checkpoint.path / record.name
-            verify_file(local, record)  # what is sent is what the manifest describes
-            stored = self.location.put_file(local, f"{directory}/{record.name}", progress)
+            # What is sent is what the manifest describes: the file is hashed on a thread of its own while it
+            # is sent (both read it from the page cache; xxh3 releases the GIL), so the check costs no time of
+            # its own, and a mismatch raises before the manifest could make the copy visible.
+            with ThreadPoolExecutor(1, thread_name_prefix="hpcckpt-verify") as pool:
+                checked = pool.submit(verify_file, local, record)
+                try:
+                    stored = self.location.put_file(local, f"{directory}/{record.name}", progress)
+                finally:
+                    checked.result()
             if stored != record.size:
                 raise OSError(f"{self.url}/{directory}/{record.name}: stored {stored} bytes of {record.size}")
         # The manifest as written locally: the registry's listing lacks the hparams, command and git state.

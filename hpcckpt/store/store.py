@@ -444,8 +444,8 @@ class CheckpointStore:
         With a mirror, when this run directory has no usable checkpoint (purged, a new node, every one
         corrupt or marked bad), the mirror's newest valid checkpoint is downloaded, verified, committed here
         and restored (an older one when it does not verify; never one whose checksum is marked bad here). A
-        mirror that cannot be read is logged once; the run then starts fresh when nothing is here, and a
-        local corruption is raised as it is."""
+        mirror that cannot be read raises :class:`StoreError` when nothing is here (the run never starts from
+        scratch over progress the mirror may hold); a local corruption is then raised as it is."""
         from ..distributed import world
 
         # The ranks of a process group restore together what rank 0 chose: the sharded format's restore.
@@ -472,21 +472,36 @@ class CheckpointStore:
 
     def _pull_if_empty(self) -> None:
         """Rank 0 pulls the mirror's newest valid checkpoint when this run directory has none usable; the
-        other ranks wait for it, then all restore."""
+        other ranks wait for it, then all restore. A mirror that cannot be read is a :class:`StoreError` on
+        every rank: with nothing here, it may be the only place the run's progress is."""
         from ..distributed import broadcast_object, world
 
+        refused = None
         if world()[0] == 0 and self.latest() is None:
-            self._pull_from_mirror("the run directory has no checkpoint")
-        broadcast_object(None)  # a barrier: the pulled checkpoint is committed before any rank lists
+            try:
+                self._pull_from_mirror("the run directory has no checkpoint", nothing_here=True)
+            except StoreError as error:
+                refused = str(error)
+        refused = broadcast_object(refused)  # a barrier too: the pulled checkpoint is committed before any rank lists
+        if refused is not None:
+            raise StoreError(refused)
 
-    def _pull_from_mirror(self, why: str) -> Checkpoint | None:
+    def _pull_from_mirror(self, why: str, *, nothing_here: bool = False) -> Checkpoint | None:
         """Download the mirror's newest checkpoint that verifies (an older one when it does not) and commit
-        it here; None when the mirror has none."""
+        it here; None when the mirror has none. A mirror that cannot be read is said once and gives None,
+        unless ``nothing_here``: then training from scratch could discard what the mirror holds (a purged
+        run directory during an outage), so it raises :class:`StoreError` instead."""
         mirror = self.mirror
         assert mirror is not None
         try:
             pulled = mirror.pull_newest(self, skip=self._bad_here())
         except (OSError, ValueError, RuntimeError) as error:
+            if nothing_here:
+                raise StoreError(
+                    f"{describe_failure(mirror.url, error)}; {why} and the mirror may hold the run's progress, so "
+                    "the run does not start from scratch: fix the mirror (the next task tries again), or train "
+                    "without it (mirror='' or HPCCKPT_MIRROR='')"
+                ) from None
             # Said once (the uploads would say it again): what this task does without the mirror.
             message = f"{describe_failure(mirror.url, error)}; {why}, so nothing could be restored from the mirror"
             if self.uploads is not None:
