@@ -79,3 +79,14 @@ def s3_env(s3_lab: S3Lab, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Lab]:
     yield s3_lab
     if not s3_lab.relay_up:
         s3_lab.resume()
+
+
+@pytest.fixture(params=["posix", "s3"])
+def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A mirror for one test, run once on each kind of location: a directory standing for a second
+    filesystem, and a prefix (two levels deep) in a fresh bucket of the S3 server."""
+    if request.param == "posix":
+        yield str(tmp_path / "second-fs" / "run")
+    else:
+        lab: S3Lab = request.getfixturevalue("s3_env")
+        yield f"s3://{lab.new_bucket()}/prefix/run"

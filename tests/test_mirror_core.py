@@ -7,12 +7,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from s3lab import S3Lab
 
 from hpcckpt import TrainState
 from hpcckpt.errors import CorruptCheckpointError, UsageError
@@ -20,15 +18,6 @@ from hpcckpt.run import Run
 from hpcckpt.store.locations import open_location, redact
 from hpcckpt.store.mirror import Mirror
 from hpcckpt.store.store import CheckpointStore
-
-
-@pytest.fixture(params=["posix", "s3"])
-def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "posix":
-        yield str(tmp_path / "second-fs" / "run")
-    else:
-        lab: S3Lab = request.getfixturevalue("s3_env")
-        yield f"s3://{lab.new_bucket()}/prefix/run"
 
 
 def _remote_names(mirror: Mirror) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,6 @@ def _end(job: TrainWorker) -> dict[str, Any]:
     ends = job.finish(300)
     assert job.process.returncode == 0 and ends, job.stderr
     return ends[-1]
-
-
-@pytest.fixture(params=["posix", "s3"])
-def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "posix":
-        yield str(tmp_path / "project-space" / "run")
-    else:
-        lab: S3Lab = request.getfixturevalue("s3_env")
-        yield f"s3://{lab.new_bucket()}/runs/a"
 
 
 @pytest.mark.slow

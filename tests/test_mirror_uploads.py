@@ -4,7 +4,6 @@ upload, wrong credentials, every local checkpoint corrupt, and the mirror's own 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from hpcckpt.store.mirror import Mirror
 from hpcckpt.store.store import CheckpointStore
 
 WAIT = 300.0  # generous: s3fs retries with back-off against a cut server, on a busy 2-core machine
-
-
-@pytest.fixture(params=["posix", "s3"])
-def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "posix":
-        yield str(tmp_path / "second-fs" / "run")
-    else:
-        lab: S3Lab = request.getfixturevalue("s3_env")
-        yield f"s3://{lab.new_bucket()}/run"
 
 
 def _weights(seed: int, numel: int = 1000) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .contenders import fsync_file
 from .targets import Target
 
 Figures = dict[str, Any]
@@ -137,8 +138,8 @@ class _Remote:
             target.mkdir(parents=True)
             for name in names:
                 shutil.copyfile(directory / name, target / name)
-                _fsync(target / name)
-            _fsync(target)
+                fsync_file(target / name)
+            fsync_file(target)
             return
         for name in names:
             self.fs.put_file(str(directory / name), f"{self.root}/{prefix}/{name}")
@@ -151,14 +152,6 @@ class _Remote:
         where = f"{self.root}/{prefix}"
         if self.fs.exists(where):
             self.fs.rm(where, recursive=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- (b) the training thread's block ------------------------------------------------------------------------

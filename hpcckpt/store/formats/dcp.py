@@ -42,9 +42,9 @@ import sys
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
-from ...distributed import broadcast_object, world
+from ...distributed import broadcast_object, gather_object, world
 from ...errors import CorruptCheckpointError, HpcckptError, StoreError, UsageError
 from ...state import RestoreOptions, TrainState, capture_rng, restore_rng, unwrap_model
 from ..manifest import Checkpoint, FileRecord
@@ -54,7 +54,6 @@ from . import DCP_FORMAT as NAME
 from . import CheckpointRef, CheckpointSource, restore_whole
 
 PER_RANK = "per_rank"
-T = TypeVar("T")
 REFUSED = "a sharded (dcp) save takes a TrainState, without tag or metadata"
 
 
@@ -115,7 +114,7 @@ def load_into(state: TrainState, checkpoint: Checkpoint, options: RestoreOptions
         refused = str(error)
     except FileNotFoundError:
         refused = "deleted"
-    problems = [p for p in _gather(refused) if p]
+    problems = [p for p in gather_object(refused) if p]
     if problems:
         if problems[0] == "deleted":
             raise FileNotFoundError(errno.ENOENT, "deleted while loading", str(checkpoint.path))
@@ -520,7 +519,7 @@ def conclude(
     rank, _ = world()
     step = request.step
     try:
-        outcomes = _gather_any((failure, files))
+        outcomes = gather_object((failure, files))
     except Exception as error:  # a rank died: the group is broken
         outcomes = [(f"rank {rank}: the process group failed while saving ({error})", [])]
     failures = list(dict.fromkeys(f for f, _ in outcomes if f))  # each rank may report the same failure
@@ -552,22 +551,6 @@ def _begin_on_rank_0(request: SaveRequest) -> tuple[SaveTransaction | None, str]
         reason = error.__cause__ if isinstance(error, StoreError) and isinstance(error.__cause__, OSError) else error
         return None, f"error: cannot make a temporary directory in {checkpoint_dir}: {reason}"
     return transaction, str(transaction.directory)
-
-
-def _gather(value: str | None) -> list[str | None]:
-    return _gather_any(value)
-
-
-def _gather_any(value: T) -> list[T]:
-    """Every rank's ``value``, by rank (collective)."""
-    _, size = world()
-    if size == 1:
-        return [value]
-    import torch.distributed as dist
-
-    values: list[Any] = [None] * size
-    dist.all_gather_object(values, value)
-    return values
 
 
 def choose(source: CheckpointSource, ref: CheckpointRef = None, skip: Collection[str] = ()) -> Checkpoint | None:
