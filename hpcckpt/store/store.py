@@ -26,6 +26,7 @@ from typing import Any, Literal, overload
 
 from .._version import __version__
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, StoreError, UsageError, ValidationFailedError
+from ..progress import Progress
 from ..rundir import CHECKPOINTS
 from ..slurm.env import read_slurm_env
 from ..state import RestoreOptions, TrainState
@@ -494,7 +495,8 @@ class CheckpointStore:
         mirror = self.mirror
         assert mirror is not None
         try:
-            pulled = mirror.pull_newest(self, skip=self._bad_here())
+            with Progress(None, f"download from {mirror.url}") as bar:  # which one, and its size, are not known yet
+                pulled = mirror.pull_newest(self, bar, skip=self._bad_here())
         except (OSError, ValueError, RuntimeError) as error:
             if nothing_here:
                 raise StoreError(

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from .. import events as event_log
+from ..progress import Progress
 from .manifest import Checkpoint
 from .mirror import Mirror, describe_failure
 
@@ -148,7 +149,8 @@ class Uploads:
     def _upload(self, checkpoint: Checkpoint, remote: list[Checkpoint] | None) -> bool:
         started = time.monotonic()
         try:
-            copy, _ = self.mirror.push(checkpoint, remote=remote)
+            with Progress(checkpoint.size, f"upload {checkpoint.name} to {self.mirror.url}") as bar:
+                copy, _ = self.mirror.push(checkpoint, bar, remote=remote)
         except Exception as error:
             if not checkpoint.path.exists():
                 self._done(checkpoint)  # deleted locally meanwhile: superseded by a newer commit
