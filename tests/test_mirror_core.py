@@ -97,10 +97,10 @@ def test_a_remote_file_that_changed_is_named_by_verify_and_never_committed(tmp_p
     assert newest is not None and newest.step == 1
 
 
-def test_a_remote_directory_without_manifest_is_invisible_and_swept_by_retention(
+def test_a_remote_directory_without_manifest_is_invisible_and_swept_by_retention_once_past_the_grace(
     tmp_path: Path, mirror_url: str
 ) -> None:
-    mirror = Mirror(mirror_url, keep_last=2)
+    mirror = Mirror(mirror_url, keep_last=2, grace=0)  # every leftover is old enough (see test_mirror_review)
     store = CheckpointStore(tmp_path / "run", keep_last=None)
     saved = [store.save({"w": torch.full((10,), float(step))}, step=step) for step in (1, 2, 3, 4)]
     for checkpoint in saved:
@@ -129,10 +129,10 @@ def test_a_deletion_removes_the_manifest_first(tmp_path: Path) -> None:
     removed: list[str] = []
     original = mirror.location.remove
 
-    def watching(name: str) -> None:
+    def watching(name: str) -> bool:
         removed.append(name)
         assert (tmp_path / "mirror" / "checkpoints" / remote.name / "state.tensors").exists()
-        original(name)
+        return original(name)
 
     mirror.location.remove = watching  # type: ignore[method-assign]
     mirror.delete(remote)

@@ -182,7 +182,9 @@ def configure_push(parser: argparse.ArgumentParser) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     """Upload RUN_DIR's committed checkpoints that are not complete at URL (files first, the manifest
-    last); complete remote ones are never overwritten, and nothing is deleted."""
+    last); complete remote ones are never overwritten, and nothing is deleted. A checkpoint committed
+    before the mirror's newest is published all the same (an archive's older steps are worth keeping) and
+    said to be older: the mirror orders by commit time, so it never becomes the one a resume takes."""
     store = open_run(args.run_dir)
     local = store.list()
     if args.step is not None:
@@ -191,6 +193,7 @@ def run_push(args: argparse.Namespace) -> int:
             raise CheckpointNotFoundError(f"no committed checkpoint at step {args.step} in {store.run_dir}")
     mirror = open_mirror(args.url)
     remote_now = _call(mirror, mirror.list)
+    newest = remote_now[-1] if remote_now else None
     pushed = 0
     for checkpoint in local:
         there = mirror.find(checkpoint, remote_now)
@@ -201,6 +204,12 @@ def run_push(args: argparse.Namespace) -> int:
             uploaded = _call(mirror, functools.partial(mirror.upload, checkpoint, bar))
         pushed += 1
         print(f"pushed   {checkpoint.name}  step {uploaded.step}  {uploaded.size} bytes  to {mirror.where(uploaded)}")
+        if newest is not None and (uploaded.created, uploaded.step) < (newest.created, newest.step):
+            # The mirror orders by commit, not by upload: an older checkpoint pushed late stays older.
+            print(
+                f"  older than the mirror's newest ({newest.name}, step {newest.step}): a resume from the mirror "
+                "still takes that one, and a run's mirror retention (mirror_keep_last) may delete this one"
+            )
     print(f"{pushed} pushed, {len(local) - pushed} already there, to {mirror.url}")
     return 0
 

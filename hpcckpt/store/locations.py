@@ -26,9 +26,12 @@ import errno
 import os
 import re
 import shutil
+import stat
+import warnings
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ..errors import UsageError
@@ -95,11 +98,27 @@ class Location(Protocol):
     def children(self, name: str) -> list[str]:
         """The names directly under directory ``name`` (no path), sorted; [] when it does not exist."""
 
-    def remove(self, name: str) -> None:
-        """Remove the file ``name``; nothing when it is already gone."""
+    def entries(self, name: str) -> dict[str, Entry]:
+        """The files and directories directly under directory ``name`` with their sizes (None for a
+        directory) and modification times (None where the backend gives none); {} when it does not exist."""
 
-    def remove_tree(self, name: str) -> None:
-        """Remove directory ``name`` and everything under it; nothing when it is already gone."""
+    def modified(self, name: str) -> float | None:
+        """When directory ``name`` itself last changed (POSIX), or None (an object store has no directories)."""
+
+    def remove(self, name: str) -> bool:
+        """Remove the file ``name``; nothing when it is already gone. False when it was left in place (a
+        symbolic link on the way, on POSIX)."""
+
+    def remove_tree(self, name: str) -> bool:
+        """Remove directory ``name`` and everything under it; nothing when it is already gone. False when it
+        was left in place (it or a directory above it is a symbolic link, on POSIX)."""
+
+
+class Entry(NamedTuple):
+    """A file or directory as a listing shows it."""
+
+    size: int | None  # None: a directory
+    modified: float | None  # seconds since the epoch; None: unknown
 
 
 def open_location(url: str | os.PathLike[str]) -> Location:
@@ -165,6 +184,7 @@ class PosixLocation:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.url = str(root)
+        self._links_seen: set[Path] = set()
 
     def __repr__(self) -> str:
         return f"PosixLocation({self.url!r})"
@@ -198,22 +218,82 @@ class PosixLocation:
         return open(self._path(name), "rb")
 
     def children(self, name: str) -> list[str]:
+        return sorted(self.entries(name))
+
+    def entries(self, name: str) -> dict[str, Entry]:
+        """Symbolic links are never followed: a linked entry is left out, with a warning (once per path),
+        and a directory reached through one lists nothing."""
+        directory = self._path(name)
+        if self._linked(name):
+            return {}
+        found: dict[str, Entry] = {}
         try:
-            return sorted(entry.name for entry in self._path(name).iterdir())
+            listing = list(os.scandir(directory))
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return {}
+        for entry in listing:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            if stat.S_ISLNK(info.st_mode):
+                self._warn_link(directory / entry.name)
+                continue
+            size = None if stat.S_ISDIR(info.st_mode) else info.st_size
+            found[entry.name] = Entry(size, info.st_mtime)
+        return found
 
-    def remove(self, name: str) -> None:
+    def modified(self, name: str) -> float | None:
+        try:
+            return os.lstat(self._path(name)).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def remove(self, name: str) -> bool:
         target = self._path(name)
-        target.unlink(missing_ok=True)
+        if self._linked(str(Path(name).parent)):
+            return False
+        target.unlink(missing_ok=True)  # a link itself is removed, never what it points to
         with contextlib.suppress(FileNotFoundError):
             fsync_dir(target.parent)
+        return True
 
-    def remove_tree(self, name: str) -> None:
+    def remove_tree(self, name: str) -> bool:
         target = self._path(name)
-        shutil.rmtree(target, ignore_errors=True)
+        if self._linked(name):
+            return False
+        for _ in range(3):  # a file that vanished meanwhile (another deleter) stops rmtree: go again
+            try:
+                shutil.rmtree(target)  # unlinks links inside, never follows them
+                break
+            except FileNotFoundError:
+                continue
         with contextlib.suppress(FileNotFoundError):
             fsync_dir(target.parent)
+        return True
+
+    def _linked(self, name: str) -> bool:
+        """Whether ``name`` or a directory between the root and it is a symbolic link (warned about)."""
+        path = self.root
+        for part in Path(name).parts:
+            path = path / part
+            try:
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    self._warn_link(path)
+                    return True
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+        return False
+
+    def _warn_link(self, path: Path) -> None:
+        if path not in self._links_seen:
+            self._links_seen.add(path)
+            warnings.warn(
+                f"mirror {self.url}: {path} is a symbolic link; a mirror never follows one (nothing behind it is "
+                "listed or deleted); expected real directories and files, remove the link",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _path(self, name: str) -> Path:
         return self.root / name
@@ -295,19 +375,60 @@ class FsspecLocation:
             entries = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
             return []
+        finally:
+            self.fs.invalidate_cache(directory)  # see entries()
         return sorted({str(entry).rstrip("/").rpartition("/")[2] for entry in entries} - {""})
 
-    def remove(self, name: str) -> None:
+    def entries(self, name: str) -> dict[str, Entry]:
+        directory = self._path(name)
+        self.fs.invalidate_cache(directory)
+        try:
+            listing = self.fs.ls(directory, detail=True)
+        except FileNotFoundError:
+            return {}
+        finally:
+            # Not kept: s3fs answers a later read of a file the cached listing lacks (a manifest written
+            # since, by another process) with FileNotFoundError.
+            self.fs.invalidate_cache(directory)
+        found: dict[str, Entry] = {}
+        for info in listing:
+            child = str(info.get("name", "")).rstrip("/").rpartition("/")[2]
+            if child:
+                size = None if info.get("type") == "directory" else int(info.get("size") or 0)
+                found[child] = Entry(size, _timestamp(info))
+        return found
+
+    def modified(self, name: str) -> float | None:
+        return None
+
+    def remove(self, name: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(name))
+        return True
 
-    def remove_tree(self, name: str) -> None:
+    def remove_tree(self, name: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(name), recursive=True)
         self.fs.invalidate_cache(self._path(name))
+        return True
 
     def _path(self, name: str) -> str:
         return f"{self._root}/{name}"
+
+
+def _timestamp(info: dict[str, Any]) -> float | None:
+    """An fsspec listing entry's modification time (s3fs ``LastModified``, gcsfs ``updated``, local
+    ``mtime``...), or None."""
+    for key in ("LastModified", "mtime", "updated", "last_modified", "modified", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def _relay(progress: Advance) -> Any:

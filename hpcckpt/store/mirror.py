@@ -10,14 +10,17 @@ Invariants (issue 14; Composer PR #3376 published a "latest" link before the fil
 - a remote checkpoint exists when its ``manifest.json`` does: :meth:`Mirror.upload` stores every data file
   completely (each verified against the manifest's checksum while it is sent, its stored size read back
   after) and only then the manifest, in one whole-object write. A directory without a manifest is
-  invisible to every reader, and swept by the next retention pass;
+  invisible to every reader, and swept by a retention pass once nothing in it changed for ``grace``
+  seconds (younger, it may be an upload in progress in another process);
 - a complete remote checkpoint is never overwritten in place: a checkpoint whose name is taken on the
   mirror by a different one (the same step saved again after a fallback) is stored as ``<name>.1``,
   ``<name>.2``...; the same checkpoint (same step and combined checksum) is never stored twice;
 - the manifest's ``seq`` on the mirror is the mirror's own upload order (the local one restarts when a run
-  directory is purged): :meth:`Mirror.list` is oldest first by it;
+  directory is purged); :meth:`Mirror.list` is oldest first by commit (the manifest's ``created``, then
+  step, then ``seq``), so checkpoints pushed late never pass for the newest;
 - deleting (retention) removes the manifest first, then the files, so a half-deleted checkpoint is
-  invisible; the newest complete remote checkpoint is never deleted;
+  invisible; the newest complete remote checkpoint, and the newest one whose files are all there, are
+  never deleted; a path mirror never follows a symbolic link (see :class:`~.locations.PosixLocation`);
 - a download is written through a save transaction of the local store, every file's checksum verified
   while it is written, and committed through the registry like any save (a ``pulled`` event says so).
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import events as event_log
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, UsageError
 from ..rundir import CHECKPOINTS
 from .fileio import SyncedWriter, format_digest, new_digest
 from .locations import CHUNK, Advance, Location, open_location, scrub
@@ -54,6 +58,10 @@ from .transaction import JobIds, Owner, SaveRequest, SaveTransaction
 
 PREFIX = CHECKPOINTS  # the remote layout is the run directory's
 DEFAULT_KEEP_LAST = 3
+# How long a directory without a manifest, or a temporary file, is left alone by retention: it may be an
+# upload in progress in another process (a single file of a large checkpoint takes minutes to send).
+DEFAULT_GRACE = 3600.0
+_TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]+\.tmp$")  # PosixLocation.put_file's .NAME.PID.RAND.tmp
 
 
 class _Sink(Protocol):
@@ -65,6 +73,8 @@ class Mirror:
 
     ``keep_last`` (default 3; None keeps all) and ``keep_best`` (like the store's) are the mirror's own
     retention, applied by :meth:`retain`; the newest complete remote checkpoint is never deleted.
+    ``grace`` (seconds, default an hour) is how old a directory without a manifest or a temporary file
+    must be before retention sweeps it (younger, it may be another process's upload in progress).
     """
 
     def __init__(
@@ -72,7 +82,11 @@ class Mirror:
         url: str,
         keep_last: int | None = DEFAULT_KEEP_LAST,
         keep_best: KeepBest | tuple[str, str, int] | None = None,
+        grace: float = DEFAULT_GRACE,
     ) -> None:
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0:
+            raise UsageError(f"Invalid grace={grace!r}: expected seconds >= 0, e.g. 3600")
+        self.grace = float(grace)
         self.location: Location = open_location(url)
         self.url = self.location.url
         self.keep_last = check_keep_last(keep_last)
@@ -83,8 +97,9 @@ class Mirror:
 
     # -- reading ------------------------------------------------------------------------------------------
     def list(self) -> list[Checkpoint]:
-        """Complete remote checkpoints, oldest first (in the mirror's upload order). A directory with an
-        unreadable manifest is skipped."""
+        """Complete remote checkpoints, oldest first in the order they were committed (their manifest's
+        ``created``, then step, then the mirror's upload order): a late upload of older checkpoints
+        (``hpcckpt push``) never makes them the newest. A directory with an unreadable manifest is skipped."""
         found = []
         for name in self.location.children(PREFIX):
             if PLAIN_NAME.match(name):
@@ -94,7 +109,7 @@ class Mirror:
                     continue  # files without a manifest: incomplete, invisible
                 except CorruptCheckpointError:
                     continue
-        return sorted(found, key=lambda c: (c.seq or 0, c.created, c.name))
+        return sorted(found, key=_commit_order)
 
     def find(self, checkpoint: Checkpoint, remote: Sequence[Checkpoint] | None = None) -> Checkpoint | None:
         """The remote copy of ``checkpoint`` (same step and combined checksum), or None."""
@@ -213,25 +228,59 @@ class Mirror:
 
     # -- retention ----------------------------------------------------------------------------------------
     def retain(self) -> builtins.list[str]:
-        """Apply the mirror's retention: delete what ``keep_last``/``keep_best`` let go (never the newest
-        complete checkpoint) and sweep directories without a manifest (interrupted uploads or deletions)
-        but the newest such one, which may be an upload in progress elsewhere. Returns the names removed."""
-        complete = self.list()
-        doomed = [c for c in to_delete(complete, self.keep_last, self.keep_best) if c.name != complete[-1].name]
-        for checkpoint in doomed:
-            self.delete(checkpoint)
-        listed = {c.name for c in complete}
-        leftovers = [n for n in self.location.children(PREFIX) if n not in listed and PLAIN_NAME.match(n)]
-        for name in leftovers:
-            if not self._has_manifest(name):
-                self.location.remove_tree(f"{PREFIX}/{name}")
-        return [c.name for c in doomed] + leftovers
+        """Apply the mirror's retention. Returns the names removed (a temporary file as ``<dir>/<file>``).
 
-    def delete(self, checkpoint: Checkpoint) -> None:
-        """Delete a remote checkpoint: its manifest first (it is invisible from then on), then its files."""
+        - ``keep_last``/``keep_best`` over the complete checkpoints in commit order; never deleted: the
+          newest complete one, and the newest one whose files are all there with their sizes (a manifest
+          whose data went missing does not count as the checkpoint to resume from);
+        - a directory without a manifest (an interrupted upload or deletion) is swept once nothing in it
+          changed for ``grace`` seconds: a younger one may be an upload in progress in another process;
+        - a leftover temporary file of a path mirror (``.NAME.PID.RAND.tmp``, an upload killed mid-copy)
+          is removed from the kept directories once as old.
+        """
+        complete = self.list()
+        if not complete:
+            spared: set[str] = set()
+        else:
+            spared = {complete[-1].name}
+            present = self._newest_present(complete)
+            if present is not None:
+                spared.add(present.name)
+        doomed = [c for c in to_delete(complete, self.keep_last, self.keep_best) if c.name not in spared]
+        removed = [c.name for c in doomed if self.delete(c)]
+        listed = {c.name for c in complete}
+        gone = set(removed)
+        cutoff = time.time() - self.grace
+        for name in self.location.children(PREFIX):
+            if name in gone or not PLAIN_NAME.match(name):
+                continue
+            directory = f"{PREFIX}/{name}"
+            entries = self.location.entries(directory)
+            if name not in listed and MANIFEST not in entries:
+                times = [e.modified for e in entries.values()] + [self.location.modified(directory)]
+                known = [t for t in times if t is not None]
+                if known and max(known) <= cutoff and self.location.remove_tree(directory):
+                    removed.append(name)
+                continue
+            for file, entry in entries.items():
+                old = entry.modified is not None and entry.modified <= cutoff
+                if _TEMPORARY.match(file) and old and self.location.remove(f"{directory}/{file}"):
+                    removed.append(f"{name}/{file}")
+        return removed
+
+    def _newest_present(self, complete: Sequence[Checkpoint]) -> Checkpoint | None:
+        """The newest complete checkpoint whose files are all listed with their manifest's sizes."""
+        for checkpoint in reversed(complete):
+            entries = self.location.entries(f"{PREFIX}/{checkpoint.name}")
+            if all(record.name in entries and entries[record.name].size == record.size for record in checkpoint.files):
+                return checkpoint
+        return None
+
+    def delete(self, checkpoint: Checkpoint) -> bool:
+        """Delete a remote checkpoint: its manifest first (it is invisible from then on), then its files.
+        False when the location left it in place (a symbolic link on a path mirror, warned about)."""
         directory = f"{PREFIX}/{checkpoint.name}"
-        self.location.remove(f"{directory}/{MANIFEST}")
-        self.location.remove_tree(directory)
+        return self.location.remove(f"{directory}/{MANIFEST}") and self.location.remove_tree(directory)
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _manifest(self, name: str) -> Checkpoint:
@@ -259,7 +308,9 @@ class Mirror:
         size = 0
         try:
             with self.location.open_read(f"{PREFIX}/{checkpoint.name}/{record.name}") as source:
-                while chunk := source.read(CHUNK):
+                # Never past one byte more than the manifest says: a remote file larger than its record is
+                # corrupt, and must not fill the local disk on its way to being found so.
+                while chunk := source.read(min(CHUNK, record.size + 1 - size)):
                     hasher.update(chunk)
                     size += len(chunk)
                     if sink is not None:
@@ -267,7 +318,8 @@ class Mirror:
         except FileNotFoundError:
             raise CorruptCheckpointError(f"{where}: missing (the manifest lists it)") from None
         if size != record.size:
-            raise CorruptCheckpointError(f"{where}: size {size} bytes, the manifest says {record.size} (truncated)")
+            state = "truncated" if size < record.size else "longer"
+            raise CorruptCheckpointError(f"{where}: size {size} bytes, the manifest says {record.size} ({state})")
         digest = format_digest(hasher)
         if digest != record.digest:
             raise CorruptCheckpointError(f"{where}: checksum {digest}, the manifest says {record.digest}")
@@ -296,6 +348,10 @@ class _Counting:
         if self.progress is not None:
             self.progress.update(len(data))
         return written
+
+
+def _commit_order(checkpoint: Checkpoint) -> tuple[float, int, int, str]:
+    return checkpoint.created, checkpoint.step, checkpoint.seq or 0, checkpoint.name
 
 
 def _free_name(name: str, taken: set[str]) -> str:
