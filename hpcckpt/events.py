@@ -171,19 +171,48 @@ def marked_bad(name: str, step: int, seq: int | None, created: float, reason: st
     return {"event": BAD, "name": name, "step": step, "seq": seq, "created": created, "reason": reason[:2000]}
 
 
-def uploaded(name: str, step: int, url: str, size: int, seconds: float) -> Event:
-    """Checkpoint ``name`` is complete on the mirror at ``url`` (credential-free): files, then manifest."""
-    return {"event": UPLOADED, "name": name, "step": step, "url": url, "size": size, "seconds": round(seconds, 3)}
+# The mirror events carry the mirror's base URL (credential-free) as ``mirror``, apart from ``url`` (the
+# checkpoint's there, or the mirror's for a failure): status reads the mirror from it, never by parsing ``url``
+# (issue 14 review, item 11: s3://lab/checkpoints/run42 is a mirror too). Events written before it lack
+# ``mirror``; :func:`mirror_of` reads them as before.
+def uploaded(name: str, step: int, url: str, size: int, seconds: float, *, mirror: str) -> Event:
+    """Checkpoint ``name`` is complete on the mirror ``mirror`` at ``url`` (credential-free): files, then manifest."""
+    return {
+        "event": UPLOADED,
+        "name": name,
+        "step": step,
+        "url": url,
+        "mirror": mirror,
+        "size": size,
+        "seconds": round(seconds, 3),
+    }
 
 
 def upload_failed(name: str, step: int, url: str, error: str) -> Event:
-    """Uploading checkpoint ``name`` to the mirror failed; it is retried at the next save or task."""
-    return {"event": UPLOAD_FAILED, "name": name, "step": step, "url": url, "error": error[:500]}
+    """Uploading checkpoint ``name`` to the mirror at ``url`` failed; it is retried at the next save or task."""
+    return {"event": UPLOAD_FAILED, "name": name, "step": step, "url": url, "mirror": url, "error": error[:500]}
 
 
-def pulled(name: str, step: int, url: str) -> Event:
-    """Checkpoint ``name`` was downloaded from the mirror at ``url``, verified and committed here."""
-    return {"event": PULLED, "name": name, "step": step, "url": url}
+def pulled(name: str, step: int, url: str, *, mirror: str) -> Event:
+    """Checkpoint ``name`` was downloaded from the mirror ``mirror`` at ``url``, verified and committed here."""
+    return {"event": PULLED, "name": name, "step": step, "url": url, "mirror": mirror}
+
+
+def mirror_of(event: Mapping[str, Any]) -> str | None:
+    """The mirror an ``uploaded``, ``upload_failed`` or ``pulled`` event names (None for other kinds or none
+    named): its ``mirror`` field; in an older event without it, an upload failure's ``url`` is the mirror's,
+    and an upload's or a pull's is ``<mirror>/checkpoints/<name>``."""
+    kind, url = event.get("event"), event.get("url")
+    if kind not in (UPLOADED, UPLOAD_FAILED, PULLED):
+        return None
+    if isinstance(event.get("mirror"), str) and event["mirror"]:
+        return str(event["mirror"])
+    if not isinstance(url, str) or not url:
+        return None
+    if kind == UPLOAD_FAILED:
+        return url
+    head, sep, name = url.rpartition(f"/{rundir.CHECKPOINTS}/")
+    return head if sep and name and "/" not in name else url
 
 
 def task_begin(

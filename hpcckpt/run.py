@@ -147,7 +147,8 @@ class Run:
     - ``mirror``: a second place every checkpoint is uploaded to in the background (a path,
       ``s3://bucket/prefix``, ``gs://...``; see docs/locations.md); default ``HPCCKPT_MIRROR`` (the
       template's ``--mirror``); ``""``: none. A run directory without a checkpoint resumes from it; a stop
-      waits for uploads as long as the budget allows and leaves the rest to the next task.
+      waits for uploads at most as long as :func:`upload_wait` says (the grace window after SIGTERM, the
+      budget, else 60 s or twice the longest upload), a crash not at all; the rest is left to the next task.
     - ``mirror_keep_last``: how many of the newest checkpoints the mirror keeps (default 3; ``None``: all);
       the newest complete one is never deleted.
 
@@ -328,7 +329,7 @@ class Run:
         try:
             self._leave_in_flight(crashed=kind is not None)
         finally:
-            self._leave_uploads()
+            self._leave_uploads(crashed=kind is not None)
         if kind is not None and self.stop_reason is None:
             # A crash: nothing is saved (the state may be mid-step); the last checkpoint stays the truth.
             self._record(
@@ -639,24 +640,37 @@ class Run:
                 raise
             log.error("hpcckpt: %s", error)
 
-    def _leave_uploads(self) -> None:
-        """At ``__exit__``: wait for the mirror's uploads as long as the budget allows (less its margin),
-        then say what is left for the next task, which retries it at its start."""
+    def _leave_uploads(self, *, crashed: bool) -> None:
+        """At ``__exit__``: wait for the mirror's uploads as long as :func:`upload_wait` allows, then say what
+        is left for the next task, which retries it at its start. After an exception (a crash, Ctrl-C) it
+        does not wait: the training code's error is what the user waits for (issue 14 review, item 8)."""
         uploads, mirror = self.store.uploads, self.store.mirror
         if uploads is None or mirror is None or self.rank != 0:
             return
-        left = self.budget.remaining()
-        timeout = None if left is None else max(0.0, left - self.budget.margin)
-        behind = uploads.wait(timeout)
+        if crashed:
+            why = "the process leaves after an exception without waiting for uploads"
+        else:
+            terms = [item.time for item in self._signals.received if item.signal == signal_module.SIGTERM]
+            timeout, why = upload_wait(
+                now=self.clock(),
+                budget_left=self.budget.remaining(),
+                margin=self.budget.margin,
+                sigterm_at=min(terms, default=None),
+                grace=self.grace,
+                longest_upload=uploads.longest,
+            )
+        behind = uploads.wait(0.0 if crashed else timeout)
         if behind:
             failed = uploads.failed()
             log.warning(
-                "hpcckpt: mirror %s: %s not uploaded (%s); left for the next task",
+                "hpcckpt: mirror %s: %s not uploaded (%s); left for the next task, or run: hpcckpt push %s %s",
                 mirror.url,
                 ", ".join(behind),
                 f"{len(failed)} failed: the first failure's reason was logged, each is an upload_failed event"
                 if failed
-                else "no time left in the budget",
+                else why,
+                self.run_dir,
+                mirror.url,
             )
 
     def _drop_in_flight(self, in_flight: _InFlight) -> None:
@@ -772,3 +786,34 @@ class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         if not logging.getLogger().handlers:
             super().emit(record)
+
+
+UPLOAD_WAIT_FLOOR = 60.0  # seconds a stop without deadline or signal waits for uploads, at least
+UPLOAD_WAIT_FACTOR = 2.0  # ... or this many times the longest upload this process did, if longer
+
+
+def upload_wait(
+    *,
+    now: float,
+    budget_left: float | None,
+    margin: float,
+    sigterm_at: float | None,
+    grace: float,
+    longest_upload: float,
+) -> tuple[float, str]:
+    """How long a stop waits for the mirror's uploads, and what bounds it (said when some are left): after
+    SIGTERM, the grace window's rest less the margin (SIGKILL follows: issue 14 review, item 8); with a
+    deadline, the budget's time left less the margin; without either, ``max(UPLOAD_WAIT_FLOOR,
+    UPLOAD_WAIT_FACTOR * longest_upload)`` (a stalled endpoint must not hold the job forever)."""
+    bounds: list[tuple[float, str]] = []
+    if sigterm_at is not None:
+        bounds.append((grace - (now - sigterm_at) - margin, f"the {grace:g} s grace window after SIGTERM ran out"))
+    if budget_left is not None:
+        bounds.append((budget_left - margin, "no time left in the budget"))
+    if not bounds:
+        limit = max(UPLOAD_WAIT_FLOOR, UPLOAD_WAIT_FACTOR * longest_upload)
+        bounds.append(
+            (limit, f"still running after {limit:g} s (no deadline: the wait is max(60 s, 2 x the longest upload))")
+        )
+    seconds, why = min(bounds)
+    return max(0.0, seconds), why

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import events as event_log
-from ..rundir import CHECKPOINTS
 from ..store.manifest import Checkpoint
 from .commands import QueueEntry
 
@@ -188,24 +187,19 @@ def summarize(
 
 
 _UPLOADED, _UPLOAD_FAILED, _PULLED = event_log.UPLOADED, event_log.UPLOAD_FAILED, event_log.PULLED
-_REMOTE_DIR = f"/{CHECKPOINTS}/"  # a mirror's layout (hpcckpt.store.mirror): <url>/checkpoints/<name>
-
-
-def _base(url: str) -> str:
-    """The mirror's URL from an event's: that of the mirror, or of one checkpoint in it."""
-    head, sep, name = url.rpartition(_REMOTE_DIR)
-    return head if sep and name and "/" not in name else url
 
 
 def _of(event: dict[str, Any], url: str) -> bool:
-    return bool(event.get("url")) and _base(str(event["url"])) == url
+    return event_log.mirror_of(event) == url
 
 
 def mirror_url(events: Sequence[dict[str, Any]]) -> str | None:
-    """The mirror the run's newest upload, failed upload or pull named; None when the events name none."""
+    """The mirror the run's newest upload, failed upload or pull named (:func:`hpcckpt.events.mirror_of`);
+    None when the events name none."""
     for event in reversed(events):
-        if event.get("event") in (_UPLOADED, _UPLOAD_FAILED, _PULLED) and event.get("url"):
-            return _base(str(event["url"]))
+        mirror = event_log.mirror_of(event)
+        if mirror:
+            return mirror
     return None
 
 

@@ -6,11 +6,12 @@ readable manifest is committed; anything else is not a checkpoint. A file is the
 describes when its size and xxh3-64 checksum match (:func:`verify_file`), whatever format wrote it.
 
 A manifest also documents its checkpoint (issue 14): the user's ``hparams``, the ``command`` line the process
-ran (``sys.argv`` as given: it may hold a token passed as an argument, so pass secrets through the
-environment, which is never recorded), the ``git`` commit of the working directory and whether tracked files
-were modified (absent outside a repository), the versions and the Slurm ids. These fields are in the manifest
-only, not in the registry's listing (:meth:`Checkpoint.summary`, which the index, the journal and the event log
-repeat): a checkpoint listed by the registry has them empty; :func:`read_manifest` gives them.
+ran (``sys.argv``, secret-looking values redacted by :func:`hpcckpt.store.provenance.redact_argv`; pass
+secrets through the environment, which is never recorded), the ``git`` commit of the working directory and
+whether tracked files were modified (absent outside a repository), the versions and the Slurm ids. These
+fields are in the manifest only, not in the registry's listing (:meth:`Checkpoint.summary`, which the index,
+the journal and the event log repeat): a checkpoint listed by the registry has them empty;
+:func:`read_manifest` gives them.
 """
 
 from __future__ import annotations

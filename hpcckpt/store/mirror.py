@@ -208,7 +208,9 @@ class Mirror:
             draft = dataclasses.replace(checkpoint, name=final.name, path=final, seq=None, created=time.time())
             local = transaction.record(draft)
         Owner.forget(local.path)
-        registry.append_event(event_log.pulled(name=local.name, step=local.step, url=self.where(checkpoint)))
+        registry.append_event(
+            event_log.pulled(name=local.name, step=local.step, url=self.where(checkpoint), mirror=self.url)
+        )
         return local
 
     def pull_newest(

@@ -3,8 +3,12 @@ and the git state of the working directory.
 
 Invariant: finding the provenance never fails or noticeably slows a save. git runs at most once per process
 and working directory, with a short timeout; no git, no repository, a timeout or any error records the git
-state as absent (None). Nothing is read from the environment: the command line is ``sys.argv`` as the process
-was started (a token passed as an argument would be recorded: secrets belong in the environment).
+state as absent (None); git runs with ``--no-optional-locks``, so recording the commit never takes the index lock
+of the user's repository (a ``git commit`` at the same moment would fail on it). Nothing is read from the
+environment: the command line is ``sys.argv`` as the process was started, with the values of arguments whose
+names look secret redacted (issue 14 review, item 13: the manifest is uploaded to the mirror), in the forms
+``--api-key=V``, ``--api-key V`` and ``API_KEY=V`` (a Hydra-style override too); other secrets passed as
+arguments would be recorded: they belong in the environment.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -22,6 +27,11 @@ from .manifest import Checkpoint
 from .registry import warn
 
 GIT_TIMEOUT = 2.0  # seconds for each git command
+REDACTED = "<redacted>"
+# A name looks secret when one of its words (split at anything but letters and digits) ends with one of these:
+# api_key, HF_TOKEN, apiKey, db.password, --basic-auth; not --tokenizer or --max-tokens (a word's end, no plural
+# for key/token: those are counts and names more often than secrets).
+SECRET_WORD = re.compile(r"(key|token|secrets?|passwords?|passwd|credentials?|auth|authorization)$")
 
 
 def check_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -47,8 +57,36 @@ def check_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def command_line() -> tuple[str, ...]:
-    """The command line this process ran, as given."""
-    return tuple(str(arg) for arg in sys.argv)
+    """The command line this process ran, with secret-looking values redacted (:func:`redact_argv`)."""
+    return redact_argv([str(arg) for arg in sys.argv])
+
+
+def redact_argv(argv: list[str]) -> tuple[str, ...]:
+    """``argv`` with the value of each argument whose name looks secret (:data:`SECRET_WORD`) replaced by
+    :data:`REDACTED`: ``--api-key=V``, ``--api-key V`` (unless the next word is an option: ``--x``),
+    ``API_KEY=V`` and ``+db.password=V``. The program (the first word) is kept as is."""
+    out = list(argv[:1])
+    hide_next = False
+    for word in argv[1:]:
+        if hide_next and not word.startswith("--"):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        name, equals, _ = word.partition("=")
+        if equals and _secret_name(name.lstrip("-+~")):
+            out.append(f"{name}={REDACTED}")
+        else:
+            out.append(word)
+            hide_next = not equals and word.startswith("-") and _secret_name(word.lstrip("-"))
+    return tuple(out)
+
+
+def _secret_name(name: str) -> bool:
+    if not name or not re.fullmatch(r"[\w.\-]+", name):
+        return False  # not a name: a path, a sentence, a value with '=' in it
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    return any(SECRET_WORD.search(word) for word in words if word)
 
 
 def git_state(directory: str | None = None) -> dict[str, Any] | None:
@@ -63,7 +101,7 @@ def _git_state(directory: str) -> dict[str, Any] | None:
     commit = _git(directory, "rev-parse", "--verify", "HEAD")
     if commit is None:
         return None
-    status = _git(directory, "status", "--porcelain", "--untracked-files=no")
+    status = _git(directory, "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 

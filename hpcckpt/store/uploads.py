@@ -50,6 +50,7 @@ class Uploads:
         self._remote_known = False
         self._warned = False
         self._thread: threading.Thread | None = None
+        self.longest = 0.0  # seconds the longest upload of this process took (a stop's wait without deadline)
 
     # -- the caller's side --------------------------------------------------------------------------------
     def kick(self, committed: Checkpoint | None = None) -> None:
@@ -158,11 +159,19 @@ class Uploads:
             self._failure(checkpoint, error)
             return False
         seconds = time.monotonic() - started
+        self.longest = max(self.longest, seconds)
         self._done(checkpoint)
         if self._warned and not self._failed:
             log.warning("hpcckpt: mirror %s: uploads work again (%s uploaded)", self.mirror.url, checkpoint.name)
         self._event(
-            event_log.uploaded(checkpoint.name, checkpoint.step, self.mirror.where(copy), checkpoint.size, seconds)
+            event_log.uploaded(
+                checkpoint.name,
+                checkpoint.step,
+                self.mirror.where(copy),
+                checkpoint.size,
+                seconds,
+                mirror=self.mirror.url,
+            )
         )
         return True
 
