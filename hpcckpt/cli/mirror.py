@@ -138,25 +138,39 @@ def configure_pull(parser: argparse.ArgumentParser) -> None:
 
 def run_pull(args: argparse.Namespace) -> int:
     """Copy the newest valid remote checkpoint (or ``--step``'s) into RUN_DIR, verified while written,
-    committed through its registry; a checkpoint already there (same step and checksum) is left as it is."""
+    committed through its registry; a checkpoint already there (same step and checksum) is left as it is, and
+    one marked bad there (it failed validation) is never pulled: ``--step`` of one is refused, naming why."""
     from ..store.store import CheckpointStore
 
     mirror = open_mirror(args.url)
     listed = _listing(mirror)
+    store = CheckpointStore(args.run_dir, keep_last=None)
+    bad = _bad_marks(store)
     if args.step is None:
         if not listed:
             raise CheckpointNotFoundError(f"no complete checkpoint at {mirror.url}")
-        wanted = listed[-1]
+        usable = [c for c in listed if (c.step, c.checksum) not in bad]
+        if not usable:
+            raise CheckpointNotFoundError(
+                f"every checkpoint at {mirror.url} is marked bad in {store.run_dir} (it failed validation there): "
+                "nothing to pull"
+            )
+        wanted = usable[-1]
     else:
         wanted = _at_step(mirror, listed, args.step)
-    store = CheckpointStore(args.run_dir, keep_last=None)
+        if (wanted.step, wanted.checksum) in bad:
+            raise CheckpointNotFoundError(
+                f"checkpoint {wanted.name} (step {wanted.step}) at {mirror.url} is marked bad in {store.run_dir} "
+                f"(it failed validation: {bad[wanted.step, wanted.checksum]}): not pulled; pull another --step, or "
+                "none for the newest valid"
+            )
     here = next((c for c in store.list() if (c.step, c.checksum) == (wanted.step, wanted.checksum)), None)
     if here is not None:
         print(f"{wanted.name} (step {wanted.step}) is already in {store.run_dir} as {here.name}: nothing to pull")
         return 0
     with _progress(wanted, "pull") as bar:
         if args.step is None:  # the newest that verifies: an older one when the newest does not
-            local = _call(mirror, functools.partial(mirror.pull_newest, store, bar))
+            local = _call(mirror, functools.partial(mirror.pull_newest, store, bar, skip=set(bad)))
         else:
             local = _call(mirror, functools.partial(mirror.download, wanted, store, bar))
     if local is None:
@@ -212,6 +226,17 @@ def run_push(args: argparse.Namespace) -> int:
             )
     print(f"{pushed} pushed, {len(local) - pushed} already there, to {mirror.url}")
     return 0
+
+
+def _bad_marks(store: Any) -> dict[tuple[int, str], str]:
+    """The reason each checkpoint of ``store`` marked bad failed validation, by (step, combined checksum): a
+    pull never brings one back under a new name, unmarked (review of issue 14; the store's own restore skips
+    them the same way)."""
+    return {
+        (c.step, c.checksum): reason
+        for c in store.list(include_bad=True)
+        if (reason := store.registry.bad_reason(c)) is not None
+    }
 
 
 def _at_step(mirror: Any, listed: list[Any], step: int) -> Any:

@@ -318,14 +318,20 @@ class Registry:
                         f"could not mark checkpoint {checkpoint.name} bad in {self.journal_path}: "
                         f"{error.strerror or error}"
                     ) from None
-            self._append(
-                [
-                    event_log.marked_bad(
-                        checkpoint.name, checkpoint.step, checkpoint.seq, checkpoint.created, record.reason
-                    )
-                ],
-                durable=True,
-            )
+            try:  # the event too (a quota hit on the event log, EDQUOT): one StoreError, never a raw OSError
+                self._append(
+                    [
+                        event_log.marked_bad(
+                            checkpoint.name, checkpoint.step, checkpoint.seq, checkpoint.created, record.reason
+                        )
+                    ],
+                    durable=True,
+                )
+            except OSError as error:
+                raise StoreError(
+                    f"checkpoint {checkpoint.name} is marked bad in {self.journal_path}, but its event could not be "
+                    f"added to {self.events_path}: {error.strerror or error}"
+                ) from None
 
     def reserve(self) -> int:
         """A commit sequence number for a checkpoint about to be committed, recorded so that no other writer

@@ -292,7 +292,7 @@ class CheckpointStore:
         self._rejected.add(Instance.of(checkpoint))
         try:
             self.registry.mark_bad(checkpoint, reason)
-        except StoreError as error:
+        except (StoreError, OSError) as error:  # a full disk or quota (EDQUOT) included: review of issue 14
             warn(f"{error}; other processes may still choose it")
 
     def latest(self) -> Checkpoint | None:
@@ -442,8 +442,9 @@ class CheckpointStore:
         or returning False: the checkpoint is then marked bad and the previous valid one restored, or, for a
         named ``ckpt`` or when none is left, :class:`ValidationFailedError` raised (:mod:`.validation`).
 
-        With a mirror, when this run directory has no usable checkpoint (purged, a new node, every one
-        corrupt or marked bad), the mirror's newest valid checkpoint is downloaded, verified, committed here
+        With a mirror, when this run directory has no usable checkpoint (purged, a new node, or, in one
+        process, every one corrupt or marked bad: with ranks that error is raised on every rank), the
+        mirror's newest valid checkpoint is downloaded, verified, committed here
         and restored (an older one when it does not verify; never one whose checksum is marked bad here). A
         mirror that cannot be read raises :class:`StoreError` when nothing is here (the run never starts from
         scratch over progress the mirror may hold); a local corruption is then raised as it is."""
@@ -478,14 +479,17 @@ class CheckpointStore:
         from ..distributed import broadcast_object, world
 
         refused = None
-        if world()[0] == 0 and self.latest() is None:
-            try:
+        try:
+            if world()[0] == 0 and self.latest() is None:
                 self._pull_from_mirror("the run directory has no checkpoint", nothing_here=True)
-            except StoreError as error:
-                refused = str(error)
+        except Exception as error:  # review of issue 14: whatever rank 0 meets, no rank is left in the broadcast
+            refused = str(error) if isinstance(error, StoreError) else describe_failure(self._mirror_url(), error)
         refused = broadcast_object(refused)  # a barrier too: the pulled checkpoint is committed before any rank lists
         if refused is not None:
             raise StoreError(refused)
+
+    def _mirror_url(self) -> str:
+        return "" if self.mirror is None else self.mirror.url
 
     def _pull_from_mirror(self, why: str, *, nothing_here: bool = False) -> Checkpoint | None:
         """Download the mirror's newest checkpoint that verifies (an older one when it does not) and commit
@@ -497,7 +501,8 @@ class CheckpointStore:
         try:
             with Progress(None, f"download from {mirror.url}") as bar:  # which one, and its size, are not known yet
                 pulled = mirror.pull_newest(self, bar, skip=self._bad_here())
-        except (OSError, ValueError, RuntimeError) as error:
+        except Exception as error:  # a backend's own errors (botocore's EndpointConnectionError, NoCredentialsError)
+            # are no OSError: the review of issue 14 saw them escape raw after 10 s of retries
             if nothing_here:
                 raise StoreError(
                     f"{describe_failure(mirror.url, error)}; {why} and the mirror may hold the run's progress, so "

@@ -14,8 +14,14 @@ checkpoint fails (:class:`ValidationFailedError`, listing each one and why).
 Peers restarted from the same bad checkpoint for dozens of tasks (Megatron-LM #5281): here the next task
 skips it, and a chain whose every checkpoint is bad stops with that error instead of looping.
 
-The check itself does not disturb training: the RNG states and each module's train/eval mode are put back
-after it, so a run resumed with validation is bitwise the run resumed without.
+The check itself does not disturb training: the RNG states, each module's train/eval mode and the model's
+buffers (BatchNorm's running statistics, which a forward pass in train mode updates even under no_grad) are
+put back after it, so a run resumed with validation is bitwise the run resumed without. The parameters, the
+optimizer and the rest are not copied (a copy of a large model could exhaust the accelerator's memory):
+``validate`` must not train.
+
+Where the bad mark cannot be recorded (a full disk or quota), the checkpoint is still skipped by this process,
+with a warning, and the fallback goes on; any other failure while marking is raised on every rank.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..distributed import broadcast_object, gather_object, world
-from ..errors import UsageError, ValidationFailedError
+from ..errors import StoreError, UsageError, ValidationFailedError
 from ..state import RestoreOptions, TrainState, capture_rng, restore_rng
 from .formats import CheckpointFormat, CheckpointRef
 from .manifest import Checkpoint
@@ -86,9 +92,10 @@ def restore_validated(
                 )
             return checkpoint
         tried.append(f"{checkpoint.name} (step {checkpoint.step}): {reason}")
-        if world()[0] == 0:
-            store.reject(checkpoint, reason)
-        broadcast_object(None)  # the others wait until rank 0's mark is recorded
+        failure = _mark_bad(store, checkpoint, reason)
+        if failure is not None:
+            before.put_back(state)
+            raise StoreError(failure)
         if ckpt is not None:
             raise ValidationFailedError(
                 f"checkpoint {checkpoint.name} (step {checkpoint.step}) in {source.run_dir} failed validation: "
@@ -99,6 +106,20 @@ def restore_validated(
             "restoring the previous one"
         )
         before.put_back(state)
+
+
+def _mark_bad(store: Rejecting, checkpoint: Checkpoint, reason: str) -> str | None:
+    """Rank 0 marks ``checkpoint`` bad while the others wait for it; why that failed, on every rank, or None.
+    The store warns and goes on where the mark cannot be written (a full disk: it still skips the checkpoint);
+    whatever else goes wrong on rank 0 reaches every rank instead of leaving them in the broadcast (review of
+    issue 14: rank 0 raised before it, the others hung)."""
+    failure = None
+    if world()[0] == 0:
+        try:
+            store.reject(checkpoint, reason)
+        except Exception as error:
+            failure = f"could not mark checkpoint {checkpoint.name} bad after it failed validation ({reason}): {error}"
+    return broadcast_object(failure)  # type: ignore[no-any-return]
 
 
 def _verdict(validate: Validate, state: TrainState) -> str | None:
@@ -117,6 +138,7 @@ def _check(validate: Validate, state: TrainState) -> str | None:
     train/eval modes are put back afterwards."""
     rng = capture_rng()
     modes = _modes(state)
+    buffers = _buffers(state)
     try:
         result = validate(state)
     except Exception as error:
@@ -125,6 +147,7 @@ def _check(validate: Validate, state: TrainState) -> str | None:
         restore_rng(rng)
         for module, training in modes:
             module.training = training
+        _put_back_buffers(buffers)
     if result is False:
         return "validate returned False"
     return None
@@ -135,6 +158,32 @@ def _modes(state: TrainState) -> list[tuple[Any, bool]]:
     if not callable(modules):
         return []
     return [(module, bool(module.training)) for module in modules()]
+
+
+def _buffers(state: TrainState) -> list[tuple[Any, str, Any, Any]]:
+    """(module, name, buffer, copy) of every buffer of the model's modules: a forward pass in train mode
+    updates some (BatchNorm's running statistics), even under ``torch.no_grad`` (review of issue 14)."""
+    modules = getattr(state.model, "modules", None)
+    if not callable(modules):
+        return []
+    return [
+        (module, name, buffer, buffer.detach().clone())
+        for module in modules()
+        for name, buffer in module.named_buffers(recurse=False)
+    ]
+
+
+def _put_back_buffers(buffers: list[tuple[Any, str, Any, Any]]) -> None:
+    """The buffers as :func:`_buffers` saw them: the same tensors (a module that replaced one gets it back)
+    holding the same values, bitwise."""
+    if not buffers:
+        return
+    import torch
+
+    with torch.no_grad():
+        for module, name, buffer, saved in buffers:
+            module._buffers[name] = buffer
+            buffer.copy_(saved)
 
 
 class _Before:
