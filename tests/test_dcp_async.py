@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from compare import assert_bitwise_equal
-from harness import clean_env, wait_for
+from harness import clean_env, free_port, wait_for
 from paths import WORKERS
 
 from hpcckpt import CheckpointStore
@@ -24,13 +23,6 @@ from hpcckpt.store.manifest import file_digest
 
 WORKER = WORKERS / "dcp_async_worker.py"
 DATA = {".metadata", "__0_0.distcp", "__1_0.distcp"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def start(run_dir: Path, mode: str, *args: str) -> list[subprocess.Popen[str]]:

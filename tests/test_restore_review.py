@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from harness import clean_env
+from harness import clean_env, free_port
 from s3lab import S3Lab
 
 from hpcckpt import CheckpointStore, HpcckptWarning, StoreError, TrainState
@@ -103,17 +102,11 @@ RANK_WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _two_ranks(tmp_path: Path, run_dir: Path, mirror: str, case: str) -> list[dict[str, Any]]:
     """RANK_WORKER on two ranks; each rank's outcome, by rank (a rank left waiting fails the test's timeout)."""
     script = tmp_path / "worker.py"
     script.write_text(RANK_WORKER)
-    port = str(_free_port())
+    port = str(free_port())
     processes = []
     for rank in range(2):
         env = clean_env("RANK", "WORLD_SIZE", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from harness import clean_env
+from harness import clean_env, free_port
 
 from hpcckpt import CheckpointStore
 
@@ -47,17 +46,11 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_checkpoint_one_rank_rejects_is_bad_for_every_rank(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     run_dir = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     processes = []
     for rank in range(2):
         env = clean_env("RANK", "WORLD_SIZE", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))

@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,3 +148,10 @@ def run_with_file_size_limit(script: str, run_dir: Path, limit: int = 1 << 20) -
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (a process group's rendezvous, a test server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

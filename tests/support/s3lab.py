@@ -27,16 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import free_port
 from paths import TCP_RELAY
 
 REGION = "us-east-1"
 START_TIMEOUT = 120.0  # moto imports boto3 and flask: tens of seconds on a loaded 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_until_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
@@ -55,8 +50,8 @@ class S3Lab:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.server_port = _free_port()
-        self.port = _free_port()
+        self.server_port = free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server: subprocess.Popen[bytes] | None = None
         self._relay: subprocess.Popen[bytes] | None = None
