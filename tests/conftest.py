@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +91,16 @@ def mirror_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     else:
         lab: S3Lab = request.getfixturevalue("s3_env")
         yield f"s3://{lab.new_bucket()}/prefix/run"
+
+
+# --- signal handlers --------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def signal_handlers_restored() -> Iterator[None]:
+    """Run leaves a late recorder on the signals it watched (a signal after the loop must not kill the
+    process); a test that runs Run in pytest's own process must not hand those handlers to the tests after
+    it (test_signals.py checks the defaults), so every test ends with the handlers it started with."""
+    watched = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in watched}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,17 +23,6 @@ from hpcckpt import CheckpointStore, Run, TrainState
 from hpcckpt.budget import Budget, Deadline
 
 STEPS_PER_EPOCH = 12  # train_worker.py: 96 samples, batches of 8
-
-
-@pytest.fixture(autouse=True)
-def signal_handlers_restored() -> Iterator[None]:
-    """Run leaves a late recorder on the signals it watched (a signal after the loop must not kill the
-    process); these tests run Run in pytest's own process, so the handlers before them come back."""
-    watched = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-    before = {sig: signal.getsignal(sig) for sig in watched}
-    yield
-    for sig, handler in before.items():
-        signal.signal(sig, handler)
 
 
 def toy_state() -> TrainState:
