@@ -123,7 +123,7 @@ def test_a_slurm_job_requeues_at_each_time_limit_until_done(
     # The requeued submission carries the wrapper, the function's reference and its arguments: no state.
     submission = pickle.loads(job.paths.submitted_pickle.read_bytes())
     assert isinstance(submission.function, Resumable) and submission.function.fn is train
-    assert vars(submission.function).keys() == {"fn", "run_dir", "max_failures", "chain_task"}
+    assert vars(submission.function).keys() == {"fn", "run_dir", "max_failures", "mirror", "chain_task"}
     assert (submission.args, submission.kwargs) == ((steps, 0.05), {})
     assert job.paths.submitted_pickle.stat().st_size < 4096
 
