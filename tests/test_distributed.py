@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from chains import SlurmChain
 from compare import assert_bitwise_equal
-from harness import clean_env, events, wait_for
+from harness import TEARDOWN_ABORT, clean_env, events, wait_for
 from paths import DDP_WORKER
 
 from hpcckpt import CheckpointStore
@@ -38,7 +38,6 @@ def rank_env(**extra: str) -> dict[str, str]:
 # at teardown, after training and after its last line ("terminate called without an active exception"):
 # a plain DDP loop without hpcckpt does it too. A launch passes when every rank reported its end and the
 # only failure is that abort.
-TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 class Ranks:

@@ -6,18 +6,14 @@ server (moto behind a relay the test kills)."""
 from __future__ import annotations
 
 import errno
-import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from harness import clean_env, free_port
+from harness import run_ranks
 from s3lab import S3Lab
 
 from hpcckpt import CheckpointStore, HpcckptWarning, StoreError, TrainState
@@ -25,7 +21,6 @@ from hpcckpt.cli.main import main
 from hpcckpt.store import registry
 
 # See tests/test_distributed.py: torch's gloo sometimes aborts a rank at teardown, after its last line.
-TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def _finite(state: TrainState) -> bool:
@@ -106,32 +101,7 @@ def _two_ranks(tmp_path: Path, run_dir: Path, mirror: str, case: str) -> list[di
     """RANK_WORKER on two ranks; each rank's outcome, by rank (a rank left waiting fails the test's timeout)."""
     script = tmp_path / "worker.py"
     script.write_text(RANK_WORKER)
-    port = str(free_port())
-    processes = []
-    for rank in range(2):
-        env = clean_env("RANK", "WORLD_SIZE", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": os.pathsep.join(sys.path)}
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(run_dir), mirror, case],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        )
-    try:
-        outputs = [process.communicate(timeout=200) for process in processes]
-    finally:
-        for process in processes:  # a rank left waiting in a collective (the bug) is not left behind
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    errors = "\n".join(err for _, err in outputs)
-    lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs if out.strip()]
-    assert len(lines) == 2, errors[-3000:]
-    assert all(p.returncode == 0 for p in processes) or TEARDOWN_ABORT in errors, errors[-3000:]
-    return sorted(lines, key=lambda line: int(line["rank"]))
+    return run_ranks(script, str(run_dir), mirror, case, timeout=200)
 
 
 @pytest.mark.slow

@@ -3,19 +3,14 @@ checkpoint bad for all, and all ranks restore the same older one. Real gloo proc
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-from harness import clean_env, free_port
+from harness import run_ranks
 
 from hpcckpt import CheckpointStore
 
 # See tests/test_distributed.py: torch's gloo sometimes aborts a rank at teardown, after its last line.
-TEARDOWN_ABORT = "terminate called without an active exception"
 
 WORKER = textwrap.dedent(
     """
@@ -50,25 +45,7 @@ def test_a_checkpoint_one_rank_rejects_is_bad_for_every_rank(tmp_path: Path) -> 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     run_dir = tmp_path / "run"
-    port = str(free_port())
-    processes = []
-    for rank in range(2):
-        env = clean_env("RANK", "WORLD_SIZE", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": os.pathsep.join(sys.path)}
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(run_dir)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-        )
-    outputs = [process.communicate(timeout=300) for process in processes]
-    lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs if out.strip()]
-    errors = "\n".join(err for _, err in outputs)
-    assert len(lines) == 2, errors[-3000:]
-    assert all(p.returncode == 0 for p in processes) or TEARDOWN_ABORT in errors, errors[-3000:]
+    lines = run_ranks(script, str(run_dir))
     assert [(line["step"], line["weight"]) for line in lines] == [(2, 2.0), (2, 2.0)]
     store = CheckpointStore(run_dir, keep_last=None)
     assert [c.step for c in store.list()] == [1, 2]

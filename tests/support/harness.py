@@ -155,3 +155,39 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# gloo's teardown of a process group can abort a rank after its work is done (test_distributed.py).
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_ranks(script: Path, *args: str, count: int = 2, timeout: float = 300) -> list[dict[str, Any]]:
+    """``python script ARGS`` as ``count`` ranks of a gloo process group on loopback; the JSON object each
+    rank printed last, by rank. A rank still running at ``timeout`` (left waiting in a collective) is
+    killed, never left behind."""
+    port = str(free_port())
+    processes = []
+    for rank in range(count):
+        env = clean_env("RANK", "WORLD_SIZE", RANK=str(rank), WORLD_SIZE=str(count), LOCAL_RANK=str(rank))
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": os.pathsep.join(sys.path)}
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(script), *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    errors = "\n".join(err for _, err in outputs)
+    lines = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs if out.strip()]
+    assert len(lines) == count, errors[-3000:]
+    assert all(p.returncode == 0 for p in processes) or TEARDOWN_ABORT in errors, errors[-3000:]
+    return sorted(lines, key=lambda line: int(line["rank"]))
