@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from compare import every_dtype_sample, raw_bytes
 from torch import nn
 
 from hpcckpt import CheckpointStore, TrainState
 from hpcckpt.errors import CorruptCheckpointError, StoreError, UsageError
-from hpcckpt.store.formats.tensorfile import dtypes
 
 
 def roundtrip(tmp_path: Path, state: dict[str, Any], *, mmap: bool = True) -> dict[str, Any]:
@@ -26,19 +26,10 @@ def roundtrip(tmp_path: Path, state: dict[str, Any], *, mmap: bool = True) -> di
     return store.load(ckpt, mmap=mmap)
 
 
-def raw_bytes(tensor: torch.Tensor) -> bytes:
-    return bytes(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
-
-
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")  # torch's own, for complex32
 @pytest.mark.parametrize("mmap", [True, False])
 def test_every_dtype_round_trips_bit_for_bit(tmp_path: Path, mmap: bool) -> None:
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, dtype in dtypes().items():
-        data = torch.randint(0, 256, (6 * dtype.itemsize,), dtype=torch.uint8, generator=generator)
-        state[name] = data.view(dtype).reshape(2, 3)
-    assert {"bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "bool", "uint64", "uint16"} <= set(state)
+    state = every_dtype_sample()
     loaded = roundtrip(tmp_path, state, mmap=mmap)
     for name, tensor in state.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == (2, 3), name

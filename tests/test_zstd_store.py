@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 import zstandard
+from compare import every_dtype_sample, raw_bytes
 from torch import nn
 
 from hpcckpt import CheckpointStore, HpcckptWarning, TrainState
 from hpcckpt.errors import CorruptCheckpointError, UsageError
 from hpcckpt.store.formats import FORMATS
-from hpcckpt.store.formats.tensorfile import dtypes
 from hpcckpt.store.formats.zstdframes import CHUNK
 from hpcckpt.store.manifest import Checkpoint, FileRecord, file_digest
 
@@ -29,10 +29,6 @@ FILE = "state.tensors"
 
 def zstd_store(run_dir: Path, **options: Any) -> CheckpointStore:
     return CheckpointStore(run_dir, keep_last=None, compression="zstd", **options)
-
-
-def raw_bytes(tensor: torch.Tensor) -> bytes:
-    return bytes(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
 def file_version(checkpoint: Checkpoint) -> int:
@@ -48,12 +44,7 @@ def trained_weights(numel: int) -> torch.Tensor:
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")  # torch's own, for complex32
 @pytest.mark.parametrize("mmap", [True, False])
 def test_every_dtype_round_trips_bit_for_bit_compressed(tmp_path: Path, mmap: bool) -> None:
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, dtype in dtypes().items():
-        data = torch.randint(0, 256, (6 * dtype.itemsize,), dtype=torch.uint8, generator=generator)
-        state[name] = data.view(dtype).reshape(2, 3)
-    assert {"bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "bool", "uint64", "uint16"} <= set(state)
+    state = every_dtype_sample()
     store = zstd_store(tmp_path / "run")
     checkpoint = store.save(state, step=1)
     assert checkpoint.compression == {"codec": "zstd", "level": 3} and file_version(checkpoint) == 2

@@ -25,3 +25,21 @@ def assert_bitwise_equal(a: Any, b: Any, where: str = "") -> None:
 def assert_same_training(expected: dict[str, Any], got: dict[str, Any]) -> None:
     for key in ("model", "optimizer", "scheduler", "step", "epoch"):
         assert_bitwise_equal(expected[key], got[key], key)
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's bytes as stored: compares values bit for bit, NaN payloads and signed zeros included."""
+    return bytes(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def every_dtype_sample() -> dict[str, torch.Tensor]:
+    """A 2x3 tensor of random bytes for each dtype the tensors format stores, by its name."""
+    from hpcckpt.store.formats.tensorfile import dtypes
+
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, dtype in dtypes().items():
+        data = torch.randint(0, 256, (6 * dtype.itemsize,), dtype=torch.uint8, generator=generator)
+        state[name] = data.view(dtype).reshape(2, 3)
+    assert {"bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64", "bool", "uint64", "uint16"} <= set(state)
+    return state
